@@ -1,0 +1,73 @@
+// Shared helpers of the pybind11 bindings: typed array arguments that never convert, and
+// size checks that keep a bad call from reaching a kernel.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace normlab::bindings {
+
+namespace py = pybind11;
+
+template <class T>
+using carray = py::array_t<T, py::array::c_style>;
+
+inline void require_size(std::int64_t size, std::int64_t expected, const char* name) {
+  if (size != expected)
+    throw py::value_error(std::string(name) + " has " + std::to_string(size) + " elements, expected " +
+                          std::to_string(expected));
+}
+
+// The data of a NumPy array argument that must already be C-contiguous, of dtype T in native
+// byte order, hold `size` elements and, for outputs, be writeable. Nothing is ever converted:
+// a mismatch raises. Reads only the array header, so a call costs nanoseconds.
+template <class T>
+T* array_data(py::handle h, const char* name, std::int64_t size, bool writeable) {
+  namespace pd = py::detail;
+  static const int type_num = py::dtype::of<T>().num();
+  if (!pd::npy_api::get().PyArray_Check_(h.ptr()))
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray");
+  const pd::PyArray_Proxy* a = pd::array_proxy(h.ptr());
+  const pd::PyArrayDescr_Proxy* d = pd::array_descriptor_proxy(a->descr);
+  const bool native = d->byteorder != (__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<');
+  if (d->type_num != type_num || !native)
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>())));
+  if (!(a->flags & pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (writeable && !(a->flags & pd::npy_api::NPY_ARRAY_WRITEABLE_))
+    throw py::value_error(std::string(name) + " is read-only");
+  std::int64_t n = 1;
+  for (int i = 0; i < a->nd; ++i) n *= a->dimensions[i];
+  require_size(n, size, name);
+  return reinterpret_cast<T*>(a->data);
+}
+
+template <class T>
+const T* input(py::handle h, const char* name, std::int64_t size) {
+  return array_data<T>(h, name, size, false);
+}
+template <class T>
+const T* optional_input(py::handle h, const char* name, std::int64_t size) {
+  return h.is_none() ? nullptr : array_data<T>(h, name, size, false);
+}
+template <class T>
+T* output(py::handle h, const char* name, std::int64_t size) {
+  return array_data<T>(h, name, size, true);
+}
+template <class T>
+T* optional_output(py::handle h, const char* name, std::int64_t size) {
+  return h.is_none() ? nullptr : array_data<T>(h, name, size, true);
+}
+
+// Calls below this many elements keep the GIL: releasing it costs more than they take.
+constexpr std::int64_t kReleaseGilElements = 1 << 14;
+
+void bind_runtime(py::module_& m);
+void bind_norm(py::module_& m);
+
+}  // namespace normlab::bindings

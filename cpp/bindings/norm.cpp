@@ -1,0 +1,102 @@
+// Bindings of the row-wise norms. The Python layer (normlab/norm.py) validates arguments and
+// allocates outputs; these take the pointers, check dtypes and sizes, and release the GIL.
+#include "bindings.hpp"
+#include "normlab/norm.hpp"
+
+namespace normlab::bindings {
+namespace {
+
+using py::handle;
+
+template <class T>
+void layer_norm_py(handle x, handle weight, handle bias, handle y, handle mean, handle rstd,
+                   std::int64_t rows, std::int64_t cols, double eps) {
+  LayerNormForward<T> a;
+  a.x = input<T>(x, "x", rows * cols);
+  a.weight = optional_input<T>(weight, "weight", cols);
+  a.bias = optional_input<T>(bias, "bias", cols);
+  a.y = output<T>(y, "out", rows * cols);
+  a.mean = optional_output<T>(mean, "mean", rows);
+  a.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.rows = rows;
+  a.cols = cols;
+  a.eps = eps;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  layer_norm(a);
+}
+
+template <class T>
+void layer_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handle weight, handle dx,
+                            handle dweight, handle dbias, std::int64_t rows, std::int64_t cols) {
+  LayerNormBackward<T> a;
+  a.dy = input<T>(dy, "dy", rows * cols);
+  a.x = input<T>(x, "x", rows * cols);
+  a.mean = input<T>(mean, "mean", rows);
+  a.rstd = input<T>(rstd, "rstd", rows);
+  a.weight = optional_input<T>(weight, "weight", cols);
+  a.dx = output<T>(dx, "dx", rows * cols);
+  a.dweight = optional_output<T>(dweight, "dweight", cols);
+  a.dbias = optional_output<T>(dbias, "dbias", cols);
+  a.rows = rows;
+  a.cols = cols;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  layer_norm_backward(a);
+}
+
+template <class T>
+void rms_norm_py(handle x, handle weight, handle y, handle rstd, std::int64_t rows,
+                 std::int64_t cols, double eps) {
+  RmsNormForward<T> a;
+  a.x = input<T>(x, "x", rows * cols);
+  a.weight = optional_input<T>(weight, "weight", cols);
+  a.y = output<T>(y, "out", rows * cols);
+  a.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.rows = rows;
+  a.cols = cols;
+  a.eps = eps;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  rms_norm(a);
+}
+
+template <class T>
+void rms_norm_backward_py(handle dy, handle x, handle rstd, handle weight, handle dx,
+                          handle dweight, std::int64_t rows, std::int64_t cols) {
+  RmsNormBackward<T> a;
+  a.dy = input<T>(dy, "dy", rows * cols);
+  a.x = input<T>(x, "x", rows * cols);
+  a.rstd = input<T>(rstd, "rstd", rows);
+  a.weight = optional_input<T>(weight, "weight", cols);
+  a.dx = output<T>(dx, "dx", rows * cols);
+  a.dweight = optional_output<T>(dweight, "dweight", cols);
+  a.rows = rows;
+  a.cols = cols;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  rms_norm_backward(a);
+}
+
+template <class T>
+void bind_dtype(py::module_& m, const std::string& suffix) {
+  using py::arg;
+  m.def(("layer_norm_" + suffix).c_str(), &layer_norm_py<T>, arg("x"), arg("weight"), arg("bias"),
+        arg("y"), arg("mean"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
+  m.def(("layer_norm_backward_" + suffix).c_str(), &layer_norm_backward_py<T>, arg("dy"), arg("x"),
+        arg("mean"), arg("rstd"), arg("weight"), arg("dx"), arg("dweight"), arg("dbias"),
+        arg("rows"), arg("cols"));
+  m.def(("rms_norm_" + suffix).c_str(), &rms_norm_py<T>, arg("x"), arg("weight"), arg("y"),
+        arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
+  m.def(("rms_norm_backward_" + suffix).c_str(), &rms_norm_backward_py<T>, arg("dy"), arg("x"),
+        arg("rstd"), arg("weight"), arg("dx"), arg("dweight"), arg("rows"), arg("cols"));
+}
+
+}  // namespace
+
+void bind_norm(py::module_& m) {
+  bind_dtype<float>(m, "f32");
+  bind_dtype<double>(m, "f64");
+}
+
+}  // namespace normlab::bindings

@@ -1,0 +1,74 @@
+// normlab normalization kernels: C++ API.
+//
+// Every tensor is a C-contiguous (rows, cols) matrix: each row is normalized over its cols
+// elements. Statistics (mean, rstd) have one value per row; weight/bias one per column.
+// Optional pointers may be null: weight/bias (identity affine), mean/rstd outputs (not stored),
+// dweight/dbias (not computed). Statistics are accumulated in double; results do not depend on
+// the thread count. Threads come from normlab::set_num_threads (runtime.hpp).
+#pragma once
+
+#include <cstdint>
+
+namespace normlab {
+
+template <class T>
+struct LayerNormForward {
+  const T* x = nullptr;
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  T* y = nullptr;
+  T* mean = nullptr;  // optional output, rows values
+  T* rstd = nullptr;  // optional output, rows values: 1 / sqrt(var + eps), biased var
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  double eps = 1e-5;
+};
+
+template <class T>
+struct LayerNormBackward {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* mean = nullptr;
+  const T* rstd = nullptr;
+  const T* weight = nullptr;
+  T* dx = nullptr;
+  T* dweight = nullptr;  // computed only when weight is given
+  T* dbias = nullptr;    // computed only when weight is given
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+};
+
+template <class T>
+struct RmsNormForward {
+  const T* x = nullptr;
+  const T* weight = nullptr;
+  T* y = nullptr;
+  T* rstd = nullptr;  // optional output: 1 / sqrt(mean(x^2) + eps)
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  double eps = 1e-6;
+};
+
+template <class T>
+struct RmsNormBackward {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* rstd = nullptr;
+  const T* weight = nullptr;
+  T* dx = nullptr;
+  T* dweight = nullptr;  // computed only when weight is given
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+};
+
+// Each throws std::invalid_argument for null required pointers, rows < 0, cols < 1 or eps <= 0.
+void layer_norm(const LayerNormForward<float>& args);
+void layer_norm(const LayerNormForward<double>& args);
+void layer_norm_backward(const LayerNormBackward<float>& args);
+void layer_norm_backward(const LayerNormBackward<double>& args);
+void rms_norm(const RmsNormForward<float>& args);
+void rms_norm(const RmsNormForward<double>& args);
+void rms_norm_backward(const RmsNormBackward<float>& args);
+void rms_norm_backward(const RmsNormBackward<double>& args);
+
+}  // namespace normlab

@@ -1,0 +1,49 @@
+// The table of kernel entry points one SIMD target provides. Each per-target kernel file
+// fills its entries through register_<file>(KernelTable&); dispatch.cpp keeps one table per
+// target and points the active one at the best target the CPU supports.
+#pragma once
+
+#include <cstddef>
+
+#include "normlab/norm.hpp"
+
+namespace normlab {
+
+template <class T>
+struct RowNormKernels {
+  void (*layer_norm)(const LayerNormForward<T>&, int nthreads) = nullptr;
+  void (*layer_norm_backward)(const LayerNormBackward<T>&, int nthreads) = nullptr;
+  void (*rms_norm)(const RmsNormForward<T>&, int nthreads) = nullptr;
+  void (*rms_norm_backward)(const RmsNormBackward<T>&, int nthreads) = nullptr;
+};
+
+struct RooflineKernels {
+  void (*copy)(const void* src, void* dst, std::size_t bytes, int nthreads) = nullptr;
+  void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads) = nullptr;
+};
+
+struct KernelTable {
+  const char* target = "";
+  RowNormKernels<float> row_f32;
+  RowNormKernels<double> row_f64;
+  RooflineKernels roofline;
+
+  template <class T>
+  const RowNormKernels<T>& row() const;
+};
+
+template <>
+inline const RowNormKernels<float>& KernelTable::row<float>() const { return row_f32; }
+template <>
+inline const RowNormKernels<double>& KernelTable::row<double>() const { return row_f64; }
+
+// The per-target kernel files, each defining register_<name>(KernelTable&) in its target namespace.
+#define NL_KERNEL_FILES(X) \
+  X(layer_norm)            \
+  X(rms_norm)              \
+  X(roofline)
+
+// The table of the active target (never null).
+const KernelTable& active_kernels();
+
+}  // namespace normlab

@@ -1,0 +1,16 @@
+// Thread policy shared by every kernel: how many threads a call of a given size gets.
+#pragma once
+
+#include <cstdint>
+
+namespace normlab {
+
+// Work below this many bytes of memory traffic runs on the calling thread: waking a team
+// costs microseconds.
+constexpr std::int64_t kParallelMinBytes = 192 * 1024;
+
+// Threads for a call moving `bytes` of memory: 1 for small work, inside an OpenMP parallel
+// region (no nesting) and in a forked child; else the global count.
+int threads_for(std::int64_t bytes);
+
+}  // namespace normlab

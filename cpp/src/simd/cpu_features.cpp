@@ -1,0 +1,24 @@
+#include "simd/cpu_features.hpp"
+
+#include <cstring>
+
+namespace normlab {
+
+bool cpu_supports_target(const char* name) {
+  if (std::strcmp(name, "baseline") == 0) return true;
+#if defined(__x86_64__) || defined(__i386__)
+  // libgcc's feature bits include the OS check (XCR0) for AVX and AVX-512 state.
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (std::strcmp(name, "avx2") == 0) return avx2;
+  if (std::strcmp(name, "avx512") == 0)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#elif defined(__aarch64__)
+  if (std::strcmp(name, "neon") == 0) return true;  // mandatory in AArch64
+#endif
+  return false;
+}
+
+}  // namespace normlab

@@ -1,0 +1,35 @@
+"""normlab: fast, accurate CPU normalization kernels for NumPy.
+
+Layer and RMS normalization, forward and backward, with SIMD kernels chosen at run time and
+OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
+``help(normlab.runtime)`` for targets and threads.
+"""
+
+from . import _core
+from .norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from .runtime import (
+    cpu_targets,
+    get_cpu_target,
+    get_num_threads,
+    set_cpu_target,
+    set_num_threads,
+)
+from .runtime import _register_threadpoolctl, _warn_rejected_env_target
+
+__version__ = _core.__version__
+
+__all__ = [
+    "layer_norm",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "cpu_targets",
+    "get_cpu_target",
+    "set_cpu_target",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+_warn_rejected_env_target()
+_register_threadpoolctl()
+del _register_threadpoolctl, _warn_rejected_env_target

@@ -1,0 +1,158 @@
+"""Argument checks shared by the public functions.
+
+Every failure raises TypeError (wrong type or dtype), ValueError (wrong shape, layout or
+value) or OverflowError, with a message that names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FLOAT32 = np.dtype(np.float32)
+FLOAT64 = np.dtype(np.float64)
+FLOAT_DTYPES = (FLOAT32, FLOAT64)
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def float_input(x, name: str) -> np.ndarray:
+    """x as a C-contiguous float32/float64 array.
+
+    Strided input is copied once, visibly here, to a contiguous array; the caller never writes
+    to it. Any other dtype is a TypeError: normlab never converts data silently.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {_type_name(x)}")
+    dtype = x.dtype
+    if dtype is not FLOAT32 and dtype is not FLOAT64 and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if x.flags.c_contiguous:
+        if x.ndim == 0:
+            raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+        return x
+    return np.ascontiguousarray(x)
+
+
+def like_input(a, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """a, which must be an array of `dtype` and `shape`, as a C-contiguous array."""
+    if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape and a.flags.c_contiguous:
+        return a
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, got {_type_name(a)}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def optional_like_input(a, name: str, dtype: np.dtype, shape: tuple):
+    return None if a is None else like_input(a, name, dtype, shape)
+
+
+def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.ndarray:
+    """`out` after checking it can take the result in place (callers make new arrays)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or None, got {_type_name(out)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (results are never written to a hidden copy)")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for arr, arr_name in inputs:
+        if arr is not None and np.may_share_memory(out, arr):
+            raise ValueError(f"{name} must not overlap {arr_name}")
+    return out
+
+
+def positive_float(value, name: str) -> float:
+    if type(value) is float and 0.0 < value < math.inf:
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)}") from None
+    if not (v > 0.0 and v < math.inf):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def flag(value, name: str) -> bool:
+    if value is True or value is False:
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+    return bool(value)
+
+
+_trailing_axes_cache: dict = {}
+
+
+def trailing_axes(ndim: int, axis, name: str = "axis") -> int:
+    """How many trailing axes `axis` (an int or a tuple of ints) names; validates it."""
+    key = (ndim, axis)
+    try:
+        return _trailing_axes_cache[key]
+    except (KeyError, TypeError):
+        pass
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a tuple of ints, got bool")
+    if isinstance(axis, (int, np.integer)):
+        axes = (int(axis),)
+    elif isinstance(axis, (tuple, list)) and axis and all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in axis
+    ):
+        axes = tuple(int(a) for a in axis)
+    else:
+        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {axis!r}")
+    normalized = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name} {a} is out of bounds for an array of {ndim} dimensions")
+        normalized.append(a % ndim)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{name} repeats an axis: {axis!r}")
+    count = len(normalized)
+    if sorted(normalized) != list(range(ndim - count, ndim)):
+        raise ValueError(
+            f"{name} must name trailing axes (e.g. -1 or (-2, -1)) of an array of "
+            f"{ndim} dimensions, got {axis!r}"
+        )
+    if isinstance(axis, (int, tuple)):
+        _trailing_axes_cache[key] = count
+    return count
+
+
+def split_rows(shape: tuple, count: int, name: str = "axis"):
+    """(rows, cols, leading shape, normalized shape) of normalizing the last `count` axes."""
+    lead, normalized = shape[: len(shape) - count], shape[len(shape) - count :]
+    cols = math.prod(normalized)
+    if cols == 0:
+        raise ValueError(f"the axes named by {name} have zero length {normalized}: nothing to normalize")
+    return math.prod(lead), cols, lead, normalized
+
+
+_row_split_cache: dict = {}
+
+
+def row_split(shape: tuple, axis, name: str = "axis"):
+    """split_rows() of normalizing the trailing axes `axis` names in an array of `shape`."""
+    if type(axis) is int:
+        key = (shape, axis)
+        try:
+            return _row_split_cache[key]
+        except KeyError:
+            pass
+        result = split_rows(shape, trailing_axes(len(shape), axis, name), name)
+        if len(_row_split_cache) >= 4096:
+            _row_split_cache.clear()
+        _row_split_cache[key] = result
+        return result
+    return split_rows(shape, trailing_axes(len(shape), axis, name), name)
