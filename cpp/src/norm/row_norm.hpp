@@ -29,71 +29,131 @@ struct Moments {
   double var;  // biased
 };
 
-// Mean and variance of x[0..n) in double from sums shifted by x[0]: one pass, and no
-// cancellation when |mean| >> std because the shifted values are of the order of std.
+// m*m / var above which shifted sums lose digits the result needs (double carries ~16).
 template <class T>
-inline Moments row_moments(const T* x, std::int64_t n) {
-  const double shift = double(x[0]);
-  const vwide k = splat<vwide>(shift);
-  vwide s0{}, s1{}, q0{}, q1{};
+constexpr double kRecenterRatio = sizeof(T) == 4 ? 1e6 : 4.0;
+
+// Mean and biased variance of x[0..n) from sums about `center` plus the usual correction.
+template <class T>
+Moments centered_moments(const T* x, std::int64_t n, double center) {
+  const vwide k = splat<vwide>(center);
+  vwide s0{}, q0{};
   std::int64_t j = 0;
-  for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    const vwide a = load_wide(x + j) - k, b = load_wide(x + j + kWide) - k;
+  for (; j + kWide <= n; j += kWide) {
+    const vwide a = load_wide(x + j) - k;
     s0 += a;
-    s1 += b;
     q0 += a * a;
-    q1 += b * b;
   }
   double s = 0, q = 0;
   for (; j < n; ++j) {
-    const double d = double(x[j]) - shift;
+    const double d = double(x[j]) - center;
     s += d;
     q += d * d;
   }
-  s += lane_sum(s0 + s1);
-  q += lane_sum(q0 + q1);
+  s += lane_sum(s0);
+  q += lane_sum(q0);
   const double m = s / double(n);
   const double var = q / double(n) - m * m;
-  return {shift + m, var > 0 ? var : 0.0};
+  return {center + m, var > 0 ? var : 0.0};
 }
 
-// Mean of squares of x[0..n) in double.
-template <class T>
-inline double row_mean_square(const T* x, std::int64_t n) {
-  vwide q0{}, q1{};
+// Mean and variance of G rows x + g * stride, each of n elements, in double, from sums
+// shifted by the row's first element: one pass, and no cancellation when |mean| >> std since
+// the shifted values are of the order of std. The G rows are interleaved to hide the latency
+// of short rows; each row's arithmetic is the same for every G, so results never depend on
+// how rows were grouped.
+template <int G, class T>
+inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
+  double shift[G];
+  vwide k[G], s0[G], s1[G], q0[G], q1[G];
+  for (int g = 0; g < G; ++g) {
+    shift[g] = double(x[g * stride]);
+    k[g] = splat<vwide>(shift[g]);
+    s0[g] = s1[g] = q0[g] = q1[g] = vwide{};
+  }
   std::int64_t j = 0;
   for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    const vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
-    q0 += a * a;
-    q1 += b * b;
+    for (int g = 0; g < G; ++g) {
+      const vwide a = load_wide(x + g * stride + j) - k[g];
+      const vwide b = load_wide(x + g * stride + j + kWide) - k[g];
+      s0[g] += a;
+      s1[g] += b;
+      q0[g] += a * a;
+      q1[g] += b * b;
+    }
   }
-  double q = 0;
-  for (; j < n; ++j) q += double(x[j]) * double(x[j]);
-  return (q + lane_sum(q0 + q1)) / double(n);
+  for (int g = 0; g < G; ++g) {
+    double s = 0, q = 0;
+    for (std::int64_t t = j; t < n; ++t) {
+      const double d = double(x[g * stride + t]) - shift[g];
+      s += d;
+      q += d * d;
+    }
+    s += lane_sum(s0[g] + s1[g]);
+    q += lane_sum(q0[g] + q1[g]);
+    const double m = s / double(n);
+    const double var = q / double(n) - m * m;
+    out[g] = {shift[g] + m, var > 0 ? var : 0.0};
+    // q/n - m*m cancels when the shift x[0] lies far from the mean: then sum again about the
+    // mean (the row is in cache). Rare for float, where double sums leave digits to spare.
+    if (m * m > kRecenterRatio<T> * out[g].var) out[g] = centered_moments(x + g * stride, n, out[g].mean);
+  }
+}
+
+// Rows are grouped this many at a time when short enough for the group to stay in L1: as many
+// as keep their accumulators in registers (16 vector registers on AVX2 and NEON, 32 on AVX-512).
+constexpr int kRowGroup = (NL_VEC_BYTES == 32 || NL_VEC_BYTES == 16) ? 2 : 4;
+template <class T>
+constexpr bool group_rows(std::int64_t cols) {
+  return cols * std::int64_t(sizeof(T)) * kRowGroup <= 16 * 1024;
+}
+
+// Mean of squares of G rows x + g * stride, each of n elements, in double (interleaved like
+// row_moments, with the same per-row arithmetic for every G).
+template <int G, class T>
+inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, double* out) {
+  vwide q0[G], q1[G];
+  for (int g = 0; g < G; ++g) q0[g] = q1[g] = vwide{};
+  std::int64_t j = 0;
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    for (int g = 0; g < G; ++g) {
+      const vwide a = load_wide(x + g * stride + j), b = load_wide(x + g * stride + j + kWide);
+      q0[g] += a * a;
+      q1[g] += b * b;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    double q = 0;
+    for (std::int64_t t = j; t < n; ++t) q += double(x[g * stride + t]) * double(x[g * stride + t]);
+    out[g] = (q + lane_sum(q0[g] + q1[g])) / double(n);
+  }
 }
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
-// thread count. Up to 64 blocks, fewer when their double partials would get large.
+// thread count. Up to 64 blocks, fewer when their double partials would pass 2 MiB and a
+// sixteenth of the input.
 inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int nsums) {
   const double partial_bytes = double(cols) * nsums * sizeof(double);
-  double budget = double(rows) * double(cols) * 4.0 / 8.0;
-  if (budget < 4.0 * 1024 * 1024) budget = 4.0 * 1024 * 1024;
+  double budget = double(rows) * double(cols) * 4.0 / 16.0;
+  if (budget < 2.0 * 1024 * 1024) budget = 2.0 * 1024 * 1024;
   std::int64_t nb = rows < 64 ? rows : 64;
   const std::int64_t cap = std::int64_t(budget / partial_bytes);
   if (nb > cap) nb = cap;
   return nb < 1 ? 1 : nb;
 }
 
-// Runs row(i, partial) for every row i, where partial points at nsums * cols doubles that
-// row adds its column contributions to (null when nsums == 0), then stores the column sums
-// in outs[0..nsums). Rows in a block go in order into the block's partial; blocks are added
-// in order.
-template <class T, class Row>
+// Runs rows(r0, r1, partial) over ranges covering [0, rows), where partial points at
+// nsums * cols doubles the rows add their column contributions to (null when nsums == 0), then
+// stores the column sums in outs[0..nsums). Ranges are fixed by the shape: blocks of rows
+// (each with its own partial, rows added in order) with nsums, whole row groups without, so
+// no result depends on the thread count. Blocks are added in order.
+template <class T, class Rows>
 void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* const* outs,
-                           int nthreads, const Row& row) {
+                           int nthreads, const Rows& rows_fn) {
   if (nsums == 0 || rows == 0) {
-    parallel_ranges(rows, nthreads, [&](std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<double*>(nullptr));
+    const std::int64_t units = (rows + kRowGroup - 1) / kRowGroup;
+    parallel_ranges(units, nthreads, [&](std::int64_t u0, std::int64_t u1) {
+      rows_fn(u0 * kRowGroup, u1 * kRowGroup < rows ? u1 * kRowGroup : rows, static_cast<double*>(nullptr));
     });
     for (int k = 0; k < nsums; ++k)
       for (std::int64_t j = 0; j < cols; ++j) outs[k][j] = T(0);
@@ -106,19 +166,145 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
     double* partial = partials + b * stride;
     for (std::int64_t j = 0; j < stride; ++j) partial[j] = 0.0;
-    const std::int64_t r0 = rows * b / nb, r1 = rows * (b + 1) / nb;
-    for (std::int64_t i = r0; i < r1; ++i) row(i, partial);
+    rows_fn(rows * b / nb, rows * (b + 1) / nb, partial);
   });
+  // Column sums, blocks added in order; a chunk of columns at a time so every block's partial
+  // is read sequentially.
+  constexpr std::int64_t kChunk = 256;
   const int combine_threads = nb * stride * 8 >= (1 << 20) ? nthreads : 1;
-  parallel_ranges(cols, combine_threads, [&](std::int64_t c0, std::int64_t c1) {
-    for (int k = 0; k < nsums; ++k)
-      for (std::int64_t j = c0; j < c1; ++j) {
-        double s = partials[k * cols + j];
-        for (std::int64_t b = 1; b < nb; ++b) s += partials[b * stride + k * cols + j];
-        outs[k][j] = T(s);
+  parallel_ranges((stride + kChunk - 1) / kChunk, combine_threads, [&](std::int64_t c0, std::int64_t c1) {
+    double acc[kChunk];
+    for (std::int64_t c = c0 * kChunk; c < c1 * kChunk && c < stride; c += kChunk) {
+      const std::int64_t len = stride - c < kChunk ? stride - c : kChunk;
+      for (std::int64_t j = 0; j < len; ++j) acc[j] = partials[c + j];
+      for (std::int64_t b = 1; b < nb; ++b) {
+        const double* p = partials + b * stride + c;
+        for (std::int64_t j = 0; j < len; ++j) acc[j] += p[j];
       }
+      for (std::int64_t j = 0; j < len; ++j) outs[(c + j) / cols][(c + j) % cols] = T(acc[j]);
+    }
   });
   std::free(partials);
+}
+
+// Backward of G rows of layer_norm (Centered) or rms_norm, in double:
+//   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms).
+// With weight, partial[0..n) += dy * xhat and, for layer_norm, partial[n..2n) += dy, the G
+// rows' contributions summed first, in row order. Rows are interleaved to hide the latency of
+// short rows; w is loaded once per group.
+template <bool Centered, bool HasW, int G, class T>
+void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w,
+                             T* dx0, std::int64_t n, double* partial) {
+  const T* x[G];
+  const T* dy[G];
+  T* dx[G];
+  double m[G], r[G], c0[G], c1[G];
+  vwide vm[G], vr[G], sg[G], sgx[G];
+  for (int g = 0; g < G; ++g) {
+    x[g] = x0 + g * n;
+    dy[g] = dy0 + g * n;
+    dx[g] = dx0 + g * n;
+    m[g] = Centered ? double(mean[g]) : 0.0;
+    r[g] = double(rstd[g]);
+    vm[g] = splat<vwide>(m[g]);
+    vr[g] = splat<vwide>(r[g]);
+    sg[g] = sgx[g] = vwide{};
+  }
+  std::int64_t j = 0;
+  for (; j + kWide <= n; j += kWide) {
+    vwide wv{};
+    if constexpr (HasW) wv = load_wide(w + j);
+    for (int g = 0; g < G; ++g) {
+      vwide xh = load_wide(x[g] + j);
+      if constexpr (Centered) xh -= vm[g];
+      xh *= vr[g];
+      vwide gv = load_wide(dy[g] + j);
+      if constexpr (HasW) gv *= wv;
+      if constexpr (Centered) sg[g] += gv;
+      sgx[g] += gv * xh;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    double tg = 0, tgx = 0;
+    for (std::int64_t k = j; k < n; ++k) {
+      const double xh = (double(x[g][k]) - m[g]) * r[g];
+      double gv = double(dy[g][k]);
+      if constexpr (HasW) gv *= double(w[k]);
+      tg += gv;
+      tgx += gv * xh;
+    }
+    c0[g] = Centered ? (lane_sum(sg[g]) + tg) / double(n) : 0.0;
+    c1[g] = (lane_sum(sgx[g]) + tgx) / double(n);
+  }
+
+  vwide vc0[G], vc1[G];
+  for (int g = 0; g < G; ++g) {
+    vc0[g] = splat<vwide>(c0[g]);
+    vc1[g] = splat<vwide>(c1[g]);
+  }
+  for (j = 0; j + kWide <= n; j += kWide) {
+    vwide wv{}, pw{}, pb{};
+    if constexpr (HasW) wv = load_wide(w + j);
+    for (int g = 0; g < G; ++g) {
+      vwide xh = load_wide(x[g] + j);
+      if constexpr (Centered) xh -= vm[g];
+      xh *= vr[g];
+      const vwide d = load_wide(dy[g] + j);
+      vwide gv = d;
+      if constexpr (HasW) {
+        gv *= wv;
+        pw += d * xh;
+        if constexpr (Centered) pb += d;
+      }
+      if constexpr (Centered) gv -= vc0[g];
+      store_narrow(dx[g] + j, vr[g] * (gv - xh * vc1[g]));
+    }
+    if constexpr (HasW) {
+      store(partial + j, load<vwide>(partial + j) + pw);
+      if constexpr (Centered) store(partial + n + j, load<vwide>(partial + n + j) + pb);
+    }
+  }
+  for (; j < n; ++j) {
+    double wv = 0, pw = 0, pb = 0;
+    if constexpr (HasW) wv = double(w[j]);
+    for (int g = 0; g < G; ++g) {
+      const double xh = (double(x[g][j]) - m[g]) * r[g];
+      const double d = double(dy[g][j]);
+      double gv = d;
+      if constexpr (HasW) {
+        gv *= wv;
+        pw += d * xh;
+        if constexpr (Centered) pb += d;
+      }
+      dx[g][j] = T(r[g] * ((gv - c0[g]) - xh * c1[g]));
+    }
+    if constexpr (HasW) {
+      partial[j] += pw;
+      if constexpr (Centered) partial[n + j] += pb;
+    }
+  }
+}
+
+// Short rows are grouped in the backward pass; longer rows are not, since a group's many
+// streams at the same page offset (x, dy, dx of each row) would evict each other from L1.
+template <class T>
+constexpr bool group_backward_rows(std::int64_t cols) {
+  return cols * std::int64_t(sizeof(T)) <= 1024;
+}
+
+// The backward of rows [r0, r1) in groups of kRowGroup from r0 (then singly).
+template <bool Centered, bool HasW, class T>
+void row_norm_backward_rows(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, T* dx,
+                            std::int64_t n, std::int64_t r0, std::int64_t r1, double* partial) {
+  std::int64_t i = r0;
+  if (group_backward_rows<T>(n))
+    for (; i + kRowGroup <= r1; i += kRowGroup)
+      row_norm_backward_group<Centered, HasW, kRowGroup>(dy + i * n, x + i * n, Centered ? mean + i : mean,
+                                                         rstd + i, w, dx + i * n, n, partial);
+  for (; i < r1; ++i)
+    row_norm_backward_group<Centered, HasW, 1>(dy + i * n, x + i * n, Centered ? mean + i : mean, rstd + i, w,
+                                               dx + i * n, n, partial);
 }
 
 }  // namespace
