@@ -19,7 +19,7 @@ void layer_norm_row(const T* x, const T* w, const T* b, T* y, std::int64_t n, do
     const V d = (load_n(x + j, count) - vhead) - vtail;
     V scale = vr;
     if constexpr (HasW) scale *= load_n(w + j, count);
-    if constexpr (HasB) return V(d * scale + load_n(b + j, count));
+    if constexpr (HasB) return fmadd(d, scale, load_n(b + j, count));
     return V(d * scale);
   });
 }

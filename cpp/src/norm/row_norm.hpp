@@ -42,13 +42,13 @@ Moments centered_moments(const T* x, std::int64_t n, double center) {
   for (; j + kWide <= n; j += kWide) {
     const vwide a = load_wide(x + j) - k;
     s0 += a;
-    q0 += a * a;
+    q0 = fmadd(a, a, q0);
   }
   double s = 0, q = 0;
   for (; j < n; ++j) {
     const double d = double(x[j]) - center;
     s += d;
-    q += d * d;
+    q = fmadd(d, d, q);
   }
   s += lane_sum(s0);
   q += lane_sum(q0);
@@ -78,8 +78,8 @@ inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments
       const vwide b = load_wide(x + g * stride + j + kWide) - k[g];
       s0[g] += a;
       s1[g] += b;
-      q0[g] += a * a;
-      q1[g] += b * b;
+      q0[g] = fmadd(a, a, q0[g]);
+      q1[g] = fmadd(b, b, q1[g]);
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -87,7 +87,7 @@ inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments
     for (std::int64_t t = j; t < n; ++t) {
       const double d = double(x[g * stride + t]) - shift[g];
       s += d;
-      q += d * d;
+      q = fmadd(d, d, q);
     }
     s += lane_sum(s0[g] + s1[g]);
     q += lane_sum(q0[g] + q1[g]);
@@ -118,13 +118,13 @@ inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, do
   for (; j + 2 * kWide <= n; j += 2 * kWide) {
     for (int g = 0; g < G; ++g) {
       const vwide a = load_wide(x + g * stride + j), b = load_wide(x + g * stride + j + kWide);
-      q0[g] += a * a;
-      q1[g] += b * b;
+      q0[g] = fmadd(a, a, q0[g]);
+      q1[g] = fmadd(b, b, q1[g]);
     }
   }
   for (int g = 0; g < G; ++g) {
     double q = 0;
-    for (std::int64_t t = j; t < n; ++t) q += double(x[g * stride + t]) * double(x[g * stride + t]);
+    for (std::int64_t t = j; t < n; ++t) q = fmadd(double(x[g * stride + t]), double(x[g * stride + t]), q);
     out[g] = (q + lane_sum(q0[g] + q1[g])) / double(n);
   }
 }
@@ -222,7 +222,7 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       vwide gv = load_wide(dy[g] + j);
       if constexpr (HasW) gv *= wv;
       if constexpr (Centered) sg[g] += gv;
-      sgx[g] += gv * xh;
+      sgx[g] = fmadd(gv, xh, sgx[g]);
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -232,7 +232,7 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       double gv = double(dy[g][k]);
       if constexpr (HasW) gv *= double(w[k]);
       tg += gv;
-      tgx += gv * xh;
+      tgx = fmadd(gv, xh, tgx);
     }
     c0[g] = Centered ? (lane_sum(sg[g]) + tg) / double(n) : 0.0;
     c1[g] = (lane_sum(sgx[g]) + tgx) / double(n);
@@ -254,7 +254,7 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       vwide gv = d;
       if constexpr (HasW) {
         gv *= wv;
-        pw += d * xh;
+        pw = fmadd(d, xh, pw);
         if constexpr (Centered) pb += d;
       }
       if constexpr (Centered) gv -= vc0[g];
@@ -274,7 +274,7 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       double gv = d;
       if constexpr (HasW) {
         gv *= wv;
-        pw += d * xh;
+        pw = fmadd(d, xh, pw);
         if constexpr (Centered) pb += d;
       }
       dx[g][j] = T(r[g] * ((gv - c0[g]) - xh * c1[g]));

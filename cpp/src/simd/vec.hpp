@@ -68,6 +68,39 @@ inline double reduce_add(V v) {
   return s;
 }
 
+// a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
+// every fused operation is this explicit one and results never depend on compiler choices).
+template <class V>
+inline V fmadd(V a, V b, V c) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
+  constexpr bool is_float = sizeof(a[0]) == 4;
+  if constexpr (sizeof(V) == 64 && is_float) return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+  else if constexpr (sizeof(V) == 64) return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
+  else if constexpr (sizeof(V) == 32 && is_float) return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+  else if constexpr (sizeof(V) == 32) return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
+  else if constexpr (sizeof(V) == 16 && is_float) return V(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
+  else if constexpr (sizeof(V) == 16) return V(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
+  else {
+    V r;
+    for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+    return r;
+  }
+#elif defined(NL_TARGET_NEON)
+  V r;
+  for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
+inline double fmadd(double a, double b, double c) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2) || defined(NL_TARGET_NEON)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // kWide values at p, widened to double.
 inline vwide load_wide(const double* p) { return load<vwide>(p); }
 inline vwide load_wide(const float* p) {
