@@ -1,4 +1,6 @@
 // layer_norm forward and backward: one body, compiled once per SIMD target.
+#include <type_traits>
+
 #include "dispatch/kernel_table.hpp"
 #include "norm/row_norm.hpp"
 #include "parallel/parallel.hpp"
@@ -27,25 +29,24 @@ void layer_norm_row(const T* x, const T* w, const T* b, T* y, std::int64_t n, do
 template <class T, bool HasW, bool HasB>
 void layer_norm_rows(const LayerNormForward<T>& a, std::int64_t r0, std::int64_t r1, bool stream) {
   const std::int64_t n = a.cols;
-  auto finish = [&](std::int64_t i, const Moments& m) {
-    const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
-    if (a.mean) a.mean[i] = T(m.mean);
-    if (a.rstd) a.rstd[i] = T(rstd);
-    layer_norm_row<T, HasW, HasB>(a.x + i * n, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
+  auto rows = [&](auto group, std::int64_t i) {
+    constexpr int G = decltype(group)::value;
+    Moments m[G];
+    double var[G], rstd[G];
+    row_moments<G>(a.x + i * n, n, n, m);
+    for (int g = 0; g < G; ++g) var[g] = m[g].var;
+    inverse_sqrt<G>(var, a.eps, rstd);
+    for (int g = 0; g < G; ++g) {
+      if (a.mean) a.mean[i + g] = T(m[g].mean);
+      if (a.rstd) a.rstd[i + g] = T(rstd[g]);
+      layer_norm_row<T, HasW, HasB>(a.x + (i + g) * n, a.weight, a.bias, a.y + (i + g) * n, n, m[g].mean,
+                                    rstd[g], stream);
+    }
   };
   std::int64_t i = r0;
-  if (group_rows<T>(n)) {
-    for (; i + kRowGroup <= r1; i += kRowGroup) {
-      Moments m[kRowGroup];
-      row_moments<kRowGroup>(a.x + i * n, n, n, m);
-      for (int g = 0; g < kRowGroup; ++g) finish(i + g, m[g]);
-    }
-  }
-  for (; i < r1; ++i) {
-    Moments m[1];
-    row_moments<1>(a.x + i * n, n, n, m);
-    finish(i, m[0]);
-  }
+  if (group_rows<T>(n))
+    for (; i + kRowGroup <= r1; i += kRowGroup) rows(std::integral_constant<int, kRowGroup>(), i);
+  for (; i < r1; ++i) rows(std::integral_constant<int, 1>(), i);
   if (stream) stream_fence();
 }
 

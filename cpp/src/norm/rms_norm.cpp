@@ -1,4 +1,6 @@
 // rms_norm forward and backward: one body, compiled once per SIMD target.
+#include <type_traits>
+
 #include "dispatch/kernel_table.hpp"
 #include "norm/row_norm.hpp"
 #include "parallel/parallel.hpp"
@@ -11,30 +13,26 @@ template <class T, bool HasW>
 void rms_norm_rows(const RmsNormForward<T>& a, std::int64_t r0, std::int64_t r1, bool stream) {
   using V = vnative<T>;
   const std::int64_t n = a.cols;
-  auto finish = [&](std::int64_t i, double mean_square) {
-    const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
-    if (a.rstd) a.rstd[i] = T(rstd);
-    const T* x = a.x + i * n;
-    const V vr = splat<V>(T(rstd));
-    map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
-      V scale = vr;
-      if constexpr (HasW) scale *= load_n(a.weight + j, count);
-      return V(load_n(x + j, count) * scale);
-    });
+  auto rows = [&](auto group, std::int64_t i) {
+    constexpr int G = decltype(group)::value;
+    double mean_square[G], rstd[G];
+    row_mean_squares<G>(a.x + i * n, n, n, mean_square);
+    inverse_sqrt<G>(mean_square, a.eps, rstd);
+    for (int g = 0; g < G; ++g) {
+      if (a.rstd) a.rstd[i + g] = T(rstd[g]);
+      const T* x = a.x + (i + g) * n;
+      const V vr = splat<V>(T(rstd[g]));
+      map_row(a.y + (i + g) * n, n, stream, [&](std::int64_t j, int count) {
+        V scale = vr;
+        if constexpr (HasW) scale *= load_n(a.weight + j, count);
+        return V(load_n(x + j, count) * scale);
+      });
+    }
   };
   std::int64_t i = r0;
-  if (group_rows<T>(n)) {
-    for (; i + kRowGroup <= r1; i += kRowGroup) {
-      double ms[kRowGroup];
-      row_mean_squares<kRowGroup>(a.x + i * n, n, n, ms);
-      for (int g = 0; g < kRowGroup; ++g) finish(i + g, ms[g]);
-    }
-  }
-  for (; i < r1; ++i) {
-    double ms[1];
-    row_mean_squares<1>(a.x + i * n, n, n, ms);
-    finish(i, ms[0]);
-  }
+  if (group_rows<T>(n))
+    for (; i + kRowGroup <= r1; i += kRowGroup) rows(std::integral_constant<int, kRowGroup>(), i);
+  for (; i < r1; ++i) rows(std::integral_constant<int, 1>(), i);
   if (stream) stream_fence();
 }
 

@@ -52,8 +52,9 @@ Moments centered_moments(const T* x, std::int64_t n, double center) {
   }
   s += lane_sum(s0);
   q += lane_sum(q0);
-  const double m = s / double(n);
-  const double var = q / double(n) - m * m;
+  const double inv_n = 1.0 / double(n);
+  const double m = s * inv_n;
+  const double var = q * inv_n - m * m;
   return {center + m, var > 0 ? var : 0.0};
 }
 
@@ -82,6 +83,7 @@ inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments
       q1[g] = fmadd(b, b, q1[g]);
     }
   }
+  const double inv_n = 1.0 / double(n);
   for (int g = 0; g < G; ++g) {
     double s = 0, q = 0;
     for (std::int64_t t = j; t < n; ++t) {
@@ -91,8 +93,8 @@ inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments
     }
     s += lane_sum(s0[g] + s1[g]);
     q += lane_sum(q0[g] + q1[g]);
-    const double m = s / double(n);
-    const double var = q / double(n) - m * m;
+    const double m = s * inv_n;
+    const double var = q * inv_n - m * m;
     out[g] = {shift[g] + m, var > 0 ? var : 0.0};
     // q/n - m*m cancels when the shift x[0] lies far from the mean: then sum again about the
     // mean (the row is in cache). Rare for float, where double sums leave digits to spare.
@@ -125,7 +127,7 @@ inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, do
   for (int g = 0; g < G; ++g) {
     double q = 0;
     for (std::int64_t t = j; t < n; ++t) q = fmadd(double(x[g * stride + t]), double(x[g * stride + t]), q);
-    out[g] = (q + lane_sum(q0[g] + q1[g])) / double(n);
+    out[g] = (q + lane_sum(q0[g] + q1[g])) * (1.0 / double(n));
   }
 }
 
@@ -225,6 +227,7 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       sgx[g] = fmadd(gv, xh, sgx[g]);
     }
   }
+  const double inv_n = 1.0 / double(n);
   for (int g = 0; g < G; ++g) {
     double tg = 0, tgx = 0;
     for (std::int64_t k = j; k < n; ++k) {
@@ -234,8 +237,8 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
       tg += gv;
       tgx = fmadd(gv, xh, tgx);
     }
-    c0[g] = Centered ? (lane_sum(sg[g]) + tg) / double(n) : 0.0;
-    c1[g] = (lane_sum(sgx[g]) + tgx) / double(n);
+    c0[g] = Centered ? (lane_sum(sg[g]) + tg) * inv_n : 0.0;
+    c1[g] = (lane_sum(sgx[g]) + tgx) * inv_n;
   }
 
   vwide vc0[G], vc1[G];
