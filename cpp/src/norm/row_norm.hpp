@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 
 #include "parallel/parallel_for.hpp"
 #include "simd/vec.hpp"
@@ -64,7 +65,7 @@ Moments centered_moments(const T* x, std::int64_t n, double center) {
 // of short rows; each row's arithmetic is the same for every G, so results never depend on
 // how rows were grouped.
 template <int G, class T>
-inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
+inline void row_moments_wide(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
   double shift[G];
   vwide k[G], s0[G], s1[G], q0[G], q1[G];
   for (int g = 0; g < G; ++g) {
@@ -113,7 +114,7 @@ constexpr bool group_rows(std::int64_t cols) {
 // Mean of squares of G rows x + g * stride, each of n elements, in double (interleaved like
 // row_moments, with the same per-row arithmetic for every G).
 template <int G, class T>
-inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, double* out) {
+inline void row_mean_squares_wide(const T* x, std::int64_t stride, std::int64_t n, double* out) {
   vwide q0[G], q1[G];
   for (int g = 0; g < G; ++g) q0[g] = q1[g] = vwide{};
   std::int64_t j = 0;
@@ -130,6 +131,127 @@ inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, do
     out[g] = (q + lane_sum(q0[g] + q1[g])) * (1.0 / double(n));
   }
 }
+
+#if NL_VEC_BYTES
+// Float sums are flushed into double accumulators after this many vectors per lane, so each
+// float partial sum has at most this many terms.
+constexpr int kFlushEvery = 4;
+// Mean squares outside this range may have overflowed or lost digits to underflow as float
+// squares: such rows are summed again in double.
+constexpr double kFloatSquaresMin = 1e-30, kFloatSquaresMax = 1e30;
+
+// row_moments for float data on SIMD targets: shifted values and their squares summed in float
+// (twice the lanes of double) for kFlushEvery vectors, then added into double accumulators.
+// Float sums leave fewer spare digits than double ones, so rows are re-summed about the mean as
+// soon as the shift lies a couple of standard deviations away.
+template <int G>
+inline void row_moments_f32(const float* x, std::int64_t stride, std::int64_t n, Moments* out) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  V k[G], s[G], q[G];
+  vwide ds[G], dq[G];
+  for (int g = 0; g < G; ++g) {
+    k[g] = splat<V>(x[g * stride]);
+    s[g] = q[g] = V{};
+    ds[g] = dq[g] = vwide{};
+  }
+  auto flush = [&] {
+    for (int g = 0; g < G; ++g) {
+      ds[g] += widen_low(s[g]) + widen_high(s[g]);
+      dq[g] += widen_low(q[g]) + widen_high(q[g]);
+      s[g] = q[g] = V{};
+    }
+  };
+  std::int64_t j = 0;
+  int iter = 0;
+  for (; j + L <= n; j += L) {
+    for (int g = 0; g < G; ++g) {
+      const V d = load<V>(x + g * stride + j) - k[g];
+      s[g] += d;
+      q[g] = fmadd(d, d, q[g]);
+    }
+    if (++iter == kFlushEvery) {
+      flush();
+      iter = 0;
+    }
+  }
+  flush();
+  const double inv_n = 1.0 / double(n);
+  for (int g = 0; g < G; ++g) {
+    const double shift = double(x[g * stride]);
+    double ts = 0, tq = 0;
+    for (std::int64_t t = j; t < n; ++t) {
+      const double d = double(x[g * stride + t]) - shift;
+      ts += d;
+      tq = fmadd(d, d, tq);
+    }
+    const double m = (lane_sum(ds[g]) + ts) * inv_n;
+    const double mean_square = (lane_sum(dq[g]) + tq) * inv_n;
+    const double var = mean_square - m * m;
+    out[g] = {shift + m, var > 0 ? var : 0.0};
+    if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
+      row_moments_wide<1>(x + g * stride, stride, n, out + g);  // float squares over/underflowed
+    else if (m * m > 4.0 * out[g].var)
+      out[g] = centered_moments(x + g * stride, n, out[g].mean);
+  }
+}
+
+// row_mean_squares for float data on SIMD targets, summed like row_moments above.
+template <int G>
+inline void row_mean_squares_f32(const float* x, std::int64_t stride, std::int64_t n, double* out) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  V q[G];
+  vwide dq[G];
+  for (int g = 0; g < G; ++g) {
+    q[g] = V{};
+    dq[g] = vwide{};
+  }
+  auto flush = [&] {
+    for (int g = 0; g < G; ++g) {
+      dq[g] += widen_low(q[g]) + widen_high(q[g]);
+      q[g] = V{};
+    }
+  };
+  std::int64_t j = 0;
+  int iter = 0;
+  for (; j + L <= n; j += L) {
+    for (int g = 0; g < G; ++g) {
+      const V v = load<V>(x + g * stride + j);
+      q[g] = fmadd(v, v, q[g]);
+    }
+    if (++iter == kFlushEvery) {
+      flush();
+      iter = 0;
+    }
+  }
+  flush();
+  for (int g = 0; g < G; ++g) {
+    double tq = 0;
+    for (std::int64_t t = j; t < n; ++t) tq = fmadd(double(x[g * stride + t]), double(x[g * stride + t]), tq);
+    out[g] = (lane_sum(dq[g]) + tq) * (1.0 / double(n));
+    if (!(out[g] >= kFloatSquaresMin && out[g] <= kFloatSquaresMax))
+      row_mean_squares_wide<1>(x + g * stride, stride, n, out + g);  // float squares over/underflowed
+  }
+}
+#endif
+
+// Dispatch: float sums where the target has them, double sums otherwise.
+template <int G, class T>
+inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
+#if NL_VEC_BYTES
+  if constexpr (sizeof(T) == 4) return row_moments_f32<G>(x, stride, n, out);
+#endif
+  row_moments_wide<G>(x, stride, n, out);
+}
+template <int G, class T>
+inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, double* out) {
+#if NL_VEC_BYTES
+  if constexpr (sizeof(T) == 4) return row_mean_squares_f32<G>(x, stride, n, out);
+#endif
+  row_mean_squares_wide<G>(x, stride, n, out);
+}
+
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
 // thread count. Up to 64 blocks, fewer when their double partials would pass 2 MiB and a
@@ -289,6 +411,110 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
   }
 }
 
+#if NL_VEC_BYTES
+// The same backward for float data on SIMD targets, with float elementwise math (twice the
+// lanes of double). Row sums are kept in float for at most kFlushEvery vectors per lane, then
+// added into double accumulators; the group's weight-gradient contributions are summed in
+// float (at most kRowGroup terms) before joining the double partials. Lanes past the end of a
+// row read zeros: they add nothing to any sum.
+
+template <bool Centered, bool HasW, int G>
+void row_norm_backward_group_f32(const float* dy0, const float* x0, const float* mean, const float* rstd,
+                                 const float* w, float* dx0, std::int64_t n, double* partial) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  const float* x[G];
+  const float* dy[G];
+  float* dx[G];
+  V vm[G], vr[G], sg[G], sgx[G];
+  vwide dsg[G], dsgx[G];
+  for (int g = 0; g < G; ++g) {
+    x[g] = x0 + g * n;
+    dy[g] = dy0 + g * n;
+    dx[g] = dx0 + g * n;
+    vm[g] = splat<V>(Centered ? mean[g] : 0.0f);
+    vr[g] = splat<V>(rstd[g]);
+    sg[g] = sgx[g] = V{};
+    dsg[g] = dsgx[g] = vwide{};
+  }
+  auto flush = [&] {
+    for (int g = 0; g < G; ++g) {
+      if constexpr (Centered) dsg[g] += widen_low(sg[g]) + widen_high(sg[g]);
+      dsgx[g] += widen_low(sgx[g]) + widen_high(sgx[g]);
+      sg[g] = sgx[g] = V{};
+    }
+  };
+  std::int64_t iter = 0;
+  for (std::int64_t j = 0; j < n; j += L) {
+    const int count = n - j < L ? int(n - j) : L;
+    V wv{};
+    if constexpr (HasW) wv = load_n(w + j, count);
+    for (int g = 0; g < G; ++g) {
+      V xh = load_n(x[g] + j, count);
+      if constexpr (Centered) xh -= vm[g];
+      xh *= vr[g];
+      V gv = load_n(dy[g] + j, count);
+      if constexpr (HasW) gv *= wv;
+      if constexpr (Centered) sg[g] += gv;
+      sgx[g] = fmadd(gv, xh, sgx[g]);
+    }
+    if (++iter % kFlushEvery == 0) flush();
+  }
+  flush();
+  const double inv_n = 1.0 / double(n);
+  V vc0[G], vk1[G];
+  for (int g = 0; g < G; ++g) {
+    const double c0 = Centered ? lane_sum(dsg[g]) * inv_n : 0.0;
+    const double c1 = lane_sum(dsgx[g]) * inv_n;
+    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) {
+      // Float products overflowed (or the data holds Inf/NaN): redo the group in double.
+      row_norm_backward_group<Centered, HasW, G>(dy0, x0, mean, rstd, w, dx0, n, partial);
+      return;
+    }
+    vc0[g] = splat<V>(float(c0));
+    vk1[g] = splat<V>(float(c1 * double(rstd[g])));
+  }
+  // dx = rstd * (g - c0) - (rstd * c1) * xhat
+  for (std::int64_t j = 0; j < n; j += L) {
+    const int count = n - j < L ? int(n - j) : L;
+    V wv{}, pw{}, pb{};
+    if constexpr (HasW) wv = load_n(w + j, count);
+    for (int g = 0; g < G; ++g) {
+      V xh = load_n(x[g] + j, count);
+      if constexpr (Centered) xh -= vm[g];
+      xh *= vr[g];
+      const V d = load_n(dy[g] + j, count);
+      V gv = d;
+      if constexpr (HasW) {
+        gv *= wv;
+        pw = fmadd(d, xh, pw);
+        if constexpr (Centered) pb += d;
+      }
+      if constexpr (Centered) gv -= vc0[g];
+      const V out = vr[g] * gv - vk1[g] * xh;
+      if (count == L) store(dx[g] + j, out);
+      else store_partial(dx[g] + j, out, count);
+    }
+    if constexpr (HasW) {
+      auto add_into = [&](double* p, V v) {
+        const vwide lo = widen_low(v), hi = widen_high(v);
+        if (count == L) {
+          store(p, load<vwide>(p) + lo);
+          store(p + kWide, load<vwide>(p + kWide) + hi);
+        } else {
+          double lanes[2 * kWide];
+          store(lanes, lo);
+          store(lanes + kWide, hi);
+          for (int k = 0; k < count; ++k) p[k] += lanes[k];
+        }
+      };
+      add_into(partial + j, pw);
+      if constexpr (Centered) add_into(partial + n + j, pb);
+    }
+  }
+}
+#endif
+
 // Short rows are grouped in the backward pass; longer rows are not, since a group's many
 // streams at the same page offset (x, dy, dx of each row) would evict each other from L1.
 template <class T>
@@ -300,14 +526,22 @@ constexpr bool group_backward_rows(std::int64_t cols) {
 template <bool Centered, bool HasW, class T>
 void row_norm_backward_rows(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, T* dx,
                             std::int64_t n, std::int64_t r0, std::int64_t r1, double* partial) {
+  auto group = [&](auto size, std::int64_t i) {
+    constexpr int G = decltype(size)::value;
+    const T* m = Centered ? mean + i : mean;
+#if NL_VEC_BYTES
+    if constexpr (sizeof(T) == 4) {
+      row_norm_backward_group_f32<Centered, HasW, G>(dy + i * n, x + i * n, m, rstd + i, w, dx + i * n, n,
+                                                     partial);
+      return;
+    }
+#endif
+    row_norm_backward_group<Centered, HasW, G>(dy + i * n, x + i * n, m, rstd + i, w, dx + i * n, n, partial);
+  };
   std::int64_t i = r0;
   if (group_backward_rows<T>(n))
-    for (; i + kRowGroup <= r1; i += kRowGroup)
-      row_norm_backward_group<Centered, HasW, kRowGroup>(dy + i * n, x + i * n, Centered ? mean + i : mean,
-                                                         rstd + i, w, dx + i * n, n, partial);
-  for (; i < r1; ++i)
-    row_norm_backward_group<Centered, HasW, 1>(dy + i * n, x + i * n, Centered ? mean + i : mean, rstd + i, w,
-                                               dx + i * n, n, partial);
+    for (; i + kRowGroup <= r1; i += kRowGroup) group(std::integral_constant<int, kRowGroup>(), i);
+  for (; i < r1; ++i) group(std::integral_constant<int, 1>(), i);
 }
 
 }  // namespace

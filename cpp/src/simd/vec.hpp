@@ -133,6 +133,28 @@ inline vwide load_wide(const float* p) {
 #endif
 }
 
+// The low and high halves of a native float vector, widened to double (SIMD targets only).
+#if NL_VEC_BYTES
+inline vwide widen_low(vnative<float> v) {
+#if defined(NL_TARGET_AVX512)
+  return vwide(_mm512_cvtps_pd(_mm512_castps512_ps256(__m512(v))));
+#elif defined(NL_TARGET_AVX2)
+  return vwide(_mm256_cvtps_pd(_mm256_castps256_ps128(__m256(v))));
+#elif defined(NL_TARGET_NEON)
+  return vwide(vcvt_f64_f32(vget_low_f32(v)));
+#endif
+}
+inline vwide widen_high(vnative<float> v) {
+#if defined(NL_TARGET_AVX512)
+  return vwide(_mm512_cvtps_pd(_mm512_extractf32x8_ps(__m512(v), 1)));
+#elif defined(NL_TARGET_AVX2)
+  return vwide(_mm256_cvtps_pd(_mm256_extractf128_ps(__m256(v), 1)));
+#elif defined(NL_TARGET_NEON)
+  return vwide(vcvt_high_f64_f32(v));
+#endif
+}
+#endif
+
 // kWide doubles stored at p, rounded to nearest.
 inline void store_narrow(double* p, vwide v) { store(p, v); }
 inline void store_narrow(float* p, vwide v) {
