@@ -317,18 +317,17 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
 // With weight, partial[0..n) += dy * xhat and, for layer_norm, partial[n..2n) += dy, the G
 // rows' contributions summed first, in row order. Rows are interleaved to hide the latency of
 // short rows; w is loaded once per group.
+// mean(g) (0 for rms) and mean(g * xhat) of G rows, in double (pass 1 of the backward).
 template <bool Centered, bool HasW, int G, class T>
-void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w,
-                             T* dx0, std::int64_t n, double* partial) {
+void backward_row_sums(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w, std::int64_t n,
+                       double* c0, double* c1) {
   const T* x[G];
   const T* dy[G];
-  T* dx[G];
-  double m[G], r[G], c0[G], c1[G];
+  double m[G], r[G];
   vwide vm[G], vr[G], sg[G], sgx[G];
   for (int g = 0; g < G; ++g) {
     x[g] = x0 + g * n;
     dy[g] = dy0 + g * n;
-    dx[g] = dx0 + g * n;
     m[g] = Centered ? double(mean[g]) : 0.0;
     r[g] = double(rstd[g]);
     vm[g] = splat<vwide>(m[g]);
@@ -362,6 +361,27 @@ void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* 
     c0[g] = Centered ? (lane_sum(sg[g]) + tg) * inv_n : 0.0;
     c1[g] = (lane_sum(sgx[g]) + tgx) * inv_n;
   }
+}
+
+template <bool Centered, bool HasW, int G, class T>
+void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w,
+                             T* dx0, std::int64_t n, double* partial) {
+  const T* x[G];
+  const T* dy[G];
+  T* dx[G];
+  double m[G], r[G], c0[G], c1[G];
+  vwide vm[G], vr[G];
+  for (int g = 0; g < G; ++g) {
+    x[g] = x0 + g * n;
+    dy[g] = dy0 + g * n;
+    dx[g] = dx0 + g * n;
+    m[g] = Centered ? double(mean[g]) : 0.0;
+    r[g] = double(rstd[g]);
+    vm[g] = splat<vwide>(m[g]);
+    vr[g] = splat<vwide>(r[g]);
+  }
+  backward_row_sums<Centered, HasW, G>(dy0, x0, mean, rstd, w, n, c0, c1);
+  std::int64_t j;
 
   vwide vc0[G], vc1[G];
   for (int g = 0; g < G; ++g) {
@@ -466,13 +486,11 @@ void row_norm_backward_group_f32(const float* dy0, const float* x0, const float*
   for (int g = 0; g < G; ++g) {
     const double c0 = Centered ? lane_sum(dsg[g]) * inv_n : 0.0;
     const double c1 = lane_sum(dsgx[g]) * inv_n;
-    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) {
-      // Float products overflowed (or the data holds Inf/NaN): redo the group in double.
-      row_norm_backward_group<Centered, HasW, G>(dy0, x0, mean, rstd, w, dx0, n, partial);
-      return;
-    }
-    vc0[g] = splat<V>(float(c0));
-    vk1[g] = splat<V>(float(c1 * double(rstd[g])));
+    double c[2] = {c0, c1};
+    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1))  // float products overflowed, or Inf/NaN
+      backward_row_sums<Centered, HasW, 1>(dy[g], x[g], Centered ? mean + g : mean, rstd + g, w, n, c, c + 1);
+    vc0[g] = splat<V>(float(c[0]));
+    vk1[g] = splat<V>(float(c[1] * double(rstd[g])));
   }
   // dx = rstd * (g - c0) - (rstd * c1) * xhat
   for (std::int64_t j = 0; j < n; j += L) {
