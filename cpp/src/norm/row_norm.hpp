@@ -8,6 +8,10 @@
 #include <type_traits>
 
 #include "parallel/parallel_for.hpp"
+
+#ifndef NL_PREFETCH_BYTES
+#define NL_PREFETCH_BYTES 2048
+#endif
 #include "simd/vec.hpp"
 
 namespace normlab {
@@ -140,6 +144,11 @@ constexpr int kFlushEvery = 4;
 // squares: such rows are summed again in double.
 constexpr double kFloatSquaresMin = 1e-30, kFloatSquaresMax = 1e30;
 
+// Reads of a row are prefetched this many elements ahead (rows are read once from memory,
+// between stretches of arithmetic that let the hardware prefetcher fall behind).
+template <class T>
+constexpr std::int64_t kPrefetchAhead = NL_PREFETCH_BYTES / sizeof(T);
+
 // row_moments for float data on SIMD targets: shifted values and their squares summed in float
 // (twice the lanes of double) for kFlushEvery vectors, then added into double accumulators.
 // Float sums leave fewer spare digits than double ones, so rows are re-summed about the mean as
@@ -166,6 +175,7 @@ inline void row_moments_f32(const float* x, std::int64_t stride, std::int64_t n,
   int iter = 0;
   for (; j + L <= n; j += L) {
     for (int g = 0; g < G; ++g) {
+      __builtin_prefetch(x + g * stride + j + kPrefetchAhead<float>);
       const V d = load<V>(x + g * stride + j) - k[g];
       s[g] += d;
       q[g] = fmadd(d, d, q[g]);
@@ -217,6 +227,7 @@ inline void row_mean_squares_f32(const float* x, std::int64_t stride, std::int64
   int iter = 0;
   for (; j + L <= n; j += L) {
     for (int g = 0; g < G; ++g) {
+      __builtin_prefetch(x + g * stride + j + kPrefetchAhead<float>);
       const V v = load<V>(x + g * stride + j);
       q[g] = fmadd(v, v, q[g]);
     }
