@@ -1,5 +1,6 @@
-// Pieces shared by the row-wise norms (layer_norm, rms_norm): per-row moments and the
-// deterministic column sums of the backward pass. Per-target, like simd/vec.hpp.
+// Pieces shared by the row-wise norms (layer_norm, rms_norm): per-row statistics, the backward
+// row body, and the deterministic column sums of the backward pass. Per-target, like
+// simd/vec.hpp.
 #pragma once
 
 #include <cstdint>
@@ -8,10 +9,6 @@
 #include <type_traits>
 
 #include "parallel/parallel_for.hpp"
-
-#ifndef NL_PREFETCH_BYTES
-#define NL_PREFETCH_BYTES 2048
-#endif
 #include "simd/vec.hpp"
 
 namespace normlab {
@@ -34,235 +31,156 @@ struct Moments {
   double var;  // biased
 };
 
-// m*m / var above which shifted sums lose digits the result needs (double carries ~16).
-template <class T>
-constexpr double kRecenterRatio = sizeof(T) == 4 ? 1e6 : 4.0;
-
-// Mean and biased variance of x[0..n) from sums about `center` plus the usual correction.
-template <class T>
-Moments centered_moments(const T* x, std::int64_t n, double center) {
-  const vwide k = splat<vwide>(center);
-  vwide s0{}, q0{};
-  std::int64_t j = 0;
-  for (; j + kWide <= n; j += kWide) {
-    const vwide a = load_wide(x + j) - k;
-    s0 += a;
-    q0 = fmadd(a, a, q0);
-  }
-  double s = 0, q = 0;
-  for (; j < n; ++j) {
-    const double d = double(x[j]) - center;
-    s += d;
-    q = fmadd(d, d, q);
-  }
-  s += lane_sum(s0);
-  q += lane_sum(q0);
+// Moments from sums of d = x - shift: sum d = s, sum d^2 = q over n values.
+inline Moments moments_from_shifted(double shift, double s, double q, std::int64_t n) {
   const double inv_n = 1.0 / double(n);
   const double m = s * inv_n;
   const double var = q * inv_n - m * m;
-  return {center + m, var > 0 ? var : 0.0};
+  return {shift + m, var > 0 ? var : 0.0};
 }
 
-// Mean and variance of G rows x + g * stride, each of n elements, in double, from sums
-// shifted by the row's first element: one pass, and no cancellation when |mean| >> std since
-// the shifted values are of the order of std. The G rows are interleaved to hide the latency
-// of short rows; each row's arithmetic is the same for every G, so results never depend on
-// how rows were grouped.
-template <int G, class T>
-inline void row_moments_wide(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
-  double shift[G];
-  vwide k[G], s0[G], s1[G], q0[G], q1[G];
-  for (int g = 0; g < G; ++g) {
-    shift[g] = double(x[g * stride]);
-    k[g] = splat<vwide>(shift[g]);
-    s0[g] = s1[g] = q0[g] = q1[g] = vwide{};
-  }
-  std::int64_t j = 0;
-  for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    for (int g = 0; g < G; ++g) {
-      const vwide a = load_wide(x + g * stride + j) - k[g];
-      const vwide b = load_wide(x + g * stride + j + kWide) - k[g];
-      s0[g] += a;
-      s1[g] += b;
-      q0[g] = fmadd(a, a, q0[g]);
-      q1[g] = fmadd(b, b, q1[g]);
-    }
-  }
-  const double inv_n = 1.0 / double(n);
-  for (int g = 0; g < G; ++g) {
-    double s = 0, q = 0;
-    for (std::int64_t t = j; t < n; ++t) {
-      const double d = double(x[g * stride + t]) - shift[g];
-      s += d;
-      q = fmadd(d, d, q);
-    }
-    s += lane_sum(s0[g] + s1[g]);
-    q += lane_sum(q0[g] + q1[g]);
-    const double m = s * inv_n;
-    const double var = q * inv_n - m * m;
-    out[g] = {shift[g] + m, var > 0 ? var : 0.0};
-    // q/n - m*m cancels when the shift x[0] lies far from the mean: then sum again about the
-    // mean (the row is in cache). Rare for float, where double sums leave digits to spare.
-    if (m * m > kRecenterRatio<T> * out[g].var) out[g] = centered_moments(x + g * stride, n, out[g].mean);
-  }
-}
-
-// Rows are grouped this many at a time when short enough for the group to stay in L1: as many
-// as keep their accumulators in registers (16 vector registers on AVX2 and NEON, 32 on AVX-512).
-constexpr int kRowGroup = (NL_VEC_BYTES == 32 || NL_VEC_BYTES == 16) ? 2 : 4;
+// Mean and biased variance of x[0..n) from double sums shifted by `shift`.
 template <class T>
-constexpr bool group_rows(std::int64_t cols) {
-  return cols * std::int64_t(sizeof(T)) * kRowGroup <= 16 * 1024;
-}
-
-// Mean of squares of G rows x + g * stride, each of n elements, in double (interleaved like
-// row_moments, with the same per-row arithmetic for every G).
-template <int G, class T>
-inline void row_mean_squares_wide(const T* x, std::int64_t stride, std::int64_t n, double* out) {
-  vwide q0[G], q1[G];
-  for (int g = 0; g < G; ++g) q0[g] = q1[g] = vwide{};
+Moments shifted_moments(const T* x, std::int64_t n, double shift) {
+  const vwide k = splat<vwide>(shift);
+  vwide s0{}, s1{}, q0{}, q1{};
   std::int64_t j = 0;
   for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    for (int g = 0; g < G; ++g) {
-      const vwide a = load_wide(x + g * stride + j), b = load_wide(x + g * stride + j + kWide);
-      q0[g] = fmadd(a, a, q0[g]);
-      q1[g] = fmadd(b, b, q1[g]);
-    }
+    const vwide a = load_wide(x + j) - k, b = load_wide(x + j + kWide) - k;
+    s0 += a;
+    s1 += b;
+    q0 = fmadd(a, a, q0);
+    q1 = fmadd(b, b, q1);
   }
-  for (int g = 0; g < G; ++g) {
-    double q = 0;
-    for (std::int64_t t = j; t < n; ++t) q = fmadd(double(x[g * stride + t]), double(x[g * stride + t]), q);
-    out[g] = (q + lane_sum(q0[g] + q1[g])) * (1.0 / double(n));
+  double s = 0, q = 0;
+  for (; j < n; ++j) {
+    const double d = double(x[j]) - shift;
+    s += d;
+    q = fmadd(d, d, q);
   }
+  return moments_from_shifted(shift, s + lane_sum(s0 + s1), q + lane_sum(q0 + q1), n);
+}
+
+// Shifted sums cancel when the shift lies far from the mean: q/n - m*m with m*m / var above
+// this ratio is summed again about the mean (the row is in cache by then).
+constexpr double kRecenterRatio = 4.0;
+
+// Mean and variance of x[0..n) in double, shifted by x[0]: one pass, and no cancellation when
+// |mean| >> std since the shifted values are of the order of std.
+template <class T>
+Moments row_moments_wide(const T* x, std::int64_t n) {
+  const Moments m = shifted_moments(x, n, double(x[0]));
+  const double d = m.mean - double(x[0]);
+  return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+}
+
+// Mean of squares of x[0..n) in double.
+template <class T>
+double row_mean_square_wide(const T* x, std::int64_t n) {
+  vwide q0{}, q1{};
+  std::int64_t j = 0;
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    const vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
+    q0 = fmadd(a, a, q0);
+    q1 = fmadd(b, b, q1);
+  }
+  double q = 0;
+  for (; j < n; ++j) q = fmadd(double(x[j]), double(x[j]), q);
+  return (q + lane_sum(q0 + q1)) * (1.0 / double(n));
 }
 
 #if NL_VEC_BYTES
-// Float sums are flushed into double accumulators after this many vectors per lane, so each
-// float partial sum has at most this many terms.
+// float data on SIMD targets: elementwise math in float (twice the lanes of double), sums kept
+// in float for at most kFlushEvery vectors per lane, then added into double accumulators.
 constexpr int kFlushEvery = 4;
-// Mean squares outside this range may have overflowed or lost digits to underflow as float
+// Mean squares outside this range may have overflowed, or lost digits to underflow, as float
 // squares: such rows are summed again in double.
 constexpr double kFloatSquaresMin = 1e-30, kFloatSquaresMax = 1e30;
+// Row reads are prefetched this far ahead: a row is read once from memory between stretches of
+// arithmetic that let the hardware prefetcher fall behind.
+constexpr std::int64_t kPrefetchFloats = 512;
 
-// Reads of a row are prefetched this many elements ahead (rows are read once from memory,
-// between stretches of arithmetic that let the hardware prefetcher fall behind).
+inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); }
+
+Moments row_moments_f32(const float* x, std::int64_t n) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  const V k = splat<V>(x[0]);
+  V s{}, q{};
+  vwide ds{}, dq{};
+  std::int64_t j = 0;
+  int run = 0;
+  for (; j + L <= n; j += L) {
+    __builtin_prefetch(x + j + kPrefetchFloats);
+    const V d = load<V>(x + j) - k;
+    s += d;
+    q = fmadd(d, d, q);
+    if (++run == kFlushEvery) {
+      ds += widen_sum(s);
+      dq += widen_sum(q);
+      s = q = V{};
+      run = 0;
+    }
+  }
+  ds += widen_sum(s);
+  dq += widen_sum(q);
+  const double shift = double(x[0]);
+  double ts = 0, tq = 0;
+  for (; j < n; ++j) {
+    const double d = double(x[j]) - shift;
+    ts += d;
+    tq = fmadd(d, d, tq);
+  }
+  const double mean_square = (lane_sum(dq) + tq) / double(n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(x, n);
+  const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
+  const double d = m.mean - shift;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+}
+
+double row_mean_square_f32(const float* x, std::int64_t n) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  V q{};
+  vwide dq{};
+  std::int64_t j = 0;
+  int run = 0;
+  for (; j + L <= n; j += L) {
+    __builtin_prefetch(x + j + kPrefetchFloats);
+    const V v = load<V>(x + j);
+    q = fmadd(v, v, q);
+    if (++run == kFlushEvery) {
+      dq += widen_sum(q);
+      q = V{};
+      run = 0;
+    }
+  }
+  dq += widen_sum(q);
+  double tq = 0;
+  for (; j < n; ++j) tq = fmadd(double(x[j]), double(x[j]), tq);
+  const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_mean_square_wide(x, n);
+  return mean_square;
+}
+#endif
+
+// Mean and biased variance of a row: float sums where the target has them, else double.
 template <class T>
-constexpr std::int64_t kPrefetchAhead = NL_PREFETCH_BYTES / sizeof(T);
-
-// row_moments for float data on SIMD targets: shifted values and their squares summed in float
-// (twice the lanes of double) for kFlushEvery vectors, then added into double accumulators.
-// Float sums leave fewer spare digits than double ones, so rows are re-summed about the mean as
-// soon as the shift lies a couple of standard deviations away.
-template <int G>
-inline void row_moments_f32(const float* x, std::int64_t stride, std::int64_t n, Moments* out) {
-  using V = vnative<float>;
-  constexpr int L = kLanes<float>;
-  V k[G], s[G], q[G];
-  vwide ds[G], dq[G];
-  for (int g = 0; g < G; ++g) {
-    k[g] = splat<V>(x[g * stride]);
-    s[g] = q[g] = V{};
-    ds[g] = dq[g] = vwide{};
-  }
-  auto flush = [&] {
-    for (int g = 0; g < G; ++g) {
-      ds[g] += widen_low(s[g]) + widen_high(s[g]);
-      dq[g] += widen_low(q[g]) + widen_high(q[g]);
-      s[g] = q[g] = V{};
-    }
-  };
-  std::int64_t j = 0;
-  int iter = 0;
-  for (; j + L <= n; j += L) {
-    for (int g = 0; g < G; ++g) {
-      __builtin_prefetch(x + g * stride + j + kPrefetchAhead<float>);
-      const V d = load<V>(x + g * stride + j) - k[g];
-      s[g] += d;
-      q[g] = fmadd(d, d, q[g]);
-    }
-    if (++iter == kFlushEvery) {
-      flush();
-      iter = 0;
-    }
-  }
-  flush();
-  const double inv_n = 1.0 / double(n);
-  for (int g = 0; g < G; ++g) {
-    const double shift = double(x[g * stride]);
-    double ts = 0, tq = 0;
-    for (std::int64_t t = j; t < n; ++t) {
-      const double d = double(x[g * stride + t]) - shift;
-      ts += d;
-      tq = fmadd(d, d, tq);
-    }
-    const double m = (lane_sum(ds[g]) + ts) * inv_n;
-    const double mean_square = (lane_sum(dq[g]) + tq) * inv_n;
-    const double var = mean_square - m * m;
-    out[g] = {shift + m, var > 0 ? var : 0.0};
-    if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
-      row_moments_wide<1>(x + g * stride, stride, n, out + g);  // float squares over/underflowed
-    else if (m * m > 4.0 * out[g].var)
-      out[g] = centered_moments(x + g * stride, n, out[g].mean);
-  }
-}
-
-// row_mean_squares for float data on SIMD targets, summed like row_moments above.
-template <int G>
-inline void row_mean_squares_f32(const float* x, std::int64_t stride, std::int64_t n, double* out) {
-  using V = vnative<float>;
-  constexpr int L = kLanes<float>;
-  V q[G];
-  vwide dq[G];
-  for (int g = 0; g < G; ++g) {
-    q[g] = V{};
-    dq[g] = vwide{};
-  }
-  auto flush = [&] {
-    for (int g = 0; g < G; ++g) {
-      dq[g] += widen_low(q[g]) + widen_high(q[g]);
-      q[g] = V{};
-    }
-  };
-  std::int64_t j = 0;
-  int iter = 0;
-  for (; j + L <= n; j += L) {
-    for (int g = 0; g < G; ++g) {
-      __builtin_prefetch(x + g * stride + j + kPrefetchAhead<float>);
-      const V v = load<V>(x + g * stride + j);
-      q[g] = fmadd(v, v, q[g]);
-    }
-    if (++iter == kFlushEvery) {
-      flush();
-      iter = 0;
-    }
-  }
-  flush();
-  for (int g = 0; g < G; ++g) {
-    double tq = 0;
-    for (std::int64_t t = j; t < n; ++t) tq = fmadd(double(x[g * stride + t]), double(x[g * stride + t]), tq);
-    out[g] = (lane_sum(dq[g]) + tq) * (1.0 / double(n));
-    if (!(out[g] >= kFloatSquaresMin && out[g] <= kFloatSquaresMax))
-      row_mean_squares_wide<1>(x + g * stride, stride, n, out + g);  // float squares over/underflowed
-  }
-}
-#endif
-
-// Dispatch: float sums where the target has them, double sums otherwise.
-template <int G, class T>
-inline void row_moments(const T* x, std::int64_t stride, std::int64_t n, Moments* out) {
+Moments row_moments(const T* x, std::int64_t n) {
 #if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4) return row_moments_f32<G>(x, stride, n, out);
+  if constexpr (sizeof(T) == 4) return row_moments_f32(x, n);
 #endif
-  row_moments_wide<G>(x, stride, n, out);
-}
-template <int G, class T>
-inline void row_mean_squares(const T* x, std::int64_t stride, std::int64_t n, double* out) {
-#if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4) return row_mean_squares_f32<G>(x, stride, n, out);
-#endif
-  row_mean_squares_wide<G>(x, stride, n, out);
+  return row_moments_wide(x, n);
 }
 
+// Mean of squares of a row, likewise.
+template <class T>
+double row_mean_square(const T* x, std::int64_t n) {
+#if NL_VEC_BYTES
+  if constexpr (sizeof(T) == 4) return row_mean_square_f32(x, n);
+#endif
+  return row_mean_square_wide(x, n);
+}
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
 // thread count. Up to 64 blocks, fewer when their double partials would pass 2 MiB and a
@@ -277,18 +195,16 @@ inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int 
   return nb < 1 ? 1 : nb;
 }
 
-// Runs rows(r0, r1, partial) over ranges covering [0, rows), where partial points at
-// nsums * cols doubles the rows add their column contributions to (null when nsums == 0), then
-// stores the column sums in outs[0..nsums). Ranges are fixed by the shape: blocks of rows
-// (each with its own partial, rows added in order) with nsums, whole row groups without, so
-// no result depends on the thread count. Blocks are added in order.
-template <class T, class Rows>
+// Runs row(i, partial) for every row i, where partial points at nsums * cols doubles the row
+// adds its column contributions to (null when nsums == 0), then stores the column sums in
+// outs[0..nsums). With sums, rows go in blocks fixed by the shape, each block's rows in order
+// into its own partial, and blocks are added in order: no result depends on the thread count.
+template <class T, class Row>
 void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* const* outs,
-                           int nthreads, const Rows& rows_fn) {
+                           int nthreads, const Row& row) {
   if (nsums == 0 || rows == 0) {
-    const std::int64_t units = (rows + kRowGroup - 1) / kRowGroup;
-    parallel_ranges(units, nthreads, [&](std::int64_t u0, std::int64_t u1) {
-      rows_fn(u0 * kRowGroup, u1 * kRowGroup < rows ? u1 * kRowGroup : rows, static_cast<double*>(nullptr));
+    parallel_ranges(rows, nthreads, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<double*>(nullptr));
     });
     for (int k = 0; k < nsums; ++k)
       for (std::int64_t j = 0; j < cols; ++j) outs[k][j] = T(0);
@@ -301,7 +217,7 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
     double* partial = partials + b * stride;
     for (std::int64_t j = 0; j < stride; ++j) partial[j] = 0.0;
-    rows_fn(rows * b / nb, rows * (b + 1) / nb, partial);
+    for (std::int64_t i = rows * b / nb; i < rows * (b + 1) / nb; ++i) row(i, partial);
   });
   // Column sums, blocks added in order; a chunk of columns at a time so every block's partial
   // is read sequentially.
@@ -322,255 +238,185 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   std::free(partials);
 }
 
-// Backward of G rows of layer_norm (Centered) or rms_norm, in double:
+// The backward of one row of layer_norm (Centered) or rms_norm:
 //   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
-//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms).
-// With weight, partial[0..n) += dy * xhat and, for layer_norm, partial[n..2n) += dy, the G
-// rows' contributions summed first, in row order. Rows are interleaved to hide the latency of
-// short rows; w is loaded once per group.
-// mean(g) (0 for rms) and mean(g * xhat) of G rows, in double (pass 1 of the backward).
-template <bool Centered, bool HasW, int G, class T>
-void backward_row_sums(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w, std::int64_t n,
-                       double* c0, double* c1) {
-  const T* x[G];
-  const T* dy[G];
-  double m[G], r[G];
-  vwide vm[G], vr[G], sg[G], sgx[G];
-  for (int g = 0; g < G; ++g) {
-    x[g] = x0 + g * n;
-    dy[g] = dy0 + g * n;
-    m[g] = Centered ? double(mean[g]) : 0.0;
-    r[g] = double(rstd[g]);
-    vm[g] = splat<vwide>(m[g]);
-    vr[g] = splat<vwide>(r[g]);
-    sg[g] = sgx[g] = vwide{};
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms),
+// and with weight partial[0..n) += dy * xhat, for layer_norm also partial[n..2n) += dy.
+template <bool Centered, bool HasW, class T>
+struct RowBackward {
+  const T* dy;
+  const T* x;
+  const T* w;
+  T* dx;
+  std::int64_t n;
+  double mean;  // 0 for rms
+  double rstd;
+
+  // mean(g) (0 for rms) and mean(g * xhat), in double.
+  void sums(double& c0, double& c1) const {
+    const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
+    vwide sg{}, sgx{};
+    std::int64_t j = 0;
+    for (; j + kWide <= n; j += kWide) {
+      vwide xh = load_wide(x + j);
+      if constexpr (Centered) xh -= vm;
+      xh *= vr;
+      vwide gv = load_wide(dy + j);
+      if constexpr (HasW) gv *= load_wide(w + j);
+      if constexpr (Centered) sg += gv;
+      sgx = fmadd(gv, xh, sgx);
+    }
+    double tg = 0, tgx = 0;
+    for (; j < n; ++j) {
+      const double xh = (double(x[j]) - mean) * rstd;
+      double gv = double(dy[j]);
+      if constexpr (HasW) gv *= double(w[j]);
+      tg += gv;
+      tgx = fmadd(gv, xh, tgx);
+    }
+    const double inv_n = 1.0 / double(n);
+    c0 = Centered ? (lane_sum(sg) + tg) * inv_n : 0.0;
+    c1 = (lane_sum(sgx) + tgx) * inv_n;
   }
-  std::int64_t j = 0;
-  for (; j + kWide <= n; j += kWide) {
-    vwide wv{};
-    if constexpr (HasW) wv = load_wide(w + j);
-    for (int g = 0; g < G; ++g) {
-      vwide xh = load_wide(x[g] + j);
-      if constexpr (Centered) xh -= vm[g];
-      xh *= vr[g];
-      vwide gv = load_wide(dy[g] + j);
-      if constexpr (HasW) gv *= wv;
-      if constexpr (Centered) sg[g] += gv;
-      sgx[g] = fmadd(gv, xh, sgx[g]);
+
+  // The row in double.
+  void run_wide(double* partial) const {
+    double c0, c1;
+    sums(c0, c1);
+    const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
+    const vwide vc0 = splat<vwide>(c0), vc1 = splat<vwide>(c1);
+    std::int64_t j = 0;
+    for (; j + kWide <= n; j += kWide) {
+      vwide xh = load_wide(x + j);
+      if constexpr (Centered) xh -= vm;
+      xh *= vr;
+      const vwide d = load_wide(dy + j);
+      vwide gv = d;
+      if constexpr (HasW) {
+        gv *= load_wide(w + j);
+        store(partial + j, fmadd(d, xh, load<vwide>(partial + j)));
+        if constexpr (Centered) store(partial + n + j, load<vwide>(partial + n + j) + d);
+      }
+      if constexpr (Centered) gv -= vc0;
+      store_narrow(dx + j, vr * (gv - xh * vc1));
+    }
+    for (; j < n; ++j) {
+      const double xh = (double(x[j]) - mean) * rstd;
+      const double d = double(dy[j]);
+      double gv = d;
+      if constexpr (HasW) {
+        gv *= double(w[j]);
+        partial[j] = fmadd(d, xh, partial[j]);
+        if constexpr (Centered) partial[n + j] += d;
+      }
+      dx[j] = T(rstd * ((gv - c0) - xh * c1));
     }
   }
-  const double inv_n = 1.0 / double(n);
-  for (int g = 0; g < G; ++g) {
+
+#if NL_VEC_BYTES
+  // The row of float data in float lanes (sums flushed to double as in row_moments_f32). A row
+  // whose float sums overflow is summed again in double.
+  void run_f32(double* partial) const {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
+    V sg{}, sgx{};
+    vwide dsg{}, dsgx{};
+    std::int64_t j = 0;
+    int run = 0;
+    for (; j + L <= n; j += L) {
+      __builtin_prefetch(x + j + kPrefetchFloats);
+      __builtin_prefetch(dy + j + kPrefetchFloats);
+      V xh = load<V>(x + j);
+      if constexpr (Centered) xh -= vm;
+      xh *= vr;
+      V gv = load<V>(dy + j);
+      if constexpr (HasW) gv *= load<V>(w + j);
+      if constexpr (Centered) sg += gv;
+      sgx = fmadd(gv, xh, sgx);
+      if (++run == kFlushEvery) {
+        if constexpr (Centered) dsg += widen_sum(sg);
+        dsgx += widen_sum(sgx);
+        sg = sgx = V{};
+        run = 0;
+      }
+    }
+    if constexpr (Centered) dsg += widen_sum(sg);
+    dsgx += widen_sum(sgx);
     double tg = 0, tgx = 0;
     for (std::int64_t k = j; k < n; ++k) {
-      const double xh = (double(x[g][k]) - m[g]) * r[g];
-      double gv = double(dy[g][k]);
+      const double xh = (double(x[k]) - mean) * rstd;
+      double gv = double(dy[k]);
       if constexpr (HasW) gv *= double(w[k]);
       tg += gv;
       tgx = fmadd(gv, xh, tgx);
     }
-    c0[g] = Centered ? (lane_sum(sg[g]) + tg) * inv_n : 0.0;
-    c1[g] = (lane_sum(sgx[g]) + tgx) * inv_n;
-  }
-}
+    const double inv_n = 1.0 / double(n);
+    double c0 = Centered ? (lane_sum(dsg) + tg) * inv_n : 0.0;
+    double c1 = (lane_sum(dsgx) + tgx) * inv_n;
+    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);  // overflow, or Inf/NaN
 
-template <bool Centered, bool HasW, int G, class T>
-void row_norm_backward_group(const T* dy0, const T* x0, const T* mean, const T* rstd, const T* w,
-                             T* dx0, std::int64_t n, double* partial) {
-  const T* x[G];
-  const T* dy[G];
-  T* dx[G];
-  double m[G], r[G], c0[G], c1[G];
-  vwide vm[G], vr[G];
-  for (int g = 0; g < G; ++g) {
-    x[g] = x0 + g * n;
-    dy[g] = dy0 + g * n;
-    dx[g] = dx0 + g * n;
-    m[g] = Centered ? double(mean[g]) : 0.0;
-    r[g] = double(rstd[g]);
-    vm[g] = splat<vwide>(m[g]);
-    vr[g] = splat<vwide>(r[g]);
-  }
-  backward_row_sums<Centered, HasW, G>(dy0, x0, mean, rstd, w, n, c0, c1);
-  std::int64_t j;
-
-  vwide vc0[G], vc1[G];
-  for (int g = 0; g < G; ++g) {
-    vc0[g] = splat<vwide>(c0[g]);
-    vc1[g] = splat<vwide>(c1[g]);
-  }
-  for (j = 0; j + kWide <= n; j += kWide) {
-    vwide wv{}, pw{}, pb{};
-    if constexpr (HasW) wv = load_wide(w + j);
-    for (int g = 0; g < G; ++g) {
-      vwide xh = load_wide(x[g] + j);
-      if constexpr (Centered) xh -= vm[g];
-      xh *= vr[g];
-      const vwide d = load_wide(dy[g] + j);
-      vwide gv = d;
-      if constexpr (HasW) {
-        gv *= wv;
-        pw = fmadd(d, xh, pw);
-        if constexpr (Centered) pb += d;
-      }
-      if constexpr (Centered) gv -= vc0[g];
-      store_narrow(dx[g] + j, vr[g] * (gv - xh * vc1[g]));
-    }
-    if constexpr (HasW) {
-      store(partial + j, load<vwide>(partial + j) + pw);
-      if constexpr (Centered) store(partial + n + j, load<vwide>(partial + n + j) + pb);
-    }
-  }
-  for (; j < n; ++j) {
-    double wv = 0, pw = 0, pb = 0;
-    if constexpr (HasW) wv = double(w[j]);
-    for (int g = 0; g < G; ++g) {
-      const double xh = (double(x[g][j]) - m[g]) * r[g];
-      const double d = double(dy[g][j]);
-      double gv = d;
-      if constexpr (HasW) {
-        gv *= wv;
-        pw = fmadd(d, xh, pw);
-        if constexpr (Centered) pb += d;
-      }
-      dx[g][j] = T(r[g] * ((gv - c0[g]) - xh * c1[g]));
-    }
-    if constexpr (HasW) {
-      partial[j] += pw;
-      if constexpr (Centered) partial[n + j] += pb;
-    }
-  }
-}
-
-#if NL_VEC_BYTES
-// The same backward for float data on SIMD targets, with float elementwise math (twice the
-// lanes of double). Row sums are kept in float for at most kFlushEvery vectors per lane, then
-// added into double accumulators; the group's weight-gradient contributions are summed in
-// float (at most kRowGroup terms) before joining the double partials. Lanes past the end of a
-// row read zeros: they add nothing to any sum.
-
-template <bool Centered, bool HasW, int G>
-void row_norm_backward_group_f32(const float* dy0, const float* x0, const float* mean, const float* rstd,
-                                 const float* w, float* dx0, std::int64_t n, double* partial) {
-  using V = vnative<float>;
-  constexpr int L = kLanes<float>;
-  const float* x[G];
-  const float* dy[G];
-  float* dx[G];
-  V vm[G], vr[G], sg[G], sgx[G];
-  vwide dsg[G], dsgx[G];
-  for (int g = 0; g < G; ++g) {
-    x[g] = x0 + g * n;
-    dy[g] = dy0 + g * n;
-    dx[g] = dx0 + g * n;
-    vm[g] = splat<V>(Centered ? mean[g] : 0.0f);
-    vr[g] = splat<V>(rstd[g]);
-    sg[g] = sgx[g] = V{};
-    dsg[g] = dsgx[g] = vwide{};
-  }
-  auto flush = [&] {
-    for (int g = 0; g < G; ++g) {
-      if constexpr (Centered) dsg[g] += widen_low(sg[g]) + widen_high(sg[g]);
-      dsgx[g] += widen_low(sgx[g]) + widen_high(sgx[g]);
-      sg[g] = sgx[g] = V{};
-    }
-  };
-  std::int64_t iter = 0;
-  for (std::int64_t j = 0; j < n; j += L) {
-    const int count = n - j < L ? int(n - j) : L;
-    V wv{};
-    if constexpr (HasW) wv = load_n(w + j, count);
-    for (int g = 0; g < G; ++g) {
-      V xh = load_n(x[g] + j, count);
-      if constexpr (Centered) xh -= vm[g];
-      xh *= vr[g];
-      V gv = load_n(dy[g] + j, count);
-      if constexpr (HasW) gv *= wv;
-      if constexpr (Centered) sg[g] += gv;
-      sgx[g] = fmadd(gv, xh, sgx[g]);
-    }
-    if (++iter % kFlushEvery == 0) flush();
-  }
-  flush();
-  const double inv_n = 1.0 / double(n);
-  V vc0[G], vk1[G];
-  for (int g = 0; g < G; ++g) {
-    const double c0 = Centered ? lane_sum(dsg[g]) * inv_n : 0.0;
-    const double c1 = lane_sum(dsgx[g]) * inv_n;
-    double c[2] = {c0, c1};
-    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1))  // float products overflowed, or Inf/NaN
-      backward_row_sums<Centered, HasW, 1>(dy[g], x[g], Centered ? mean + g : mean, rstd + g, w, n, c, c + 1);
-    vc0[g] = splat<V>(float(c[0]));
-    vk1[g] = splat<V>(float(c[1] * double(rstd[g])));
-  }
-  // dx = rstd * (g - c0) - (rstd * c1) * xhat
-  for (std::int64_t j = 0; j < n; j += L) {
-    const int count = n - j < L ? int(n - j) : L;
-    V wv{}, pw{}, pb{};
-    if constexpr (HasW) wv = load_n(w + j, count);
-    for (int g = 0; g < G; ++g) {
-      V xh = load_n(x[g] + j, count);
-      if constexpr (Centered) xh -= vm[g];
-      xh *= vr[g];
-      const V d = load_n(dy[g] + j, count);
+    // dx = rstd * (g - c0) - (rstd * c1) * xhat
+    const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
+    for (j = 0; j < n; j += L) {
+      const int count = n - j < L ? int(n - j) : L;
+      V xh = load_n(x + j, count);
+      if constexpr (Centered) xh -= vm;
+      xh *= vr;
+      const V d = load_n(dy + j, count);
       V gv = d;
+      if constexpr (HasW) gv *= load_n(w + j, count);
+      if constexpr (Centered) gv -= vc0;
+      const V out = vr * gv - vk1 * xh;
+      if (count == L) store(dx + j, out);
+      else store_partial(dx + j, out, count);
       if constexpr (HasW) {
-        gv *= wv;
-        pw = fmadd(d, xh, pw);
-        if constexpr (Centered) pb += d;
-      }
-      if constexpr (Centered) gv -= vc0[g];
-      const V out = vr[g] * gv - vk1[g] * xh;
-      if (count == L) store(dx[g] + j, out);
-      else store_partial(dx[g] + j, out, count);
-    }
-    if constexpr (HasW) {
-      auto add_into = [&](double* p, V v) {
-        const vwide lo = widen_low(v), hi = widen_high(v);
+        const V pw = d * xh;
         if (count == L) {
-          store(p, load<vwide>(p) + lo);
-          store(p + kWide, load<vwide>(p + kWide) + hi);
+          store(partial + j, load<vwide>(partial + j) + widen_low(pw));
+          store(partial + j + kWide, load<vwide>(partial + j + kWide) + widen_high(pw));
+          if constexpr (Centered) {
+            store(partial + n + j, load<vwide>(partial + n + j) + widen_low(d));
+            store(partial + n + j + kWide, load<vwide>(partial + n + j + kWide) + widen_high(d));
+          }
         } else {
-          double lanes[2 * kWide];
-          store(lanes, lo);
-          store(lanes + kWide, hi);
-          for (int k = 0; k < count; ++k) p[k] += lanes[k];
+          for (int k = 0; k < count; ++k) {
+            partial[j + k] += double(pw[k]);
+            if constexpr (Centered) partial[n + j + k] += double(d[k]);
+          }
         }
-      };
-      add_into(partial + j, pw);
-      if constexpr (Centered) add_into(partial + n + j, pb);
+      }
     }
   }
-}
 #endif
 
-// Short rows are grouped in the backward pass; longer rows are not, since a group's many
-// streams at the same page offset (x, dy, dx of each row) would evict each other from L1.
-template <class T>
-constexpr bool group_backward_rows(std::int64_t cols) {
-  return cols * std::int64_t(sizeof(T)) <= 1024;
-}
-
-// The backward of rows [r0, r1) in groups of kRowGroup from r0 (then singly).
-template <bool Centered, bool HasW, class T>
-void row_norm_backward_rows(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, T* dx,
-                            std::int64_t n, std::int64_t r0, std::int64_t r1, double* partial) {
-  auto group = [&](auto size, std::int64_t i) {
-    constexpr int G = decltype(size)::value;
-    const T* m = Centered ? mean + i : mean;
+  void run(double* partial) const {
 #if NL_VEC_BYTES
-    if constexpr (sizeof(T) == 4) {
-      row_norm_backward_group_f32<Centered, HasW, G>(dy + i * n, x + i * n, m, rstd + i, w, dx + i * n, n,
-                                                     partial);
-      return;
-    }
+    if constexpr (sizeof(T) == 4) return run_f32(partial);
 #endif
-    row_norm_backward_group<Centered, HasW, G>(dy + i * n, x + i * n, m, rstd + i, w, dx + i * n, n, partial);
+    run_wide(partial);
+  }
+};
+
+// The backward of every row of a (rows, n) matrix, with the column sums dweight (and, for
+// layer_norm, dbias) when weight is given.
+template <bool Centered, class T>
+void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, T* dx,
+                       T* dweight, T* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
+  auto run = [&](auto has_weight, int nsums, T* const* outs) {
+    constexpr bool HasW = decltype(has_weight)::value;
+    rows_with_column_sums<T>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, double* partial) {
+      const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n, w, dx + i * n, n,
+                                               Centered ? double(mean[i]) : 0.0, double(rstd[i])};
+      row.run(partial);
+    });
   };
-  std::int64_t i = r0;
-  if (group_backward_rows<T>(n))
-    for (; i + kRowGroup <= r1; i += kRowGroup) group(std::integral_constant<int, kRowGroup>(), i);
-  for (; i < r1; ++i) group(std::integral_constant<int, 1>(), i);
+  if (w) {
+    T* const outs[2] = {dweight, dbias};
+    run(std::true_type(), Centered ? 2 : 1, outs);
+  } else {
+    run(std::false_type(), 0, nullptr);
+  }
 }
 
 }  // namespace

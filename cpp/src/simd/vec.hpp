@@ -101,24 +101,6 @@ inline double fmadd(double a, double b, double c) {
 #endif
 }
 
-// out[g] = 1 / sqrt(v[g] + eps) for G values, several per instruction where the target can
-// (correctly rounded either way, so the result does not depend on G).
-template <int G>
-inline void inverse_sqrt(const double* v, double eps, double* out) {
-#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
-  if constexpr (G == 4) {
-    const __m256d x = _mm256_add_pd(_mm256_loadu_pd(v), _mm256_set1_pd(eps));
-    _mm256_storeu_pd(out, _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(x)));
-    return;
-  } else if constexpr (G == 2) {
-    const __m128d x = _mm_add_pd(_mm_loadu_pd(v), _mm_set1_pd(eps));
-    _mm_storeu_pd(out, _mm_div_pd(_mm_set1_pd(1.0), _mm_sqrt_pd(x)));
-    return;
-  }
-#endif
-  for (int g = 0; g < G; ++g) out[g] = 1.0 / __builtin_sqrt(v[g] + eps);
-}
-
 // kWide values at p, widened to double.
 inline vwide load_wide(const double* p) { return load<vwide>(p); }
 inline vwide load_wide(const float* p) {
