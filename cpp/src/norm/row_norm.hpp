@@ -122,8 +122,10 @@ Moments row_moments_f32(const float* x, std::int64_t n) {
       run = 0;
     }
   }
-  ds += widen_sum(s);
-  dq += widen_sum(q);
+  if (run != 0) {
+    ds += widen_sum(s);
+    dq += widen_sum(q);
+  }
   const double shift = double(x[0]);
   double ts = 0, tq = 0;
   for (; j < n; ++j) {
@@ -155,7 +157,7 @@ double row_mean_square_f32(const float* x, std::int64_t n) {
       run = 0;
     }
   }
-  dq += widen_sum(q);
+  if (run != 0) dq += widen_sum(q);
   double tq = 0;
   for (; j < n; ++j) tq = fmadd(double(x[j]), double(x[j]), tq);
   const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
@@ -195,16 +197,22 @@ inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int 
   return nb < 1 ? 1 : nb;
 }
 
-// Runs row(i, partial) for every row i, where partial points at nsums * cols doubles the row
+// Rows add their column contributions into a T-typed stage, which joins the block's double
+// partial every kStageRows rows: most additions stay in the data's own precision, and each
+// stage sum has at most kStageRows terms.
+constexpr std::int64_t kStageRows = 8;
+
+// Runs row(i, stage) for every row i, where stage points at nsums * cols values of T the row
 // adds its column contributions to (null when nsums == 0), then stores the column sums in
 // outs[0..nsums). With sums, rows go in blocks fixed by the shape, each block's rows in order
-// into its own partial, and blocks are added in order: no result depends on the thread count.
+// into its own stage and double partial, and blocks are added in order: no result depends on
+// the thread count.
 template <class T, class Row>
 void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* const* outs,
                            int nthreads, const Row& row) {
   if (nsums == 0 || rows == 0) {
     parallel_ranges(rows, nthreads, [&](std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<double*>(nullptr));
+      for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<T*>(nullptr));
     });
     for (int k = 0; k < nsums; ++k)
       for (std::int64_t j = 0; j < cols; ++j) outs[k][j] = T(0);
@@ -212,12 +220,27 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   }
   const std::int64_t nb = column_sum_blocks(rows, cols, nsums);
   const std::int64_t stride = std::int64_t(nsums) * cols;
-  double* partials = static_cast<double*>(std::malloc(sizeof(double) * std::size_t(nb * stride)));
-  if (!partials) throw std::bad_alloc();
+  void* memory = std::malloc((sizeof(double) + sizeof(T)) * std::size_t(nb * stride));
+  if (!memory) throw std::bad_alloc();
+  double* partials = static_cast<double*>(memory);
+  T* stages = reinterpret_cast<T*>(partials + nb * stride);
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
     double* partial = partials + b * stride;
-    for (std::int64_t j = 0; j < stride; ++j) partial[j] = 0.0;
-    for (std::int64_t i = rows * b / nb; i < rows * (b + 1) / nb; ++i) row(i, partial);
+    T* stage = stages + b * stride;
+    for (std::int64_t j = 0; j < stride; ++j) {
+      partial[j] = 0.0;
+      stage[j] = T(0);
+    }
+    const std::int64_t r0 = rows * b / nb, r1 = rows * (b + 1) / nb;
+    for (std::int64_t i = r0; i < r1; ++i) {
+      row(i, stage);
+      if ((i - r0) % kStageRows == kStageRows - 1 || i == r1 - 1) {
+        for (std::int64_t j = 0; j < stride; ++j) {
+          partial[j] += double(stage[j]);
+          stage[j] = T(0);
+        }
+      }
+    }
   });
   // Column sums, blocks added in order; a chunk of columns at a time so every block's partial
   // is read sequentially.
@@ -235,13 +258,13 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
       for (std::int64_t j = 0; j < len; ++j) outs[(c + j) / cols][(c + j) % cols] = T(acc[j]);
     }
   });
-  std::free(partials);
+  std::free(memory);
 }
 
 // The backward of one row of layer_norm (Centered) or rms_norm:
 //   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms),
-// and with weight partial[0..n) += dy * xhat, for layer_norm also partial[n..2n) += dy.
+// and with weight stage[0..n) += dy * xhat, for layer_norm also stage[n..2n) += dy.
 template <bool Centered, bool HasW, class T>
 struct RowBackward {
   const T* dy;
@@ -280,7 +303,7 @@ struct RowBackward {
   }
 
   // The row in double.
-  void run_wide(double* partial) const {
+  void run_wide(T* stage) const {
     double c0, c1;
     sums(c0, c1);
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
@@ -294,8 +317,15 @@ struct RowBackward {
       vwide gv = d;
       if constexpr (HasW) {
         gv *= load_wide(w + j);
-        store(partial + j, fmadd(d, xh, load<vwide>(partial + j)));
-        if constexpr (Centered) store(partial + n + j, load<vwide>(partial + n + j) + d);
+        if constexpr (sizeof(T) == 8) {
+          store(stage + j, fmadd(d, xh, load<vwide>(stage + j)));
+          if constexpr (Centered) store(stage + n + j, load<vwide>(stage + n + j) + d);
+        } else {
+          for (int k = 0; k < kWide; ++k) {
+            stage[j + k] += T(d[k] * xh[k]);
+            if constexpr (Centered) stage[n + j + k] += T(d[k]);
+          }
+        }
       }
       if constexpr (Centered) gv -= vc0;
       store_narrow(dx + j, vr * (gv - xh * vc1));
@@ -306,8 +336,8 @@ struct RowBackward {
       double gv = d;
       if constexpr (HasW) {
         gv *= double(w[j]);
-        partial[j] = fmadd(d, xh, partial[j]);
-        if constexpr (Centered) partial[n + j] += d;
+        stage[j] = T(fmadd(d, xh, double(stage[j])));
+        if constexpr (Centered) stage[n + j] = T(double(stage[n + j]) + d);
       }
       dx[j] = T(rstd * ((gv - c0) - xh * c1));
     }
@@ -316,7 +346,7 @@ struct RowBackward {
 #if NL_VEC_BYTES
   // The row of float data in float lanes (sums flushed to double as in row_moments_f32). A row
   // whose float sums overflow is summed again in double.
-  void run_f32(double* partial) const {
+  void run_f32(float* stage) const {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
@@ -341,8 +371,10 @@ struct RowBackward {
         run = 0;
       }
     }
-    if constexpr (Centered) dsg += widen_sum(sg);
-    dsgx += widen_sum(sgx);
+    if (run != 0) {
+      if constexpr (Centered) dsg += widen_sum(sg);
+      dsgx += widen_sum(sgx);
+    }
     double tg = 0, tgx = 0;
     for (std::int64_t k = j; k < n; ++k) {
       const double xh = (double(x[k]) - mean) * rstd;
@@ -371,30 +403,23 @@ struct RowBackward {
       if (count == L) store(dx + j, out);
       else store_partial(dx + j, out, count);
       if constexpr (HasW) {
-        const V pw = d * xh;
         if (count == L) {
-          store(partial + j, load<vwide>(partial + j) + widen_low(pw));
-          store(partial + j + kWide, load<vwide>(partial + j + kWide) + widen_high(pw));
-          if constexpr (Centered) {
-            store(partial + n + j, load<vwide>(partial + n + j) + widen_low(d));
-            store(partial + n + j + kWide, load<vwide>(partial + n + j + kWide) + widen_high(d));
-          }
+          store(stage + j, fmadd(d, xh, load<V>(stage + j)));
+          if constexpr (Centered) store(stage + n + j, load<V>(stage + n + j) + d);
         } else {
-          for (int k = 0; k < count; ++k) {
-            partial[j + k] += double(pw[k]);
-            if constexpr (Centered) partial[n + j + k] += double(d[k]);
-          }
+          store_partial(stage + j, fmadd(d, xh, load_n(stage + j, count)), count);
+          if constexpr (Centered) store_partial(stage + n + j, load_n(stage + n + j, count) + d, count);
         }
       }
     }
   }
 #endif
 
-  void run(double* partial) const {
+  void run(T* stage) const {
 #if NL_VEC_BYTES
-    if constexpr (sizeof(T) == 4) return run_f32(partial);
+    if constexpr (sizeof(T) == 4) return run_f32(stage);
 #endif
-    run_wide(partial);
+    run_wide(stage);
   }
 };
 
@@ -405,10 +430,10 @@ void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, co
                        T* dweight, T* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
   auto run = [&](auto has_weight, int nsums, T* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
-    rows_with_column_sums<T>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, double* partial) {
+    rows_with_column_sums<T>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, T* stage) {
       const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n, w, dx + i * n, n,
                                                Centered ? double(mean[i]) : 0.0, double(rstd[i])};
-      row.run(partial);
+      row.run(stage);
     });
   };
   if (w) {
