@@ -220,13 +220,15 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   }
   const std::int64_t nb = column_sum_blocks(rows, cols, nsums);
   const std::int64_t stride = std::int64_t(nsums) * cols;
-  void* memory = std::malloc((sizeof(double) + sizeof(T)) * std::size_t(nb * stride));
+  // Each block's stage and partial start on their own cache lines: threads never share one.
+  const std::int64_t padded = (stride + 15) / 16 * 16;
+  void* memory = std::aligned_alloc(64, (sizeof(double) + sizeof(T)) * std::size_t(nb * padded));
   if (!memory) throw std::bad_alloc();
   double* partials = static_cast<double*>(memory);
-  T* stages = reinterpret_cast<T*>(partials + nb * stride);
+  T* stages = reinterpret_cast<T*>(partials + nb * padded);
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
-    double* partial = partials + b * stride;
-    T* stage = stages + b * stride;
+    double* partial = partials + b * padded;
+    T* stage = stages + b * padded;
     for (std::int64_t j = 0; j < stride; ++j) {
       partial[j] = 0.0;
       stage[j] = T(0);
@@ -252,7 +254,7 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
       const std::int64_t len = stride - c < kChunk ? stride - c : kChunk;
       for (std::int64_t j = 0; j < len; ++j) acc[j] = partials[c + j];
       for (std::int64_t b = 1; b < nb; ++b) {
-        const double* p = partials + b * stride + c;
+        const double* p = partials + b * padded + c;
         for (std::int64_t j = 0; j < len; ++j) acc[j] += p[j];
       }
       for (std::int64_t j = 0; j < len; ++j) outs[(c + j) / cols][(c + j) % cols] = T(acc[j]);
