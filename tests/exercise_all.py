@@ -1,0 +1,69 @@
+"""One sample call of every public function, shared by the hardening tests (fork, threads,
+memory growth) and CI's LeakSanitizer run: ``python tests/exercise_all.py N`` calls each N times.
+
+``calls(size)`` maps each public function's name to a zero-argument callable returning its
+result as a tuple of arrays; "small" inputs run on one thread, "large" ones in parallel.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+import normlab
+
+# Public names that are not computations on data.
+RUNTIME_FUNCTIONS = {
+    "cpu_targets",
+    "get_cpu_target",
+    "set_cpu_target",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+}
+
+
+def _as_tuple(result):
+    if isinstance(result, tuple):
+        return tuple(r for r in result if r is not None)
+    return (result,)
+
+
+def calls(size: str = "small") -> dict:
+    rows, cols = (8, 64) if size == "small" else (512, 512)
+    rng = np.random.default_rng(42)
+    x = (rng.standard_normal((rows, cols)) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal((rows, cols)).astype(np.float32)
+    w = rng.standard_normal(cols).astype(np.float32)
+    b = rng.standard_normal(cols).astype(np.float32)
+    _, mean, rstd = normlab.layer_norm(x, w, b, return_stats=True)
+    _, rms_rstd = normlab.rms_norm(x, w, return_stats=True)
+    table = {
+        "layer_norm": lambda: normlab.layer_norm(x, w, b, return_stats=True),
+        "layer_norm_backward": lambda: normlab.layer_norm_backward(dy, x, mean, rstd, w),
+        "rms_norm": lambda: normlab.rms_norm(x, w, return_stats=True),
+        "rms_norm_backward": lambda: normlab.rms_norm_backward(dy, x, rms_rstd, w),
+    }
+    return {name: (lambda fn=fn: _as_tuple(fn())) for name, fn in table.items()}
+
+
+def public_functions() -> set:
+    return {
+        name
+        for name in normlab.__all__
+        if callable(getattr(normlab, name)) and name not in RUNTIME_FUNCTIONS
+    }
+
+
+def main(argv) -> int:
+    repeats = int(argv[0]) if argv else 100
+    for size in ("small", "large"):
+        for fn in calls(size).values():
+            for _ in range(repeats):
+                fn()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
