@@ -39,11 +39,18 @@ def calls(size: str = "small") -> dict:
     b = rng.standard_normal(cols).astype(np.float32)
     _, mean, rstd = normlab.layer_norm(x, w, b, return_stats=True)
     _, rms_rstd = normlab.rms_norm(x, w, return_stats=True)
+    residual = rng.standard_normal((rows, cols)).astype(np.float32)
+    _, s, s_mean, s_rstd = normlab.add_layer_norm(x, residual, w, b, return_stats=True)
+    _, _, s_rms_rstd = normlab.add_rms_norm(x, residual, w, return_stats=True)
     table = {
         "layer_norm": lambda: normlab.layer_norm(x, w, b, return_stats=True),
         "layer_norm_backward": lambda: normlab.layer_norm_backward(dy, x, mean, rstd, w),
         "rms_norm": lambda: normlab.rms_norm(x, w, return_stats=True),
         "rms_norm_backward": lambda: normlab.rms_norm_backward(dy, x, rms_rstd, w),
+        "add_layer_norm": lambda: normlab.add_layer_norm(x, residual, w, b, return_stats=True),
+        "add_layer_norm_backward": lambda: normlab.add_layer_norm_backward(dy, s, s_mean, s_rstd, w, ds=dy),
+        "add_rms_norm": lambda: normlab.add_rms_norm(x, residual, w, return_stats=True),
+        "add_rms_norm_backward": lambda: normlab.add_rms_norm_backward(dy, s, s_rms_rstd, w, ds=dy),
     }
     return {name: (lambda fn=fn: _as_tuple(fn())) for name, fn in table.items()}
 

@@ -79,6 +79,12 @@ BAD_CALLS = [
     ("nl.layer_norm_backward(x, x, stats1, stats1, out=x)", ValueError, "out"),
     ("nl.rms_norm_backward(x, x, np.ones((4, 1), np.float32))", ValueError, "rstd"),
     ("nl.rms_norm_backward(x, x64, stats1)", TypeError, "dy"),
+    # fused add + norm
+    ("nl.add_layer_norm(x, x64)", TypeError, "residual"),
+    ("nl.add_layer_norm(x, np.ones((4, 7), np.float32))", ValueError, "residual"),
+    ("nl.add_layer_norm(x, x.copy(), sum_out=np.empty((4, 8), np.float64))", TypeError, "sum_out"),
+    ("r = x.copy(); nl.add_rms_norm(x, r, out=r)", ValueError, "out"),
+    ("nl.add_rms_norm_backward(x, x, stats1, ds=np.ones((4, 9), np.float32))", ValueError, "ds"),
     # runtime
     ("nl.set_num_threads(0)", ValueError, "n"),
     ("nl.set_num_threads(2.5)", TypeError, "n"),

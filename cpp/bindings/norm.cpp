@@ -27,7 +27,7 @@ void layer_norm_py(handle x, handle weight, handle bias, handle y, handle mean, 
 }
 
 template <class T>
-void layer_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handle weight, handle dx,
+void layer_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handle weight, handle ds, handle dx,
                             handle dweight, handle dbias, std::int64_t rows, std::int64_t cols) {
   LayerNormBackward<T> a;
   a.dy = input<T>(dy, "dy", rows * cols);
@@ -35,6 +35,7 @@ void layer_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handl
   a.mean = input<T>(mean, "mean", rows);
   a.rstd = input<T>(rstd, "rstd", rows);
   a.weight = optional_input<T>(weight, "weight", cols);
+  a.ds = optional_input<T>(ds, "ds", rows * cols);
   a.dx = output<T>(dx, "dx", rows * cols);
   a.dweight = optional_output<T>(dweight, "dweight", cols);
   a.dbias = optional_output<T>(dbias, "dbias", cols);
@@ -62,13 +63,14 @@ void rms_norm_py(handle x, handle weight, handle y, handle rstd, std::int64_t ro
 }
 
 template <class T>
-void rms_norm_backward_py(handle dy, handle x, handle rstd, handle weight, handle dx,
+void rms_norm_backward_py(handle dy, handle x, handle rstd, handle weight, handle ds, handle dx,
                           handle dweight, std::int64_t rows, std::int64_t cols) {
   RmsNormBackward<T> a;
   a.dy = input<T>(dy, "dy", rows * cols);
   a.x = input<T>(x, "x", rows * cols);
   a.rstd = input<T>(rstd, "rstd", rows);
   a.weight = optional_input<T>(weight, "weight", cols);
+  a.ds = optional_input<T>(ds, "ds", rows * cols);
   a.dx = output<T>(dx, "dx", rows * cols);
   a.dweight = optional_output<T>(dweight, "dweight", cols);
   a.rows = rows;
@@ -79,17 +81,59 @@ void rms_norm_backward_py(handle dy, handle x, handle rstd, handle weight, handl
 }
 
 template <class T>
+void add_layer_norm_py(handle x, handle residual, handle weight, handle bias, handle y, handle sum, handle mean,
+                       handle rstd, std::int64_t rows, std::int64_t cols, double eps) {
+  AddLayerNormForward<T> a;
+  a.norm.x = input<T>(x, "x", rows * cols);
+  a.residual = input<T>(residual, "residual", rows * cols);
+  a.norm.weight = optional_input<T>(weight, "weight", cols);
+  a.norm.bias = optional_input<T>(bias, "bias", cols);
+  a.norm.y = output<T>(y, "out", rows * cols);
+  a.sum = output<T>(sum, "sum_out", rows * cols);
+  a.norm.mean = optional_output<T>(mean, "mean", rows);
+  a.norm.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.norm.rows = rows;
+  a.norm.cols = cols;
+  a.norm.eps = eps;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  add_layer_norm(a);
+}
+
+template <class T>
+void add_rms_norm_py(handle x, handle residual, handle weight, handle y, handle sum, handle rstd,
+                     std::int64_t rows, std::int64_t cols, double eps) {
+  AddRmsNormForward<T> a;
+  a.norm.x = input<T>(x, "x", rows * cols);
+  a.residual = input<T>(residual, "residual", rows * cols);
+  a.norm.weight = optional_input<T>(weight, "weight", cols);
+  a.norm.y = output<T>(y, "out", rows * cols);
+  a.sum = output<T>(sum, "sum_out", rows * cols);
+  a.norm.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.norm.rows = rows;
+  a.norm.cols = cols;
+  a.norm.eps = eps;
+  std::optional<py::gil_scoped_release> release;
+  if (rows * cols >= kReleaseGilElements) release.emplace();
+  add_rms_norm(a);
+}
+
+template <class T>
 void bind_dtype(py::module_& m, const std::string& suffix) {
   using py::arg;
   m.def(("layer_norm_" + suffix).c_str(), &layer_norm_py<T>, arg("x"), arg("weight"), arg("bias"),
         arg("y"), arg("mean"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
   m.def(("layer_norm_backward_" + suffix).c_str(), &layer_norm_backward_py<T>, arg("dy"), arg("x"),
-        arg("mean"), arg("rstd"), arg("weight"), arg("dx"), arg("dweight"), arg("dbias"),
+        arg("mean"), arg("rstd"), arg("weight"), arg("ds"), arg("dx"), arg("dweight"), arg("dbias"),
         arg("rows"), arg("cols"));
   m.def(("rms_norm_" + suffix).c_str(), &rms_norm_py<T>, arg("x"), arg("weight"), arg("y"),
         arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
   m.def(("rms_norm_backward_" + suffix).c_str(), &rms_norm_backward_py<T>, arg("dy"), arg("x"),
-        arg("rstd"), arg("weight"), arg("dx"), arg("dweight"), arg("rows"), arg("cols"));
+        arg("rstd"), arg("weight"), arg("ds"), arg("dx"), arg("dweight"), arg("rows"), arg("cols"));
+  m.def(("add_layer_norm_" + suffix).c_str(), &add_layer_norm_py<T>, arg("x"), arg("residual"), arg("weight"),
+        arg("bias"), arg("y"), arg("sum"), arg("mean"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
+  m.def(("add_rms_norm_" + suffix).c_str(), &add_rms_norm_py<T>, arg("x"), arg("residual"), arg("weight"),
+        arg("y"), arg("sum"), arg("rstd"), arg("rows"), arg("cols"), arg("eps"));
 }
 
 }  // namespace

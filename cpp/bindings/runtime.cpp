@@ -51,6 +51,19 @@ void bind_runtime(py::module_& m) {
       },
       py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("out").noconvert());
 
+  m.def(
+      "parallel_add_twice",
+      [](py::handle a, py::handle b, py::handle out1, py::handle out2) {
+        const std::int64_t n = std::int64_t(py::array(py::reinterpret_borrow<py::object>(a)).size());
+        const float* pa = input<float>(a, "a", n);
+        const float* pb = input<float>(b, "b", n);
+        float* p1 = output<float>(out1, "out1", n);
+        float* p2 = output<float>(out2, "out2", n);
+        py::gil_scoped_release release;
+        parallel_add_twice(pa, pb, p1, p2, std::size_t(n));
+      },
+      py::arg("a"), py::arg("b"), py::arg("out1"), py::arg("out2"));
+
   m.attr("__version__") = NORMLAB_VERSION;
   m.attr("compiler") = NORMLAB_COMPILER;
   m.attr("build_flags") = NORMLAB_BUILD_FLAGS;

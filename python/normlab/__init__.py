@@ -6,7 +6,16 @@ OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
 """
 
 from . import _core
-from .norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from .norm import (
+    add_layer_norm,
+    add_layer_norm_backward,
+    add_rms_norm,
+    add_rms_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
 from .runtime import (
     cpu_targets,
     get_cpu_target,
@@ -24,6 +33,10 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+    "add_rms_norm",
+    "add_rms_norm_backward",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",

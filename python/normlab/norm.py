@@ -36,7 +36,16 @@ from ._checks import (
 
 Axis = Union[int, Tuple[int, ...]]
 
-__all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"]
+__all__ = [
+    "layer_norm",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+    "add_rms_norm",
+    "add_rms_norm_backward",
+]
 
 _KERNELS = {
     np.dtype(np.float32): (
@@ -141,8 +150,12 @@ def layer_norm_backward(
     dweight, dbias : ndarray with the shape of the normalized axes, or None when weight is None
         (summed over the leading axes in a fixed order: identical for every thread count).
     """
-    originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
-    x = float_input(x, "x")
+    return _layer_norm_backward(dy, x, mean, rstd, weight, None, axis, out, "x")
+
+
+def _layer_norm_backward(dy, x, mean, rstd, weight, ds, axis, out, x_name):
+    originals = ((dy, "dy"), (x, x_name), (mean, "mean"), (rstd, "rstd"), (weight, "weight"), (ds, "ds"))
+    x = float_input(x, x_name)
     layer_bwd = _KERNELS[x.dtype][1]
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
@@ -150,6 +163,7 @@ def layer_norm_backward(
     mean = like_input(mean, "mean", dtype, lead)
     rstd = like_input(rstd, "rstd", dtype, lead)
     weight = optional_like_input(weight, "weight", dtype, normalized)
+    ds = optional_like_input(ds, "ds", dtype, shape)
     if out is None:
         dx = np.empty(shape, dtype)
     else:
@@ -158,7 +172,7 @@ def layer_norm_backward(
     if weight is not None:
         dweight = np.empty(normalized, dtype)
         dbias = np.empty(normalized, dtype)
-    layer_bwd(dy, x, mean, rstd, weight, dx, dweight, dbias, rows, cols)
+    layer_bwd(dy, x, mean, rstd, weight, ds, dx, dweight, dbias, rows, cols)
     return dx, dweight, dbias
 
 
@@ -240,21 +254,188 @@ def rms_norm_backward(
     dx : ndarray like x (``out`` when given)
     dweight : ndarray with the shape of the normalized axes, or None when weight is None.
     """
-    originals = ((dy, "dy"), (x, "x"), (rstd, "rstd"), (weight, "weight"))
-    x = float_input(x, "x")
+    return _rms_norm_backward(dy, x, rstd, weight, None, axis, out, "x")
+
+
+def _rms_norm_backward(dy, x, rstd, weight, ds, axis, out, x_name):
+    originals = ((dy, "dy"), (x, x_name), (rstd, "rstd"), (weight, "weight"), (ds, "ds"))
+    x = float_input(x, x_name)
     rms_bwd = _KERNELS[x.dtype][3]
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
     dy = like_input(dy, "dy", dtype, shape)
     rstd = like_input(rstd, "rstd", dtype, lead)
     weight = optional_like_input(weight, "weight", dtype, normalized)
+    ds = optional_like_input(ds, "ds", dtype, shape)
     if out is None:
         dx = np.empty(shape, dtype)
     else:
         dx = output(out, "out", dtype, shape, originals)
     dweight = None if weight is None else np.empty(normalized, dtype)
-    rms_bwd(dy, x, rstd, weight, dx, dweight, rows, cols)
+    rms_bwd(dy, x, rstd, weight, ds, dx, dweight, rows, cols)
     return dx, dweight
 
 
+def _residual_inputs(x, residual):
+    """x and residual as C-contiguous arrays of one float dtype and shape."""
+    x = float_input(x, "x")
+    residual = like_input(residual, "residual", x.dtype, x.shape)
+    return x, residual
+
+
+def _sum_output(sum_out, x_in, residual_in, shape, dtype, others):
+    """A new array for x + residual, or sum_out: x or residual itself (updated in place), or an
+    array that overlaps no input."""
+    if sum_out is None:
+        return np.empty(shape, dtype)
+    in_place = any(
+        sum_out is a
+        or (
+            isinstance(sum_out, np.ndarray)
+            and isinstance(a, np.ndarray)
+            and sum_out.shape == a.shape
+            and sum_out.strides == a.strides
+            and sum_out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+        )
+        for a in (x_in, residual_in)
+    )
+    inputs = others if in_place else ((x_in, "x"), (residual_in, "residual")) + others
+    return output(sum_out, "sum_out", dtype, shape, inputs)
+
+
+def add_layer_norm(
+    x: np.ndarray,
+    residual: np.ndarray,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    eps: float = 1e-5,
+    out: np.ndarray | None = None,
+    sum_out: np.ndarray | None = None,
+    return_stats: bool = False,
+):
+    """Fused residual add and layer normalization ("Add & Norm" of a transformer block).
+
+    ``s = x + residual`` (elementwise, in x's dtype) and ``y = layer_norm(s, weight, bias)``,
+    in one pass over memory instead of an add followed by a norm.
+
+    Parameters
+    ----------
+    x, residual : ndarray, float32 or float64, one dtype and shape
+    weight, bias, axis, eps : as in ``layer_norm``
+    out : ndarray, optional
+        Receives y; must not overlap any input or sum_out.
+    sum_out : ndarray, optional
+        Receives s. It may be x or residual itself (the residual stream updated in place);
+        otherwise it must not overlap an input.
+    return_stats : bool
+        Also return mean and rstd of s, as ``add_layer_norm_backward`` takes them.
+
+    Returns
+    -------
+    (y, s), or (y, s, mean, rstd) when return_stats is true.
+    """
+    x_in, residual_in = x, residual
+    x, residual = _residual_inputs(x, residual)
+    kernel = _ADD_KERNELS[x.dtype][0]
+    dtype, shape = x.dtype, x.shape
+    rows, cols, lead, normalized = row_split(shape, axis)
+    eps = positive_float(eps, "eps")
+    weight = optional_like_input(weight, "weight", dtype, normalized)
+    bias = optional_like_input(bias, "bias", dtype, normalized)
+    params = ((weight, "weight"), (bias, "bias"))
+    s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
+    if out is None:
+        y = np.empty(shape, dtype)
+    else:
+        y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
+    if flag(return_stats, "return_stats"):
+        mean = np.empty(lead, dtype)
+        rstd = np.empty(lead, dtype)
+        kernel(x, residual, weight, bias, y, s, mean, rstd, rows, cols, eps)
+        return y, s, mean, rstd
+    kernel(x, residual, weight, bias, y, s, None, None, rows, cols, eps)
+    return y, s
+
+
+def add_layer_norm_backward(
+    dy: np.ndarray,
+    s: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    ds: np.ndarray | None = None,
+    axis: Axis = -1,
+    out: np.ndarray | None = None,
+):
+    """Gradients of ``add_layer_norm``: returns ``(dx, dweight, dbias)``.
+
+    dx is the gradient of both x and residual (their sum's gradient): the layer-norm gradient
+    plus ``ds``, the gradient reaching s from its later use (the residual stream), when given.
+    s, mean and rstd are as ``add_layer_norm(..., return_stats=True)`` returned them.
+    """
+    return _layer_norm_backward(dy, s, mean, rstd, weight, ds, axis, out, "s")
+
+
+def add_rms_norm(
+    x: np.ndarray,
+    residual: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    eps: float | None = None,
+    out: np.ndarray | None = None,
+    sum_out: np.ndarray | None = None,
+    return_stats: bool = False,
+):
+    """Fused residual add and RMS normalization: ``s = x + residual``, ``y = rms_norm(s)``.
+
+    Arguments as in ``add_layer_norm`` (eps=None means ``numpy.finfo(dtype).eps``).
+
+    Returns
+    -------
+    (y, s), or (y, s, rstd) when return_stats is true.
+    """
+    x_in, residual_in = x, residual
+    x, residual = _residual_inputs(x, residual)
+    kernel = _ADD_KERNELS[x.dtype][1]
+    dtype, shape = x.dtype, x.shape
+    rows, cols, lead, normalized = row_split(shape, axis)
+    eps = _EPS[dtype] if eps is None else positive_float(eps, "eps")
+    weight = optional_like_input(weight, "weight", dtype, normalized)
+    params = ((weight, "weight"),)
+    s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
+    if out is None:
+        y = np.empty(shape, dtype)
+    else:
+        y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
+    if flag(return_stats, "return_stats"):
+        rstd = np.empty(lead, dtype)
+        kernel(x, residual, weight, y, s, rstd, rows, cols, eps)
+        return y, s, rstd
+    kernel(x, residual, weight, y, s, None, rows, cols, eps)
+    return y, s
+
+
+def add_rms_norm_backward(
+    dy: np.ndarray,
+    s: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    ds: np.ndarray | None = None,
+    axis: Axis = -1,
+    out: np.ndarray | None = None,
+):
+    """Gradients of ``add_rms_norm``: returns ``(dx, dweight)``, dx including ``ds``."""
+    return _rms_norm_backward(dy, s, rstd, weight, ds, axis, out, "s")
+
+
 _EPS = {dtype: float(np.finfo(dtype).eps) for dtype in _KERNELS}
+
+_ADD_KERNELS = {
+    np.dtype(np.float32): (_core.add_layer_norm_f32, _core.add_rms_norm_f32),
+    np.dtype(np.float64): (_core.add_layer_norm_f64, _core.add_rms_norm_f64),
+}

@@ -36,6 +36,7 @@ struct LayerNormBackward {
   T* dbias = nullptr;    // computed only when weight is given
   std::int64_t rows = 0;
   std::int64_t cols = 0;
+  const T* ds = nullptr;  // optional: a gradient added to dx (add_layer_norm's sum output)
 };
 
 template <class T>
@@ -59,6 +60,26 @@ struct RmsNormBackward {
   T* dweight = nullptr;  // computed only when weight is given
   std::int64_t rows = 0;
   std::int64_t cols = 0;
+  const T* ds = nullptr;  // optional: a gradient added to dx (add_rms_norm's sum output)
+};
+
+// Fused residual add + norm ("Add & Norm"): sum = x + residual (elementwise, in T), then
+// y = layer_norm(sum) / rms_norm(sum) as above, in one pass over memory. norm.x is x; sum may
+// be x or residual itself. The backward is layer_norm_backward / rms_norm_backward with
+// x = sum and ds = the gradient reaching sum from its other uses; its dx is the gradient of
+// both x and residual.
+template <class T>
+struct AddLayerNormForward {
+  LayerNormForward<T> norm;
+  const T* residual = nullptr;
+  T* sum = nullptr;
+};
+
+template <class T>
+struct AddRmsNormForward {
+  RmsNormForward<T> norm;
+  const T* residual = nullptr;
+  T* sum = nullptr;
 };
 
 // Each throws std::invalid_argument for null required pointers, rows < 0, cols < 1 or eps <= 0.
@@ -70,5 +91,9 @@ void rms_norm(const RmsNormForward<float>& args);
 void rms_norm(const RmsNormForward<double>& args);
 void rms_norm_backward(const RmsNormBackward<float>& args);
 void rms_norm_backward(const RmsNormBackward<double>& args);
+void add_layer_norm(const AddLayerNormForward<float>& args);
+void add_layer_norm(const AddLayerNormForward<double>& args);
+void add_rms_norm(const AddRmsNormForward<float>& args);
+void add_rms_norm(const AddRmsNormForward<double>& args);
 
 }  // namespace normlab

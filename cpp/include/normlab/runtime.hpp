@@ -27,8 +27,10 @@ void set_num_threads(int n);  // n >= 1, else std::invalid_argument
 bool in_forked_child();
 
 // Memory-roofline helpers for benchmarks, run with the same threads as the kernels:
-// a parallel copy, and out = a + b (two reads and one write).
+// a parallel copy, out = a + b (two reads and one write), and out1 = out2 = a + b (two reads
+// and two writes).
 void parallel_copy(const void* src, void* dst, std::size_t bytes);
 void parallel_add(const float* a, const float* b, float* out, std::size_t n);
+void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n);
 
 }  // namespace normlab

@@ -15,11 +15,14 @@ struct RowNormKernels {
   void (*layer_norm_backward)(const LayerNormBackward<T>&, int nthreads) = nullptr;
   void (*rms_norm)(const RmsNormForward<T>&, int nthreads) = nullptr;
   void (*rms_norm_backward)(const RmsNormBackward<T>&, int nthreads) = nullptr;
+  void (*add_layer_norm)(const AddLayerNormForward<T>&, int nthreads) = nullptr;
+  void (*add_rms_norm)(const AddRmsNormForward<T>&, int nthreads) = nullptr;
 };
 
 struct RooflineKernels {
   void (*copy)(const void* src, void* dst, std::size_t bytes, int nthreads) = nullptr;
   void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads) = nullptr;
+  void (*add_twice)(const float* a, const float* b, float* out1, float* out2, std::size_t n, int nthreads) = nullptr;
 };
 
 struct KernelTable {

@@ -24,33 +24,51 @@ void layer_norm_row(const T* x, const T* w, const T* b, T* y, std::int64_t n, do
   });
 }
 
+// Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual
+// written to a.sum first (the row is then normalized from cache).
 template <class T, bool HasW, bool HasB>
-void layer_norm_rows(const LayerNormForward<T>& a, std::int64_t r0, std::int64_t r1, bool stream) {
+void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
+                     bool stream) {
   const std::int64_t n = a.cols;
   for (std::int64_t i = r0; i < r1; ++i) {
-    const Moments m = row_moments(a.x + i * n, n);
+    const T* x = a.x + i * n;
+    if (residual) {
+      add_row(x, residual + i * n, sum + i * n, n);
+      x = sum + i * n;
+    }
+    const Moments m = row_moments(x, n);
     const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
     if (a.mean) a.mean[i] = T(m.mean);
     if (a.rstd) a.rstd[i] = T(rstd);
-    layer_norm_row<T, HasW, HasB>(a.x + i * n, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
+    layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
   }
   if (stream) stream_fence();
 }
 
 template <class T>
-void layer_norm_forward(const LayerNormForward<T>& a, int nthreads) {
+void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   auto rows = &layer_norm_rows<T, false, false>;
   if (a.weight && a.bias) rows = &layer_norm_rows<T, true, true>;
   else if (a.weight) rows = &layer_norm_rows<T, true, false>;
   else if (a.bias) rows = &layer_norm_rows<T, false, true>;
   const bool stream = a.rows * a.cols * std::int64_t(sizeof(T)) >= stream_min_bytes();
-  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, r0, r1, stream); });
+  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+}
+
+template <class T>
+void layer_norm_forward(const LayerNormForward<T>& a, int nthreads) {
+  layer_norm_any<T>(a, nullptr, nullptr, nthreads);
+}
+
+template <class T>
+void add_layer_norm_forward(const AddLayerNormForward<T>& a, int nthreads) {
+  layer_norm_any<T>(a.norm, a.residual, a.sum, nthreads);
 }
 
 template <class T>
 void layer_norm_backward(const LayerNormBackward<T>& a, int nthreads) {
-  row_norm_backward<true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.dx, a.dweight, a.dbias, a.rows, a.cols,
-                          nthreads);
+  row_norm_backward<true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.ds, a.dx, a.dweight, a.dbias, a.rows,
+                          a.cols, nthreads);
 }
 
 }  // namespace
@@ -60,6 +78,8 @@ void register_layer_norm(KernelTable& t) {
   t.row_f64.layer_norm = &layer_norm_forward<double>;
   t.row_f32.layer_norm_backward = &layer_norm_backward<float>;
   t.row_f64.layer_norm_backward = &layer_norm_backward<double>;
+  t.row_f32.add_layer_norm = &add_layer_norm_forward<float>;
+  t.row_f64.add_layer_norm = &add_layer_norm_forward<double>;
 }
 
 }  // namespace NL_TARGET

@@ -61,6 +61,22 @@ static void rms_norm_backward_impl(const RmsNormBackward<T>& a) {
   active_kernels().row<T>().rms_norm_backward(a, threads_for_rows<T>(a.rows, a.cols, 3));
 }
 
+template <class T>
+static void add_layer_norm_impl(const AddLayerNormForward<T>& a) {
+  check_shape(a.norm.rows, a.norm.cols);
+  check_eps(a.norm.eps);
+  require((a.norm.x && a.norm.y && a.residual && a.sum) || a.norm.rows == 0, "x, residual, y and sum are required");
+  active_kernels().row<T>().add_layer_norm(a, threads_for_rows<T>(a.norm.rows, a.norm.cols, 4));
+}
+
+template <class T>
+static void add_rms_norm_impl(const AddRmsNormForward<T>& a) {
+  check_shape(a.norm.rows, a.norm.cols);
+  check_eps(a.norm.eps);
+  require((a.norm.x && a.norm.y && a.residual && a.sum) || a.norm.rows == 0, "x, residual, y and sum are required");
+  active_kernels().row<T>().add_rms_norm(a, threads_for_rows<T>(a.norm.rows, a.norm.cols, 4));
+}
+
 void layer_norm(const LayerNormForward<float>& a) { layer_norm_impl(a); }
 void layer_norm(const LayerNormForward<double>& a) { layer_norm_impl(a); }
 void layer_norm_backward(const LayerNormBackward<float>& a) { layer_norm_backward_impl(a); }
@@ -69,5 +85,9 @@ void rms_norm(const RmsNormForward<float>& a) { rms_norm_impl(a); }
 void rms_norm(const RmsNormForward<double>& a) { rms_norm_impl(a); }
 void rms_norm_backward(const RmsNormBackward<float>& a) { rms_norm_backward_impl(a); }
 void rms_norm_backward(const RmsNormBackward<double>& a) { rms_norm_backward_impl(a); }
+void add_layer_norm(const AddLayerNormForward<float>& a) { add_layer_norm_impl(a); }
+void add_layer_norm(const AddLayerNormForward<double>& a) { add_layer_norm_impl(a); }
+void add_rms_norm(const AddRmsNormForward<float>& a) { add_rms_norm_impl(a); }
+void add_rms_norm(const AddRmsNormForward<double>& a) { add_rms_norm_impl(a); }
 
 }  // namespace normlab

@@ -7,12 +7,19 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
+// Rows [r0, r1) of y = rms_norm(x), or with a residual of y = rms_norm(s), s = x + residual
+// written to sum first (the row is then normalized from cache).
 template <class T, bool HasW>
-void rms_norm_rows(const RmsNormForward<T>& a, std::int64_t r0, std::int64_t r1, bool stream) {
+void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
+                   bool stream) {
   using V = vnative<T>;
   const std::int64_t n = a.cols;
   for (std::int64_t i = r0; i < r1; ++i) {
     const T* x = a.x + i * n;
+    if (residual) {
+      add_row(x, residual + i * n, sum + i * n, n);
+      x = sum + i * n;
+    }
     const double rstd = 1.0 / __builtin_sqrt(row_mean_square(x, n) + a.eps);
     if (a.rstd) a.rstd[i] = T(rstd);
     const V vr = splat<V>(T(rstd));
@@ -26,15 +33,25 @@ void rms_norm_rows(const RmsNormForward<T>& a, std::int64_t r0, std::int64_t r1,
 }
 
 template <class T>
-void rms_norm_forward(const RmsNormForward<T>& a, int nthreads) {
+void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const auto rows = a.weight ? &rms_norm_rows<T, true> : &rms_norm_rows<T, false>;
   const bool stream = a.rows * a.cols * std::int64_t(sizeof(T)) >= stream_min_bytes();
-  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, r0, r1, stream); });
+  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+}
+
+template <class T>
+void rms_norm_forward(const RmsNormForward<T>& a, int nthreads) {
+  rms_norm_any<T>(a, nullptr, nullptr, nthreads);
+}
+
+template <class T>
+void add_rms_norm_forward(const AddRmsNormForward<T>& a, int nthreads) {
+  rms_norm_any<T>(a.norm, a.residual, a.sum, nthreads);
 }
 
 template <class T>
 void rms_norm_backward(const RmsNormBackward<T>& a, int nthreads) {
-  row_norm_backward<false>(a.dy, a.x, static_cast<const T*>(nullptr), a.rstd, a.weight, a.dx, a.dweight,
+  row_norm_backward<false>(a.dy, a.x, static_cast<const T*>(nullptr), a.rstd, a.weight, a.ds, a.dx, a.dweight,
                            static_cast<T*>(nullptr), a.rows, a.cols, nthreads);
 }
 
@@ -45,6 +62,8 @@ void register_rms_norm(KernelTable& t) {
   t.row_f64.rms_norm = &rms_norm_forward<double>;
   t.row_f32.rms_norm_backward = &rms_norm_backward<float>;
   t.row_f64.rms_norm_backward = &rms_norm_backward<double>;
+  t.row_f32.add_rms_norm = &add_rms_norm_forward<float>;
+  t.row_f64.add_rms_norm = &add_rms_norm_forward<double>;
 }
 
 }  // namespace NL_TARGET

@@ -184,6 +184,16 @@ double row_mean_square(const T* x, std::int64_t n) {
   return row_mean_square_wide(x, n);
 }
 
+// s[0..n) = x + r, elementwise in T (s may be x or r itself).
+template <class T>
+void add_row(const T* x, const T* r, T* s, std::int64_t n) {
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  std::int64_t j = 0;
+  for (; j + L <= n; j += L) store(s + j, V(load<V>(x + j) + load<V>(r + j)));
+  for (; j < n; ++j) s[j] = x[j] + r[j];
+}
+
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
 // thread count. Up to 64 blocks, fewer when their double partials would pass 2 MiB and a
 // sixteenth of the input.
@@ -266,7 +276,8 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
 // The backward of one row of layer_norm (Centered) or rms_norm:
 //   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms),
-// and with weight stage[0..n) += dy * xhat, for layer_norm also stage[n..2n) += dy.
+// and with weight stage[0..n) += dy * xhat, for layer_norm also stage[n..2n) += dy. With ds
+// (the fused add + norm), dx also receives the gradient that reached x + residual directly.
 template <bool Centered, bool HasW, class T>
 struct RowBackward {
   const T* dy;
@@ -276,6 +287,7 @@ struct RowBackward {
   std::int64_t n;
   double mean;  // 0 for rms
   double rstd;
+  const T* ds;  // optional
 
   // mean(g) (0 for rms) and mean(g * xhat), in double.
   void sums(double& c0, double& c1) const {
@@ -330,7 +342,9 @@ struct RowBackward {
         }
       }
       if constexpr (Centered) gv -= vc0;
-      store_narrow(dx + j, vr * (gv - xh * vc1));
+      vwide out = vr * (gv - xh * vc1);
+      if (ds) out += load_wide(ds + j);
+      store_narrow(dx + j, out);
     }
     for (; j < n; ++j) {
       const double xh = (double(x[j]) - mean) * rstd;
@@ -341,7 +355,7 @@ struct RowBackward {
         stage[j] = T(fmadd(d, xh, double(stage[j])));
         if constexpr (Centered) stage[n + j] = T(double(stage[n + j]) + d);
       }
-      dx[j] = T(rstd * ((gv - c0) - xh * c1));
+      dx[j] = T(rstd * ((gv - c0) - xh * c1) + (ds ? double(ds[j]) : 0.0));
     }
   }
 
@@ -401,7 +415,8 @@ struct RowBackward {
       V gv = d;
       if constexpr (HasW) gv *= load_n(w + j, count);
       if constexpr (Centered) gv -= vc0;
-      const V out = vr * gv - vk1 * xh;
+      V out = vr * gv - vk1 * xh;
+      if (ds) out += load_n(ds + j, count);
       if (count == L) store(dx + j, out);
       else store_partial(dx + j, out, count);
       if constexpr (HasW) {
@@ -428,13 +443,14 @@ struct RowBackward {
 // The backward of every row of a (rows, n) matrix, with the column sums dweight (and, for
 // layer_norm, dbias) when weight is given.
 template <bool Centered, class T>
-void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, T* dx,
-                       T* dweight, T* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
+void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, const T* ds,
+                       T* dx, T* dweight, T* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
   auto run = [&](auto has_weight, int nsums, T* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
     rows_with_column_sums<T>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, T* stage) {
-      const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n, w, dx + i * n, n,
-                                               Centered ? double(mean[i]) : 0.0, double(rstd[i])};
+      const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n,     w,
+                                               dx + i * n,      n,             Centered ? double(mean[i]) : 0.0,
+                                               double(rstd[i]), ds ? ds + i * n : nullptr};
       row.run(stage);
     });
   };

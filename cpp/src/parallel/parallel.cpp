@@ -67,4 +67,8 @@ void parallel_add(const float* a, const float* b, float* out, std::size_t n) {
   active_kernels().roofline.add(a, b, out, n, threads_for(std::int64_t(n) * 12));
 }
 
+void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n) {
+  active_kernels().roofline.add_twice(a, b, out1, out2, n, threads_for(std::int64_t(n) * 16));
+}
+
 }  // namespace normlab
