@@ -1,12 +1,20 @@
 """normlab: fast, accurate CPU normalization kernels for NumPy.
 
-Layer and RMS normalization, forward and backward, with SIMD kernels chosen at run time and
+Layer, RMS, batch, instance and group normalization, forward and backward, with SIMD kernels chosen at run time and
 OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
 ``help(normlab.runtime)`` for targets and threads.
 """
 
 from . import _core
 from .norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from .channel_norm import (
+    batch_norm,
+    batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+)
 from .runtime import (
     cpu_targets,
     get_cpu_target,
@@ -23,6 +31,12 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "batch_norm",
+    "batch_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "group_norm",
+    "group_norm_backward",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",

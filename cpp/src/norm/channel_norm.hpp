@@ -1,0 +1,509 @@
+// The engine shared by the channel norms (batch_norm, group_norm; instance_norm is group_norm
+// with one group per channel). Per-target, like simd/vec.hpp.
+//
+// x is (N, C, S) ("channels-first") or (N, S, C) ("channels-last"). Statistics are taken over
+// sets of elements: batch norm has one set per channel (all n and s), group norm one per
+// (n, group of C/G channels). A "plane" is the elements of one (n, c) pair (for channels-last
+// batch norm, of one channel c over all rows), and every set is a fixed list of planes.
+//
+// Every reduction runs in two steps fixed by the shape alone:
+//  1. the tensor is cut into units of about kUnitElems elements (channels-first: chunks of a
+//     plane, or runs of whole small planes; channels-last: blocks of rows of one n, vectorized
+//     across channels) and each unit writes double partial sums per plane;
+//  2. partials are added per plane in unit order, and planes per set in plane order.
+// Threads only decide which unit runs where, so results are identical for every thread count.
+// Sums are shifted by one element of the set (fixed), so var = E[d^2] - E[d]^2 in double keeps
+// its digits when |mean| >> std.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "norm/row_norm.hpp"
+#include "parallel/parallel_for.hpp"
+#include "simd/vec.hpp"
+
+namespace normlab {
+namespace NL_TARGET {
+namespace {
+
+constexpr std::int64_t kUnitElems = 32768;
+constexpr std::int64_t kMaxPeriod = 4096;
+
+inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+inline std::int64_t gcd64(std::int64_t a, std::int64_t b) {
+  while (b) {
+    const std::int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+struct Geom {
+  std::int64_t n = 0, c = 0, s = 0, g = 0;
+  bool cl = false, batch = false;
+  std::int64_t cg = 1, nsets = 0;
+  std::int64_t pn = 0;  // rows of planes: planes are pn * c
+  double count = 0;     // elements per set
+  // channels-first units
+  std::int64_t chunk = 0, nch = 1, ppu = 1;
+  // channels-last units: rows per plane row, rows per block, blocks per plane row, period
+  std::int64_t rows = 0, rb = 0, blocks = 0, m = 1, W = 0;
+  std::int64_t units = 0;
+
+  std::int64_t nplanes() const { return pn * c; }
+  std::int64_t set_of(std::int64_t i, std::int64_t ch) const { return batch ? ch : i * g + ch / cg; }
+  // Index of the first element of set `set` (its shift).
+  std::int64_t set_first(std::int64_t set) const {
+    std::int64_t i = 0, ch = set;
+    if (!batch) {
+      i = set / g;
+      ch = (set % g) * cg;
+    }
+    return cl ? i * s * c + ch : (i * c + ch) * s;
+  }
+};
+
+// The unit plan of a tensor; `lanes` is the native vector width of the element type.
+inline Geom make_geom(std::int64_t n, std::int64_t c, std::int64_t s, std::int64_t groups,
+                      bool channels_last, bool batch, int lanes, int elem_bytes) {
+  Geom q;
+  q.n = n, q.c = c, q.s = s, q.batch = batch;
+  q.g = batch ? c : groups;
+  q.cg = c / q.g;
+  q.cl = channels_last || s == 1;  // (N, C, 1) and (N, 1, C) are the same memory
+  q.nsets = batch ? c : n * q.g;
+  q.count = batch ? double(n) * double(s) : double(q.cg) * double(s);
+  if (n == 0 || s == 0) return q;
+  if (!q.cl) {
+    q.pn = n;
+    if (s >= kUnitElems) {
+      q.nch = ceil_div(s, kUnitElems);
+      q.chunk = ceil_div(s, q.nch);
+      q.ppu = 1;
+      q.units = n * c * q.nch;
+    } else {
+      q.nch = 1;
+      q.chunk = s;
+      q.ppu = kUnitElems / s;
+      q.units = ceil_div(n * c, q.ppu);
+    }
+  } else {
+    q.pn = batch ? 1 : n;
+    q.rows = batch ? n * s : s;
+    q.m = lanes / gcd64(c, lanes);
+    if (c * q.m > kMaxPeriod) q.m = 1;
+    q.W = c * q.m;
+    std::int64_t rb = ceil_div(ceil_div(kUnitElems, c), q.m) * q.m;
+    std::int64_t blocks = ceil_div(q.rows, rb);
+    // Keep the partials (2 doubles per column per block) small next to the data.
+    double budget = double(n) * double(s) * double(c) * elem_bytes / 2.0;
+    if (budget < 4.0 * 1024 * 1024) budget = 4.0 * 1024 * 1024;
+    const std::int64_t cap = std::int64_t(budget / (16.0 * double(c) * double(q.pn)));
+    if (blocks > cap) {
+      blocks = cap < 1 ? 1 : cap;
+      rb = ceil_div(ceil_div(q.rows, blocks), q.m) * q.m;
+      blocks = ceil_div(q.rows, rb);
+    }
+    q.rb = rb;
+    q.blocks = blocks;
+    q.units = q.pn * blocks;
+  }
+  return q;
+}
+
+// ---- unit drivers -----------------------------------------------------------------------------
+
+// Per-plane sums of two quantities: cf(p, j0, j1, out2) adds over elements [j0, j1) of
+// channels-first plane p into out2[0..2); cl(i, r0, r1, out) adds over rows [r0, r1) of plane
+// row i into out[0..c) and out[c..2c). On return psum[p] and psum[np + p] hold the sums.
+template <class CF, class CL>
+void plane_sums(const Geom& q, int nthreads, double* psum, const CF& cf, const CL& cl) {
+  const std::int64_t np = q.nplanes();
+  if (q.units == 0) {
+    for (std::int64_t p = 0; p < 2 * np; ++p) psum[p] = 0.0;
+    return;
+  }
+  if (!q.cl) {
+    std::vector<double> part(std::size_t(np * q.nch * 2), 0.0);
+    parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+      if (q.nch > 1) {
+        const std::int64_t p = u / q.nch, k = u % q.nch;
+        const std::int64_t j0 = k * q.chunk, j1 = j0 + q.chunk < q.s ? j0 + q.chunk : q.s;
+        cf(p, j0, j1, &part[std::size_t((p * q.nch + k) * 2)]);
+      } else {
+        const std::int64_t p0 = u * q.ppu, p1 = p0 + q.ppu < np ? p0 + q.ppu : np;
+        for (std::int64_t p = p0; p < p1; ++p) cf(p, std::int64_t(0), q.s, &part[std::size_t(p * 2)]);
+      }
+    });
+    for (std::int64_t p = 0; p < np; ++p) {
+      double a = 0, b = 0;
+      for (std::int64_t k = 0; k < q.nch; ++k) {
+        a += part[std::size_t((p * q.nch + k) * 2)];
+        b += part[std::size_t((p * q.nch + k) * 2 + 1)];
+      }
+      psum[p] = a;
+      psum[np + p] = b;
+    }
+  } else {
+    const std::int64_t c = q.c;
+    std::vector<double> part(std::size_t(q.units * 2 * c), 0.0);
+    parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+      const std::int64_t i = u / q.blocks, k = u % q.blocks;
+      const std::int64_t r0 = k * q.rb, r1 = r0 + q.rb < q.rows ? r0 + q.rb : q.rows;
+      cl(i, r0, r1, &part[std::size_t(u * 2 * c)]);
+    });
+    for (std::int64_t i = 0; i < q.pn; ++i)
+      for (std::int64_t ch = 0; ch < c; ++ch) {
+        double a = 0, b = 0;
+        for (std::int64_t k = 0; k < q.blocks; ++k) {
+          const double* pp = &part[std::size_t((i * q.blocks + k) * 2 * c)];
+          a += pp[ch];
+          b += pp[c + ch];
+        }
+        psum[i * c + ch] = a;
+        psum[np + i * c + ch] = b;
+      }
+  }
+}
+
+// An elementwise pass over the same units: cf(p, j0, j1) or cl(i, r0, r1).
+template <class CF, class CL>
+void pointwise(const Geom& q, int nthreads, const CF& cf, const CL& cl) {
+  if (q.units == 0) return;
+  const std::int64_t np = q.nplanes();
+  parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+    if (!q.cl) {
+      if (q.nch > 1) {
+        const std::int64_t p = u / q.nch, k = u % q.nch;
+        const std::int64_t j0 = k * q.chunk, j1 = j0 + q.chunk < q.s ? j0 + q.chunk : q.s;
+        cf(p, j0, j1);
+      } else {
+        const std::int64_t p0 = u * q.ppu, p1 = p0 + q.ppu < np ? p0 + q.ppu : np;
+        for (std::int64_t p = p0; p < p1; ++p) cf(p, std::int64_t(0), q.s);
+      }
+    } else {
+      const std::int64_t i = u / q.blocks, k = u % q.blocks;
+      const std::int64_t r0 = k * q.rb, r1 = r0 + q.rb < q.rows ? r0 + q.rb : q.rows;
+      cl(i, r0, r1);
+    }
+  });
+}
+
+// Channels-last rows [r0, r1) of plane row i: calls row(offset, len) for runs of whole rows
+// starting at element `offset` of the tensor, each len == W (m rows at once, so that the
+// periodic coefficient arrays line up with vector lanes) or len == c (leftover single rows).
+template <class Row>
+inline void cl_rows(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t r1, const Row& row) {
+  std::int64_t off = (i * q.rows + r0) * q.c;
+  std::int64_t r = r0;
+  for (; r + q.m <= r1; r += q.m, off += q.W) row(off, q.W);
+  for (; r < r1; ++r, off += q.c) row(off, q.c);
+}
+
+// Folds a period-W accumulator into c columns: out[ch] = sum over the m copies, in order.
+inline void fold_period(const Geom& q, const double* acc, double* out) {
+  for (std::int64_t ch = 0; ch < q.c; ++ch) {
+    double a = acc[ch];
+    for (std::int64_t t = 1; t < q.m; ++t) a += acc[t * q.c + ch];
+    out[ch] = a;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+// Shifted sums of x[0..n): out[0] += sum(x - k), out[1] += sum((x - k)^2).
+template <class T>
+inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
+  const vwide vk = splat<vwide>(k);
+  vwide s0{}, s1{}, q0{}, q1{};
+  std::int64_t j = 0;
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    const vwide a = load_wide(x + j) - vk, b = load_wide(x + j + kWide) - vk;
+    s0 += a;
+    s1 += b;
+    q0 += a * a;
+    q1 += b * b;
+  }
+  double s = 0, sq = 0;
+  for (; j < n; ++j) {
+    const double d = double(x[j]) - k;
+    s += d;
+    sq += d * d;
+  }
+  out[0] += s + lane_sum(s0 + s1);
+  out[1] += sq + lane_sum(q0 + q1);
+}
+
+// Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
+template <class T>
+void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
+                 double* var) {
+  const std::int64_t np = q.nplanes(), c = q.c;
+  std::vector<double> shift(std::size_t(q.nsets));
+  for (std::int64_t st = 0; st < q.nsets; ++st) shift[std::size_t(st)] = double(x[q.set_first(st)]);
+  std::vector<double> psum(std::size_t(2 * np));
+  plane_sums(
+      q, nthreads, psum.data(),
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
+        const double k = shift[std::size_t(q.set_of(p / c, p % c))];
+        shifted_sums(x + p * q.s + j0, j1 - j0, k, out);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+        const std::int64_t W = q.W;
+        std::vector<double> buf(std::size_t(3 * W), 0.0);
+        double* k = buf.data();
+        double* sa = k + W;
+        double* qa = sa + W;
+        for (std::int64_t j = 0; j < W; ++j) k[j] = shift[std::size_t(q.set_of(i, j % c))];
+        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
+          const T* xr = x + off;
+          std::int64_t j = 0;
+          for (; j + kWide <= len; j += kWide) {
+            const vwide d = load_wide(xr + j) - load<vwide>(k + j);
+            store(sa + j, load<vwide>(sa + j) + d);
+            store(qa + j, load<vwide>(qa + j) + d * d);
+          }
+          for (; j < len; ++j) {
+            const double d = double(xr[j]) - k[j];
+            sa[j] += d;
+            qa[j] += d * d;
+          }
+        });
+        fold_period(q, sa, out);
+        fold_period(q, qa, out + c);
+      });
+  // Sets: planes in order (batch: n = 0.., group: its channels in order).
+  for (std::int64_t st = 0; st < q.nsets; ++st) {
+    double s = 0, sq = 0;
+    if (q.batch) {
+      for (std::int64_t i = 0; i < q.pn; ++i) {
+        s += psum[std::size_t(i * c + st)];
+        sq += psum[std::size_t(np + i * c + st)];
+      }
+    } else {
+      const std::int64_t p0 = (st / q.g) * c + (st % q.g) * q.cg;
+      for (std::int64_t j = 0; j < q.cg; ++j) {
+        s += psum[std::size_t(p0 + j)];
+        sq += psum[std::size_t(np + p0 + j)];
+      }
+    }
+    const double md = s / q.count;
+    double v = sq / q.count - md * md;
+    if (!(v > 0)) v = v != v ? v : 0.0;  // keep NaN, clamp rounding below zero
+    mean[st] = shift[std::size_t(st)] + md;
+    var[st] = v;
+    rstd[st] = 1.0 / std::sqrt(v + eps);
+  }
+}
+
+// y = ((x - head) - tail) * scale + bias over n elements (scalar coefficients).
+template <class T>
+inline void normalize_span(const T* x, T* y, std::int64_t n, T head, T tail, T scale, T bias) {
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  const V vh = splat<V>(head), vt = splat<V>(tail), vs = splat<V>(scale), vb = splat<V>(bias);
+  std::int64_t j = 0;
+  for (; j + L <= n; j += L) store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
+  for (; j < n; ++j) y[j] = ((x[j] - head) - tail) * scale + bias;
+}
+
+// y = (x - mean) * rstd * w + b with per-set mean/rstd and per-channel w/b (either may be null).
+template <class T>
+void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const double* mean,
+               const double* rstd, int nthreads) {
+  const std::int64_t c = q.c;
+  auto coef = [&](std::int64_t i, std::int64_t ch, T& head, T& tail, T& scale, T& bias) {
+    const std::int64_t st = q.set_of(i, ch);
+    head = T(mean[st]);
+    tail = T(mean[st] - double(head));
+    scale = T(rstd[st] * (w ? double(w[ch]) : 1.0));
+    bias = b ? b[ch] : T(0);
+  };
+  pointwise(
+      q, nthreads,
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
+        T head, tail, scale, bias;
+        coef(p / c, p % c, head, tail, scale, bias);
+        normalize_span(x + p * q.s + j0, y + p * q.s + j0, j1 - j0, head, tail, scale, bias);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
+        using V = vnative<T>;
+        constexpr int L = kLanes<T>;
+        const std::int64_t W = q.W;
+        std::vector<T> buf(std::size_t(4 * W));
+        T* hd = buf.data();
+        T* tl = hd + W;
+        T* sc = tl + W;
+        T* bs = sc + W;
+        for (std::int64_t j = 0; j < W; ++j) coef(i, j % c, hd[j], tl[j], sc[j], bs[j]);
+        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
+          const T* xr = x + off;
+          T* yr = y + off;
+          std::int64_t j = 0;
+          for (; j + L <= len; j += L)
+            store(yr + j, ((load<V>(xr + j) - load<V>(hd + j)) - load<V>(tl + j)) * load<V>(sc + j) +
+                              load<V>(bs + j));
+          for (; j < len; ++j) yr[j] = ((xr[j] - hd[j]) - tl[j]) * sc[j] + bs[j];
+        });
+      });
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+// out[0] += sum(dy), out[1] += sum(dy * (x - mean)) over n elements.
+template <class T>
+inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, double* out) {
+  const vwide vm = splat<vwide>(mean);
+  vwide a0{}, a1{}, b0{}, b1{};
+  std::int64_t j = 0;
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    const vwide d0 = load_wide(dy + j), d1 = load_wide(dy + j + kWide);
+    a0 += d0;
+    a1 += d1;
+    b0 += d0 * (load_wide(x + j) - vm);
+    b1 += d1 * (load_wide(x + j + kWide) - vm);
+  }
+  double a = 0, b = 0;
+  for (; j < n; ++j) {
+    const double d = double(dy[j]);
+    a += d;
+    b += d * (double(x[j]) - mean);
+  }
+  out[0] += a + lane_sum(a0 + a1);
+  out[1] += b + lane_sum(b0 + b1);
+}
+
+// dx = ka * dy - kc - (x - mean) * kb over n elements, in double.
+template <class T>
+inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
+                      double kb, double kc) {
+  const vwide vm = splat<vwide>(mean), va = splat<vwide>(ka), vb = splat<vwide>(kb), vc = splat<vwide>(kc);
+  std::int64_t j = 0;
+  for (; j + kWide <= n; j += kWide)
+    store_narrow(dx + j, (va * load_wide(dy + j) - vc) - (load_wide(x + j) - vm) * vb);
+  for (; j < n; ++j) dx[j] = T((ka * double(dy[j]) - kc) - (double(x[j]) - mean) * kb);
+}
+
+// The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
+// dx = rstd * (g - mean_set(g) - xhat * mean_set(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
+// without, dx = rstd * w * dy. dweight[c] = sum dy * xhat, dbias[c] = sum dy (when non-null).
+template <class T>
+void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, const T* rstd_in,
+                      const T* w, T* dx, T* dweight, T* dbias, bool training, int nthreads) {
+  const std::int64_t np = q.nplanes(), c = q.c;
+  std::vector<double> mean(std::size_t(q.nsets)), rstd(std::size_t(q.nsets));
+  for (std::int64_t st = 0; st < q.nsets; ++st) {
+    mean[std::size_t(st)] = double(mean_in[st]);
+    rstd[std::size_t(st)] = double(rstd_in[st]);
+  }
+  std::vector<double> kb(std::size_t(q.nsets), 0.0), kc(std::size_t(q.nsets), 0.0);
+  const bool need_sums = training || dweight || dbias;
+  if (need_sums) {
+    std::vector<double> psum(std::size_t(2 * np));
+    plane_sums(
+        q, nthreads, psum.data(),
+        [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
+          const double m = mean[std::size_t(q.set_of(p / c, p % c))];
+          grad_sums(dy + p * q.s + j0, x + p * q.s + j0, j1 - j0, m, out);
+        },
+        [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+          const std::int64_t W = q.W;
+          std::vector<double> buf(std::size_t(3 * W), 0.0);
+          double* mv = buf.data();
+          double* aa = mv + W;
+          double* ba = aa + W;
+          for (std::int64_t j = 0; j < W; ++j) mv[j] = mean[std::size_t(q.set_of(i, j % c))];
+          cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
+            const T* xr = x + off;
+            const T* dr = dy + off;
+            std::int64_t j = 0;
+            for (; j + kWide <= len; j += kWide) {
+              const vwide d = load_wide(dr + j);
+              store(aa + j, load<vwide>(aa + j) + d);
+              store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
+            }
+            for (; j < len; ++j) {
+              const double d = double(dr[j]);
+              aa[j] += d;
+              ba[j] += d * (double(xr[j]) - mv[j]);
+            }
+          });
+          fold_period(q, aa, out);
+          fold_period(q, ba, out + c);
+        });
+    if (dweight || dbias) {
+      for (std::int64_t ch = 0; ch < c; ++ch) {
+        double sa = 0, sb = 0;
+        for (std::int64_t i = 0; i < q.pn; ++i) {
+          sa += psum[std::size_t(i * c + ch)];
+          sb += psum[std::size_t(np + i * c + ch)] * rstd[std::size_t(q.set_of(i, ch))];
+        }
+        if (dbias) dbias[ch] = T(sa);
+        if (dweight) dweight[ch] = T(sb);
+      }
+    }
+    if (training) {
+      for (std::int64_t st = 0; st < q.nsets; ++st) {
+        double sg = 0, sgx = 0;
+        auto add = [&](std::int64_t p, std::int64_t ch) {
+          const double wc = w ? double(w[ch]) : 1.0;
+          sg += wc * psum[std::size_t(p)];
+          sgx += wc * psum[std::size_t(np + p)];
+        };
+        if (q.batch) {
+          for (std::int64_t i = 0; i < q.pn; ++i) add(i * c + st, st);
+        } else {
+          const std::int64_t p0 = (st / q.g) * c + (st % q.g) * q.cg;
+          for (std::int64_t j = 0; j < q.cg; ++j) add(p0 + j, (st % q.g) * q.cg + j);
+        }
+        const double r = rstd[std::size_t(st)];
+        const double c0 = sg / q.count, c1 = r * sgx / q.count;
+        kc[std::size_t(st)] = r * c0;
+        kb[std::size_t(st)] = r * r * c1;
+      }
+    }
+  }
+  auto coef = [&](std::int64_t i, std::int64_t ch, double& m, double& ka, double& kbv, double& kcv) {
+    const std::size_t st = std::size_t(q.set_of(i, ch));
+    m = mean[st];
+    ka = rstd[st] * (w ? double(w[ch]) : 1.0);
+    kbv = kb[st];
+    kcv = kc[st];
+  };
+  pointwise(
+      q, nthreads,
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
+        double m, ka, kbv, kcv;
+        coef(p / c, p % c, m, ka, kbv, kcv);
+        const std::int64_t off = p * q.s + j0;
+        grad_span(dy + off, x + off, dx + off, j1 - j0, m, ka, kbv, kcv);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
+        const std::int64_t W = q.W;
+        std::vector<double> buf(std::size_t(4 * W));
+        double* mv = buf.data();
+        double* av = mv + W;
+        double* bv = av + W;
+        double* cv = bv + W;
+        for (std::int64_t j = 0; j < W; ++j) coef(i, j % c, mv[j], av[j], bv[j], cv[j]);
+        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
+          const T* xr = x + off;
+          const T* dr = dy + off;
+          T* o = dx + off;
+          std::int64_t j = 0;
+          for (; j + kWide <= len; j += kWide)
+            store_narrow(o + j, (load<vwide>(av + j) * load_wide(dr + j) - load<vwide>(cv + j)) -
+                                    (load_wide(xr + j) - load<vwide>(mv + j)) * load<vwide>(bv + j));
+          for (; j < len; ++j)
+            o[j] = T((av[j] * double(dr[j]) - cv[j]) - (double(xr[j]) - mv[j]) * bv[j]);
+        });
+      });
+}
+
+}  // namespace
+}  // namespace NL_TARGET
+}  // namespace normlab
