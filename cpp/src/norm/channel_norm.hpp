@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "norm/row_norm.hpp"
@@ -30,6 +31,12 @@ namespace {
 
 constexpr std::int64_t kUnitElems = 32768;
 constexpr std::int64_t kMaxPeriod = 4096;
+// Channels-last loops keep per-column coefficients and sums in registers over runs of this
+// many rows: loading them from memory in the streaming loop stalls on 4K aliasing with the
+// in-flight stores.
+constexpr std::int64_t kRunRows = 16;
+// Double vectors per register tile (fewer where registers are few).
+constexpr int kTile = NL_VEC_BYTES >= 64 ? 4 : 2;
 
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -193,15 +200,40 @@ void pointwise(const Geom& q, int nthreads, const CF& cf, const CL& cl) {
   });
 }
 
-// Channels-last rows [r0, r1) of plane row i: calls row(offset, len) for runs of whole rows
-// starting at element `offset` of the tensor, each len == W (m rows at once, so that the
-// periodic coefficient arrays line up with vector lanes) or len == c (leftover single rows).
-template <class Row>
-inline void cl_rows(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t r1, const Row& row) {
-  std::int64_t off = (i * q.rows + r0) * q.c;
-  std::int64_t r = r0;
-  for (; r + q.m <= r1; r += q.m, off += q.W) row(off, q.W);
-  for (; r < r1; ++r, off += q.c) row(off, q.c);
+// Channels-last rows [r0, r1) of plane row i as runs: run(base, nrows, len) covers nrows rows
+// of len elements each, row r starting at element base + r * len of the tensor, whose columns
+// line up with the period-W coefficient arrays: len == W (each "row" is m tensor rows, at most
+// kRunRows at a time) or len == c (the leftover tensor rows).
+template <class Run>
+inline void cl_runs(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t r1, const Run& run) {
+  const std::int64_t off = (i * q.rows + r0) * q.c;
+  const std::int64_t nsuper = (r1 - r0) / q.m, left = (r1 - r0) % q.m;
+  for (std::int64_t k = 0; k < nsuper; k += kRunRows)
+    run(off + k * q.W, nsuper - k < kRunRows ? nsuper - k : kRunRows, q.W);
+  if (left) run(off + nsuper * q.W, left, q.c);
+}
+
+template <int NV>
+using nv_t = std::integral_constant<int, NV>;
+
+template <int NV, int Lanes, class F>
+inline void tile_rest(std::int64_t rest, std::int64_t j, const F& f) {
+  if constexpr (NV > 0) {
+    if (rest == NV) f(nv_t<NV>{}, j);
+    else tile_rest<NV - 1, Lanes>(rest, j, f);
+  }
+}
+
+// Columns [0, len) as register tiles: f(nv_t<NV>, j) for tiles of NV vectors of Lanes columns
+// starting at column j (MaxNV wide, then one narrower tile for the whole vectors left). Returns
+// the first column left for scalar code. A row that fits one tile is walked row by row.
+template <int MaxNV, int Lanes, class F>
+inline std::int64_t for_tiles(std::int64_t len, const F& f) {
+  std::int64_t j = 0;
+  for (; j + MaxNV * Lanes <= len; j += MaxNV * Lanes) f(nv_t<MaxNV>{}, j);
+  const std::int64_t rest = (len - j) / Lanes;
+  tile_rest<MaxNV - 1, Lanes>(rest, j, f);
+  return j + rest * Lanes;
 }
 
 // Folds a period-W accumulator into c columns: out[ch] = sum over the m copies, in order.
@@ -259,18 +291,73 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         double* sa = k + W;
         double* qa = sa + W;
         for (std::int64_t j = 0; j < W; ++j) k[j] = shift[std::size_t(q.set_of(i, j % c))];
-        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
-          const T* xr = x + off;
-          std::int64_t j = 0;
-          for (; j + kWide <= len; j += kWide) {
-            const vwide d = load_wide(xr + j) - load<vwide>(k + j);
-            store(sa + j, load<vwide>(sa + j) + d);
-            store(qa + j, load<vwide>(qa + j) + d * d);
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          if (len > 2 * kTile * kWide) {
+            // Wide rows: row-major, sums in L1 (they take no aliasing stalls: no stores stream).
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const T* xr = xb + r * len;
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const vwide kv = load<vwide>(k + j);
+                const vwide d0 = load_wide(xr + j) - kv, d1 = load_wide(xr + len + j) - kv;
+                const vwide d2 = load_wide(xr + 2 * len + j) - kv, d3 = load_wide(xr + 3 * len + j) - kv;
+                store(sa + j, load<vwide>(sa + j) + ((d0 + d1) + (d2 + d3)));
+                store(qa + j, load<vwide>(qa + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+              }
+              for (; j < len; ++j) {
+                const double d0 = double(xr[j]) - k[j], d1 = double(xr[len + j]) - k[j];
+                const double d2 = double(xr[2 * len + j]) - k[j], d3 = double(xr[3 * len + j]) - k[j];
+                sa[j] += (d0 + d1) + (d2 + d3);
+                qa[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+              }
+            }
+            for (; r < nr; ++r) {
+              const T* xr = xb + r * len;
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const vwide d = load_wide(xr + j) - load<vwide>(k + j);
+                store(sa + j, load<vwide>(sa + j) + d);
+                store(qa + j, load<vwide>(qa + j) + d * d);
+              }
+              for (; j < len; ++j) {
+                const double d = double(xr[j]) - k[j];
+                sa[j] += d;
+                qa[j] += d * d;
+              }
+            }
+            return;
           }
-          for (; j < len; ++j) {
-            const double d = double(xr[j]) - k[j];
-            sa[j] += d;
-            qa[j] += d * d;
+          const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            vwide kv[NV], sv[NV], qv[NV];
+            for (int t = 0; t < NV; ++t) {
+              kv[t] = load<vwide>(k + j0 + t * kWide);
+              sv[t] = vwide{};
+              qv[t] = vwide{};
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const vwide d = load_wide(xb + r * len + j0 + t * kWide) - kv[t];
+                sv[t] += d;
+                qv[t] += d * d;
+              }
+            for (int t = 0; t < NV; ++t) {
+              store(sa + j0 + t * kWide, load<vwide>(sa + j0 + t * kWide) + sv[t]);
+              store(qa + j0 + t * kWide, load<vwide>(qa + j0 + t * kWide) + qv[t]);
+            }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj) {
+            const std::int64_t j = jj;
+            double sv = 0, qv = 0;
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const double d = double(xb[r * len + j]) - k[j];
+              sv += d;
+              qv += d * d;
+            }
+            sa[j] += sv;
+            qa[j] += qv;
           }
         });
         fold_period(q, sa, out);
@@ -334,20 +421,39 @@ void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const do
         using V = vnative<T>;
         constexpr int L = kLanes<T>;
         const std::int64_t W = q.W;
-        std::vector<T> buf(std::size_t(4 * W));
+        // y = (x - head) * scale + (bias - tail * scale): three coefficient loads per vector.
+        std::vector<T> buf(std::size_t(3 * W));
         T* hd = buf.data();
-        T* tl = hd + W;
-        T* sc = tl + W;
+        T* sc = hd + W;
         T* bs = sc + W;
-        for (std::int64_t j = 0; j < W; ++j) coef(i, j % c, hd[j], tl[j], sc[j], bs[j]);
-        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
-          const T* xr = x + off;
-          T* yr = y + off;
-          std::int64_t j = 0;
-          for (; j + L <= len; j += L)
-            store(yr + j, ((load<V>(xr + j) - load<V>(hd + j)) - load<V>(tl + j)) * load<V>(sc + j) +
-                              load<V>(bs + j));
-          for (; j < len; ++j) yr[j] = ((xr[j] - hd[j]) - tl[j]) * sc[j] + bs[j];
+        for (std::int64_t j = 0; j < W; ++j) {
+          T tail;
+          coef(i, j % c, hd[j], tail, sc[j], bs[j]);
+          bs[j] = T(double(bs[j]) - double(tail) * double(sc[j]));
+        }
+        constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          T* yb = y + base;
+          const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            V h[NV], sv[NV], bv[NV];
+            for (int t = 0; t < NV; ++t) {
+              h[t] = load<V>(hd + j0 + t * L);
+              sv[t] = load<V>(sc + j0 + t * L);
+              bv[t] = load<V>(bs + j0 + t * L);
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const std::int64_t e = r * len + j0 + t * L;
+                store(yb + e, (load<V>(xb + e) - h[t]) * sv[t] + bv[t]);
+              }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj) {
+            const std::int64_t j = jj;
+            const T h = hd[j], sv = sc[j], bv = bs[j];
+            for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = (xb[r * len + j] - h) * sv + bv;
+          }
         });
       });
 }
@@ -417,19 +523,83 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           double* aa = mv + W;
           double* ba = aa + W;
           for (std::int64_t j = 0; j < W; ++j) mv[j] = mean[std::size_t(q.set_of(i, j % c))];
-          cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
-            const T* xr = x + off;
-            const T* dr = dy + off;
-            std::int64_t j = 0;
-            for (; j + kWide <= len; j += kWide) {
-              const vwide d = load_wide(dr + j);
-              store(aa + j, load<vwide>(aa + j) + d);
-              store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
+          cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+            const T* xb = x + base;
+            const T* db = dy + base;
+            if (len > 2 * kTile * kWide) {
+              // Wide rows: row-major, sums in L1.
+              std::int64_t r = 0;
+              for (; r + 4 <= nr; r += 4) {
+                const T* xr = xb + r * len;
+                const T* dr = db + r * len;
+                std::int64_t j = 0;
+                for (; j + kWide <= len; j += kWide) {
+                  const vwide m = load<vwide>(mv + j);
+                  const vwide d0 = load_wide(dr + j), d1 = load_wide(dr + len + j);
+                  const vwide d2 = load_wide(dr + 2 * len + j), d3 = load_wide(dr + 3 * len + j);
+                  const vwide x0 = load_wide(xr + j) - m, x1 = load_wide(xr + len + j) - m;
+                  const vwide x2 = load_wide(xr + 2 * len + j) - m, x3 = load_wide(xr + 3 * len + j) - m;
+                  store(aa + j, load<vwide>(aa + j) + ((d0 + d1) + (d2 + d3)));
+                  store(ba + j, load<vwide>(ba + j) + ((d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)));
+                }
+                for (; j < len; ++j) {
+                  double sa = 0, sb = 0;
+                  for (int t = 0; t < 4; ++t) {
+                    const double d = double(dr[t * len + j]);
+                    sa += d;
+                    sb += d * (double(xr[t * len + j]) - mv[j]);
+                  }
+                  aa[j] += sa;
+                  ba[j] += sb;
+                }
+              }
+              for (; r < nr; ++r) {
+                const T* xr = xb + r * len;
+                const T* dr = db + r * len;
+                std::int64_t j = 0;
+                for (; j + kWide <= len; j += kWide) {
+                  const vwide d = load_wide(dr + j);
+                  store(aa + j, load<vwide>(aa + j) + d);
+                  store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
+                }
+                for (; j < len; ++j) {
+                  const double d = double(dr[j]);
+                  aa[j] += d;
+                  ba[j] += d * (double(xr[j]) - mv[j]);
+                }
+              }
+              return;
             }
-            for (; j < len; ++j) {
-              const double d = double(dr[j]);
-              aa[j] += d;
-              ba[j] += d * (double(xr[j]) - mv[j]);
+            const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+              constexpr int NV = decltype(nv)::value;
+              vwide m[NV], av[NV], bv[NV];
+              for (int t = 0; t < NV; ++t) {
+                m[t] = load<vwide>(mv + j0 + t * kWide);
+                av[t] = vwide{};
+                bv[t] = vwide{};
+              }
+              for (std::int64_t r = 0; r < nr; ++r)
+                for (int t = 0; t < NV; ++t) {
+                  const std::int64_t e = r * len + j0 + t * kWide;
+                  const vwide d = load_wide(db + e);
+                  av[t] += d;
+                  bv[t] += d * (load_wide(xb + e) - m[t]);
+                }
+              for (int t = 0; t < NV; ++t) {
+                store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + av[t]);
+                store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + bv[t]);
+              }
+            });
+            for (std::int64_t jj = j; jj < len; ++jj) {
+              const std::int64_t j = jj;
+              double av = 0, bv = 0;
+              for (std::int64_t r = 0; r < nr; ++r) {
+                const double d = double(db[r * len + j]);
+                av += d;
+                bv += d * (double(xb[r * len + j]) - mv[j]);
+              }
+              aa[j] += av;
+              ba[j] += bv;
             }
           });
           fold_period(q, aa, out);
@@ -490,16 +660,66 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
         double* bv = av + W;
         double* cv = bv + W;
         for (std::int64_t j = 0; j < W; ++j) coef(i, j % c, mv[j], av[j], bv[j], cv[j]);
-        cl_rows(q, i, r0, r1, [&](std::int64_t off, std::int64_t len) {
-          const T* xr = x + off;
-          const T* dr = dy + off;
-          T* o = dx + off;
-          std::int64_t j = 0;
-          for (; j + kWide <= len; j += kWide)
-            store_narrow(o + j, (load<vwide>(av + j) * load_wide(dr + j) - load<vwide>(cv + j)) -
-                                    (load_wide(xr + j) - load<vwide>(mv + j)) * load<vwide>(bv + j));
-          for (; j < len; ++j)
-            o[j] = T((av[j] * double(dr[j]) - cv[j]) - (double(xr[j]) - mv[j]) * bv[j]);
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          const T* db = dy + base;
+          T* ob = dx + base;
+          if (len > 2 * kTile * kWide) {
+            // Wide rows: row-major, four rows per coefficient load (many strided tile passes
+            // cost more than the aliasing stalls of the coefficient loads).
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const std::int64_t e0 = r * len;
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const vwide a = load<vwide>(av + j), b = load<vwide>(bv + j);
+                const vwide cc = load<vwide>(cv + j), m = load<vwide>(mv + j);
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  store_narrow(ob + e, (a * load_wide(db + e) - cc) - (load_wide(xb + e) - m) * b);
+                }
+              }
+              for (; j < len; ++j)
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+                }
+            }
+            for (; r < nr; ++r) {
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const std::int64_t e = r * len + j;
+                store_narrow(ob + e, (load<vwide>(av + j) * load_wide(db + e) - load<vwide>(cv + j)) -
+                                         (load_wide(xb + e) - load<vwide>(mv + j)) * load<vwide>(bv + j));
+              }
+              for (; j < len; ++j) {
+                const std::int64_t e = r * len + j;
+                ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+              }
+            }
+            return;
+          }
+          const std::int64_t j = for_tiles<kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            vwide a[NV], b[NV], cc[NV], m[NV];
+            for (int t = 0; t < NV; ++t) {
+              a[t] = load<vwide>(av + j0 + t * kWide);
+              b[t] = load<vwide>(bv + j0 + t * kWide);
+              cc[t] = load<vwide>(cv + j0 + t * kWide);
+              m[t] = load<vwide>(mv + j0 + t * kWide);
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const std::int64_t e = r * len + j0 + t * kWide;
+                store_narrow(ob + e, (a[t] * load_wide(db + e) - cc[t]) - (load_wide(xb + e) - m[t]) * b[t]);
+              }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj)
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const std::int64_t j = jj;
+              const std::int64_t e = r * len + j;
+              ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+            }
         });
       });
 }
