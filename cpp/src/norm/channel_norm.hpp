@@ -163,17 +163,19 @@ void plane_sums(const Geom& q, int nthreads, double* psum, const CF& cf, const C
       const std::int64_t r0 = k * q.rb, r1 = r0 + q.rb < q.rows ? r0 + q.rb : q.rows;
       cl(i, r0, r1, &part[std::size_t(u * 2 * c)]);
     });
-    for (std::int64_t i = 0; i < q.pn; ++i)
-      for (std::int64_t ch = 0; ch < c; ++ch) {
-        double a = 0, b = 0;
-        for (std::int64_t k = 0; k < q.blocks; ++k) {
-          const double* pp = &part[std::size_t((i * q.blocks + k) * 2 * c)];
-          a += pp[ch];
-          b += pp[c + ch];
+    // Per column, blocks in order (walked block-major so that reads are contiguous).
+    for (std::int64_t i = 0; i < q.pn; ++i) {
+      double* pa = psum + i * c;
+      double* pb = psum + np + i * c;
+      for (std::int64_t ch = 0; ch < c; ++ch) pa[ch] = pb[ch] = 0.0;
+      for (std::int64_t k = 0; k < q.blocks; ++k) {
+        const double* pp = &part[std::size_t((i * q.blocks + k) * 2 * c)];
+        for (std::int64_t ch = 0; ch < c; ++ch) {
+          pa[ch] += pp[ch];
+          pb[ch] += pp[c + ch];
         }
-        psum[i * c + ch] = a;
-        psum[np + i * c + ch] = b;
       }
+    }
   }
 }
 
@@ -236,6 +238,12 @@ inline std::int64_t for_tiles(std::int64_t len, const F& f) {
   return j + rest * Lanes;
 }
 
+// Repeats a[0..c) over a[0..W).
+template <class U>
+inline void periodic(U* a, std::int64_t c, std::int64_t W) {
+  for (std::int64_t j = c; j < W; ++j) a[j] = a[j - c];
+}
+
 // Folds a period-W accumulator into c columns: out[ch] = sum over the m copies, in order.
 inline void fold_period(const Geom& q, const double* acc, double* out) {
   for (std::int64_t ch = 0; ch < q.c; ++ch) {
@@ -290,7 +298,8 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         double* k = buf.data();
         double* sa = k + W;
         double* qa = sa + W;
-        for (std::int64_t j = 0; j < W; ++j) k[j] = shift[std::size_t(q.set_of(i, j % c))];
+        for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
+        periodic(k, c, W);
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
           if (len > 2 * kTile * kWide) {
@@ -426,15 +435,50 @@ void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const do
         T* hd = buf.data();
         T* sc = hd + W;
         T* bs = sc + W;
-        for (std::int64_t j = 0; j < W; ++j) {
+        for (std::int64_t j = 0; j < c; ++j) {
           T tail;
-          coef(i, j % c, hd[j], tail, sc[j], bs[j]);
+          coef(i, j, hd[j], tail, sc[j], bs[j]);
           bs[j] = T(double(bs[j]) - double(tail) * double(sc[j]));
         }
+        periodic(hd, c, W);
+        periodic(sc, c, W);
+        periodic(bs, c, W);
         constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
           T* yb = y + base;
+          if (len > 2 * TV * L) {
+            // Wide rows: row-major, four rows per coefficient load.
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const std::int64_t e0 = r * len;
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const V h = load<V>(hd + j), sv = load<V>(sc + j), bv = load<V>(bs + j);
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  store(yb + e, (load<V>(xb + e) - h) * sv + bv);
+                }
+              }
+              for (; j < len; ++j)
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+                }
+            }
+            for (; r < nr; ++r) {
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const std::int64_t e = r * len + j;
+                store(yb + e, (load<V>(xb + e) - load<V>(hd + j)) * load<V>(sc + j) + load<V>(bs + j));
+              }
+              for (; j < len; ++j) {
+                const std::int64_t e = r * len + j;
+                yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+              }
+            }
+            return;
+          }
           const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
             constexpr int NV = decltype(nv)::value;
             V h[NV], sv[NV], bv[NV];
@@ -522,7 +566,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           double* mv = buf.data();
           double* aa = mv + W;
           double* ba = aa + W;
-          for (std::int64_t j = 0; j < W; ++j) mv[j] = mean[std::size_t(q.set_of(i, j % c))];
+          for (std::int64_t j = 0; j < c; ++j) mv[j] = mean[std::size_t(q.set_of(i, j))];
+          periodic(mv, c, W);
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
@@ -659,7 +704,11 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
         double* av = mv + W;
         double* bv = av + W;
         double* cv = bv + W;
-        for (std::int64_t j = 0; j < W; ++j) coef(i, j % c, mv[j], av[j], bv[j], cv[j]);
+        for (std::int64_t j = 0; j < c; ++j) coef(i, j, mv[j], av[j], bv[j], cv[j]);
+        periodic(mv, c, W);
+        periodic(av, c, W);
+        periodic(bv, c, W);
+        periodic(cv, c, W);
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
           const T* db = dy + base;
