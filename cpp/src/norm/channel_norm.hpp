@@ -12,6 +12,10 @@
 //     across channels) and each unit writes double partial sums per plane;
 //  2. partials are added per plane in unit order, and planes per set in plane order.
 // Threads only decide which unit runs where, so results are identical for every thread count.
+// Channels-last rows are walked m at a time as one "row" of period W = m * c, m chosen so that W
+// is whole vectors; per-column coefficients and sums are replicated over the period, kept in
+// registers over runs of up to kRunRows periods (narrow rows) or kept in L1 and applied four
+// rows per load (wide rows).
 // Sums are shifted by one element of the set (fixed), so var = E[d^2] - E[d]^2 in double keeps
 // its digits when |mean| >> std.
 #pragma once

@@ -27,7 +27,7 @@ inline bool fused(const Geom& q, std::size_t elem_bytes) {
 
 template <class T>
 void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int nthreads) {
-  const std::int64_t c = q.c, s = q.s, len = q.cg * s;
+  const std::int64_t s = q.s, len = q.cg * s;
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     const T* x = a.x + st * len;
     T* y = a.y + st * len;
@@ -54,7 +54,6 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
       normalize_span(x + j * s, y + j * s, s, head, tail, scale, bias);
     }
   });
-  (void)c;
 }
 
 template <class T>
