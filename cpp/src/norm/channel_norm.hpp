@@ -531,15 +531,31 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
   out[1] += b + lane_sum(b0 + b1);
 }
 
-// dx = ka * dy - kc - (x - mean) * kb over n elements, in double.
+// dx = ka * dy - kc - (x - mean) * kb, evaluated in T as (a * dy - c) - (x - head) * b with
+// head = T(mean) and c = kc - (mean - head) * kb, so that x - head keeps its digits when
+// |mean| >> std (as the forward does).
+template <class T>
+struct GradCoef {
+  T head, a, b, c;
+};
+
+template <class T>
+inline GradCoef<T> grad_coef(double mean, double ka, double kb, double kc) {
+  const T head = T(mean);
+  return {head, T(ka), T(kb), T(kc - (mean - double(head)) * kb)};
+}
+
 template <class T>
 inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
                       double kb, double kc) {
-  const vwide vm = splat<vwide>(mean), va = splat<vwide>(ka), vb = splat<vwide>(kb), vc = splat<vwide>(kc);
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  const GradCoef<T> k = grad_coef<T>(mean, ka, kb, kc);
+  const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
   std::int64_t j = 0;
-  for (; j + kWide <= n; j += kWide)
-    store_narrow(dx + j, (va * load_wide(dy + j) - vc) - (load_wide(x + j) - vm) * vb);
-  for (; j < n; ++j) dx[j] = T((ka * double(dy[j]) - kc) - (double(x[j]) - mean) * kb);
+  for (; j + L <= n; j += L)
+    store(dx + j, (va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb);
+  for (; j < n; ++j) dx[j] = (k.a * dy[j] - k.c) - (x[j] - k.head) * k.b;
 }
 
 // The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
@@ -693,6 +709,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
     kbv = kb[st];
     kcv = kc[st];
   };
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  constexpr int TV = kTile;  // T vectors per register tile: four coefficients each
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -703,13 +722,18 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         const std::int64_t W = q.W;
-        std::vector<double> buf(std::size_t(4 * W));
-        double* mv = buf.data();
-        double* av = mv + W;
-        double* bv = av + W;
-        double* cv = bv + W;
-        for (std::int64_t j = 0; j < c; ++j) coef(i, j, mv[j], av[j], bv[j], cv[j]);
-        periodic(mv, c, W);
+        std::vector<T> buf(std::size_t(4 * W));
+        T* hv = buf.data();
+        T* av = hv + W;
+        T* bv = av + W;
+        T* cv = bv + W;
+        for (std::int64_t j = 0; j < c; ++j) {
+          double m, ka, kbv, kcv;
+          coef(i, j, m, ka, kbv, kcv);
+          const GradCoef<T> k = grad_coef<T>(m, ka, kbv, kcv);
+          hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
+        }
+        periodic(hv, c, W);
         periodic(av, c, W);
         periodic(bv, c, W);
         periodic(cv, c, W);
@@ -717,61 +741,59 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           const T* xb = x + base;
           const T* db = dy + base;
           T* ob = dx + base;
-          if (len > 2 * kTile * kWide) {
+          if (len > 2 * TV * L) {
             // Wide rows: row-major, four rows per coefficient load (many strided tile passes
             // cost more than the aliasing stalls of the coefficient loads).
             std::int64_t r = 0;
             for (; r + 4 <= nr; r += 4) {
               const std::int64_t e0 = r * len;
               std::int64_t j = 0;
-              for (; j + kWide <= len; j += kWide) {
-                const vwide a = load<vwide>(av + j), b = load<vwide>(bv + j);
-                const vwide cc = load<vwide>(cv + j), m = load<vwide>(mv + j);
+              for (; j + L <= len; j += L) {
+                const V h = load<V>(hv + j), a = load<V>(av + j), b = load<V>(bv + j), cc = load<V>(cv + j);
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
-                  store_narrow(ob + e, (a * load_wide(db + e) - cc) - (load_wide(xb + e) - m) * b);
+                  store(ob + e, (a * load<V>(db + e) - cc) - (load<V>(xb + e) - h) * b);
                 }
               }
               for (; j < len; ++j)
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
-                  ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+                  ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
                 }
             }
             for (; r < nr; ++r) {
               std::int64_t j = 0;
-              for (; j + kWide <= len; j += kWide) {
+              for (; j + L <= len; j += L) {
                 const std::int64_t e = r * len + j;
-                store_narrow(ob + e, (load<vwide>(av + j) * load_wide(db + e) - load<vwide>(cv + j)) -
-                                         (load_wide(xb + e) - load<vwide>(mv + j)) * load<vwide>(bv + j));
+                store(ob + e, (load<V>(av + j) * load<V>(db + e) - load<V>(cv + j)) -
+                                  (load<V>(xb + e) - load<V>(hv + j)) * load<V>(bv + j));
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
-                ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+                ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
               }
             }
             return;
           }
-          const std::int64_t j = for_tiles<kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+          const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
             constexpr int NV = decltype(nv)::value;
-            vwide a[NV], b[NV], cc[NV], m[NV];
+            V h[NV], a[NV], b[NV], cc[NV];
             for (int t = 0; t < NV; ++t) {
-              a[t] = load<vwide>(av + j0 + t * kWide);
-              b[t] = load<vwide>(bv + j0 + t * kWide);
-              cc[t] = load<vwide>(cv + j0 + t * kWide);
-              m[t] = load<vwide>(mv + j0 + t * kWide);
+              h[t] = load<V>(hv + j0 + t * L);
+              a[t] = load<V>(av + j0 + t * L);
+              b[t] = load<V>(bv + j0 + t * L);
+              cc[t] = load<V>(cv + j0 + t * L);
             }
             for (std::int64_t r = 0; r < nr; ++r)
               for (int t = 0; t < NV; ++t) {
-                const std::int64_t e = r * len + j0 + t * kWide;
-                store_narrow(ob + e, (a[t] * load_wide(db + e) - cc[t]) - (load_wide(xb + e) - m[t]) * b[t]);
+                const std::int64_t e = r * len + j0 + t * L;
+                store(ob + e, (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]);
               }
           });
           for (std::int64_t jj = j; jj < len; ++jj)
             for (std::int64_t r = 0; r < nr; ++r) {
-              const std::int64_t j = jj;
-              const std::int64_t e = r * len + j;
-              ob[e] = T((av[j] * double(db[e]) - cv[j]) - (double(xb[e]) - mv[j]) * bv[j]);
+              const std::int64_t e = r * len + jj;
+              ob[e] = (av[jj] * db[e] - cv[jj]) - (xb[e] - hv[jj]) * bv[jj];
             }
         });
       });
