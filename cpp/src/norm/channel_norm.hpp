@@ -619,19 +619,62 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           grad_sums(dy + p * q.s + j0, x + p * q.s + j0, j1 - j0, m, out);
         },
         [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+          // Sums of dy * (x - head), head = T(mean) per column (exact differences near the
+          // mean), corrected to x - mean after folding.
           const std::int64_t W = q.W;
           std::vector<double> buf(std::size_t(3 * W), 0.0);
+          std::vector<T> hbuf(static_cast<std::size_t>(W));
           double* mv = buf.data();
           double* aa = mv + W;
           double* ba = aa + W;
-          for (std::int64_t j = 0; j < c; ++j) mv[j] = mean[std::size_t(q.set_of(i, j))];
+          T* hv = hbuf.data();
+          for (std::int64_t j = 0; j < c; ++j) {
+            hv[j] = T(mean[std::size_t(q.set_of(i, j))]);
+            mv[j] = double(hv[j]);
+          }
           periodic(mv, c, W);
+          periodic(hv, c, W);
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
             if (len > 2 * kTile * kWide) {
               // Wide rows: row-major, sums in L1.
               std::int64_t r = 0;
+              if constexpr (std::is_same<T, float>::value && kFloatGradPartials &&
+                            kLanes<float> >= 2 * kWide) {
+                // Four rows in float (as grad_sums), then into the double sums.
+                using V = vnative<float>;
+                constexpr int L = kLanes<float>;
+                for (; r + 4 <= nr; r += 4) {
+                  const T* xr = xb + r * len;
+                  const T* dr = db + r * len;
+                  std::int64_t j = 0;
+                  for (; j + L <= len; j += L) {
+                    const V h = load<V>(hv + j);
+                    const V g0 = load<V>(dr + j), g1 = load<V>(dr + len + j);
+                    const V g2 = load<V>(dr + 2 * len + j), g3 = load<V>(dr + 3 * len + j);
+                    const V d0 = load<V>(xr + j) - h, d1 = load<V>(xr + len + j) - h;
+                    const V d2 = load<V>(xr + 2 * len + j) - h, d3 = load<V>(xr + 3 * len + j) - h;
+                    vwide lo, hi;
+                    widen((g0 + g1) + (g2 + g3), lo, hi);
+                    store(aa + j, load<vwide>(aa + j) + lo);
+                    store(aa + j + kWide, load<vwide>(aa + j + kWide) + hi);
+                    widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), lo, hi);
+                    store(ba + j, load<vwide>(ba + j) + lo);
+                    store(ba + j + kWide, load<vwide>(ba + j + kWide) + hi);
+                  }
+                  for (; j < len; ++j) {
+                    double sa = 0, sb = 0;
+                    for (int t = 0; t < 4; ++t) {
+                      const double d = double(dr[t * len + j]);
+                      sa += d;
+                      sb += d * (double(xr[t * len + j]) - mv[j]);
+                    }
+                    aa[j] += sa;
+                    ba[j] += sb;
+                  }
+                }
+              }
               for (; r + 4 <= nr; r += 4) {
                 const T* xr = xb + r * len;
                 const T* dr = db + r * len;
@@ -707,6 +750,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           });
           fold_period(q, aa, out);
           fold_period(q, ba, out + c);
+          for (std::int64_t ch = 0; ch < c; ++ch)
+            out[c + ch] -= (mean[std::size_t(q.set_of(i, ch))] - mv[ch]) * out[ch];
         });
     if (dweight || dbias) {
       for (std::int64_t ch = 0; ch < c; ++ch) {
