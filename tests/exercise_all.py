@@ -42,6 +42,14 @@ def calls(size: str = "small") -> dict:
     residual = rng.standard_normal((rows, cols)).astype(np.float32)
     _, s, s_mean, s_rstd = normlab.add_layer_norm(x, residual, w, b, return_stats=True)
     _, _, s_rms_rstd = normlab.add_rms_norm(x, residual, w, return_stats=True)
+    n, c, hw = (2, 8, 6) if size == "small" else (8, 32, 24)
+    img = (rng.standard_normal((n, c, hw, hw)) * 2 + 1).astype(np.float32)
+    img_dy = rng.standard_normal(img.shape).astype(np.float32)
+    cw = rng.standard_normal(c).astype(np.float32)
+    cb = rng.standard_normal(c).astype(np.float32)
+    _, bn_mean, bn_invstd = normlab.batch_norm(img, cw, cb, return_stats=True)
+    _, in_mean, in_rstd = normlab.instance_norm(img, cw, cb, return_stats=True)
+    _, gn_mean, gn_rstd = normlab.group_norm(img, 4, cw, cb, return_stats=True)
     table = {
         "layer_norm": lambda: normlab.layer_norm(x, w, b, return_stats=True),
         "layer_norm_backward": lambda: normlab.layer_norm_backward(dy, x, mean, rstd, w),
@@ -51,6 +59,12 @@ def calls(size: str = "small") -> dict:
         "add_layer_norm_backward": lambda: normlab.add_layer_norm_backward(dy, s, s_mean, s_rstd, w, ds=dy),
         "add_rms_norm": lambda: normlab.add_rms_norm(x, residual, w, return_stats=True),
         "add_rms_norm_backward": lambda: normlab.add_rms_norm_backward(dy, s, s_rms_rstd, w, ds=dy),
+        "batch_norm": lambda: normlab.batch_norm(img, cw, cb, return_stats=True),
+        "batch_norm_backward": lambda: normlab.batch_norm_backward(img_dy, img, bn_mean, bn_invstd, cw),
+        "instance_norm": lambda: normlab.instance_norm(img, cw, cb, return_stats=True),
+        "instance_norm_backward": lambda: normlab.instance_norm_backward(img_dy, img, in_mean, in_rstd, cw),
+        "group_norm": lambda: normlab.group_norm(img, 4, cw, cb, return_stats=True),
+        "group_norm_backward": lambda: normlab.group_norm_backward(img_dy, img, gn_mean, gn_rstd, 4, cw),
     }
     return {name: (lambda fn=fn: _as_tuple(fn())) for name, fn in table.items()}
 

@@ -20,6 +20,8 @@ SETUP = """
 import numpy as np, normlab as nl
 x = np.ones((4, 8), np.float32)
 x64 = np.ones((4, 8))
+img = np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32)
+c4 = np.ones(4, np.float32)
 w = np.ones(8, np.float32)
 b = np.zeros(8, np.float32)
 stats1 = np.ones(4, np.float32)
@@ -85,6 +87,20 @@ BAD_CALLS = [
     ("nl.add_layer_norm(x, x.copy(), sum_out=np.empty((4, 8), np.float64))", TypeError, "sum_out"),
     ("r = x.copy(); nl.add_rms_norm(x, r, out=r)", ValueError, "out"),
     ("nl.add_rms_norm_backward(x, x, stats1, ds=np.ones((4, 9), np.float32))", ValueError, "ds"),
+    # channel norms
+    ("nl.batch_norm(img, np.ones(3, np.float32))", ValueError, "weight"),
+    ("nl.batch_norm(img, running_mean=c4, running_var=np.ones(5, np.float32))", ValueError, "running_var"),
+    ("rm = c4.copy(); rm.flags.writeable = False; nl.batch_norm(img, running_mean=rm, running_var=c4.copy())",
+     ValueError, "running_mean"),
+    ("nl.batch_norm(img, momentum=1.5, running_mean=c4.copy(), running_var=c4.copy())", ValueError, "momentum"),
+    ("nl.batch_norm(img, training=False)", ValueError, "running"),
+    ("nl.batch_norm(np.ones((1, 4), np.float32))", ValueError, "channel"),
+    ("nl.group_norm(img, 3)", ValueError, "num_groups"),
+    ("nl.group_norm(img, 0)", ValueError, "num_groups"),
+    ("nl.group_norm(img, 2.0)", TypeError, "num_groups"),
+    ("nl.instance_norm(img, channel_axis=2)", ValueError, "channel_axis"),
+    ("nl.instance_norm(img.astype(np.int32))", TypeError, "x"),
+    ("nl.group_norm_backward(img, img, np.ones((2, 2), np.float32), np.ones((2, 3), np.float32), 2)", ValueError, "rstd"),
     # runtime
     ("nl.set_num_threads(0)", ValueError, "n"),
     ("nl.set_num_threads(2.5)", TypeError, "n"),

@@ -1,11 +1,19 @@
 """normlab: fast, accurate CPU normalization kernels for NumPy.
 
-Layer and RMS normalization, forward and backward, with SIMD kernels chosen at run time and
+Layer, RMS, batch, instance and group normalization, forward and backward, with SIMD kernels chosen at run time and
 OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
 ``help(normlab.runtime)`` for targets and threads.
 """
 
 from . import _core
+from .channel_norm import (
+    batch_norm,
+    batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+)
 from .norm import (
     add_layer_norm,
     add_layer_norm_backward,
@@ -37,6 +45,12 @@ __all__ = [
     "add_layer_norm_backward",
     "add_rms_norm",
     "add_rms_norm_backward",
+    "batch_norm",
+    "batch_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "group_norm",
+    "group_norm_backward",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",

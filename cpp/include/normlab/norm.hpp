@@ -96,4 +96,131 @@ void add_layer_norm(const AddLayerNormForward<double>& args);
 void add_rms_norm(const AddRmsNormForward<float>& args);
 void add_rms_norm(const AddRmsNormForward<double>& args);
 
+// ---- Channel norms: batch, instance and group normalization ---------------------------------
+//
+// x is a C-contiguous tensor of `batch` samples, `channels` channels and `spatial` positions
+// (the product of the spatial dims, 1 for none), laid out (batch, channels, spatial) when
+// channels_last is false and (batch, spatial, channels) when it is true; y, dy and dx share x's
+// layout. weight/bias/running statistics and dweight/dbias have one value per channel.
+// Statistics are accumulated in double from shifted sums over fixed blocks combined in a fixed
+// order: results are bitwise identical for every thread count.
+
+template <class T>
+struct BatchNormForward {
+  const T* x = nullptr;
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  T* y = nullptr;
+  T* mean = nullptr;           // optional output, channels values (training: batch mean;
+                               // inference: running_mean)
+  T* invstd = nullptr;         // optional output, channels values: 1 / sqrt(var + eps)
+  T* running_mean = nullptr;   // training: updated in place when given; inference: required input
+  T* running_var = nullptr;    // likewise; updated with the unbiased batch variance
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  bool channels_last = false;
+  bool training = true;
+  double momentum = 0.1;
+  double eps = 1e-5;
+};
+
+template <class T>
+struct BatchNormBackward {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* mean = nullptr;    // channels values (inference: the running mean)
+  const T* invstd = nullptr;  // channels values (inference: 1 / sqrt(running_var + eps))
+  const T* weight = nullptr;
+  T* dx = nullptr;
+  T* dweight = nullptr;  // computed only when weight is given
+  T* dbias = nullptr;    // computed only when weight is given
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  bool channels_last = false;
+  bool training = true;
+};
+
+template <class T>
+struct GroupNormForward {
+  const T* x = nullptr;
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  T* y = nullptr;
+  T* mean = nullptr;  // optional output, batch * groups values
+  T* rstd = nullptr;  // optional output, batch * groups values
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  std::int64_t groups = 1;  // divides channels
+  bool channels_last = false;
+  double eps = 1e-5;
+};
+
+template <class T>
+struct GroupNormBackward {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* mean = nullptr;  // batch * groups values
+  const T* rstd = nullptr;  // batch * groups values
+  const T* weight = nullptr;
+  T* dx = nullptr;
+  T* dweight = nullptr;  // computed only when weight is given
+  T* dbias = nullptr;    // computed only when weight is given
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  std::int64_t groups = 1;
+  bool channels_last = false;
+};
+
+// Instance norm is group norm with one group per channel: statistics are batch * channels values.
+template <class T>
+struct InstanceNormForward {
+  const T* x = nullptr;
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+  T* y = nullptr;
+  T* mean = nullptr;  // optional output, batch * channels values
+  T* rstd = nullptr;  // optional output, batch * channels values
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  bool channels_last = false;
+  double eps = 1e-5;
+};
+
+template <class T>
+struct InstanceNormBackward {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* mean = nullptr;
+  const T* rstd = nullptr;
+  const T* weight = nullptr;
+  T* dx = nullptr;
+  T* dweight = nullptr;
+  T* dbias = nullptr;
+  std::int64_t batch = 0;
+  std::int64_t channels = 0;
+  std::int64_t spatial = 1;
+  bool channels_last = false;
+};
+
+// Each throws std::invalid_argument for null required pointers, negative or zero sizes, groups
+// not dividing channels, eps <= 0, momentum outside [0, 1], a training batch norm with one value
+// per channel, or an inference batch norm without running statistics.
+void batch_norm(const BatchNormForward<float>& args);
+void batch_norm(const BatchNormForward<double>& args);
+void batch_norm_backward(const BatchNormBackward<float>& args);
+void batch_norm_backward(const BatchNormBackward<double>& args);
+void group_norm(const GroupNormForward<float>& args);
+void group_norm(const GroupNormForward<double>& args);
+void group_norm_backward(const GroupNormBackward<float>& args);
+void group_norm_backward(const GroupNormBackward<double>& args);
+void instance_norm(const InstanceNormForward<float>& args);
+void instance_norm(const InstanceNormForward<double>& args);
+void instance_norm_backward(const InstanceNormBackward<float>& args);
+void instance_norm_backward(const InstanceNormBackward<double>& args);
+
 }  // namespace normlab

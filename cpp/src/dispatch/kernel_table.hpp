@@ -19,6 +19,14 @@ struct RowNormKernels {
   void (*add_rms_norm)(const AddRmsNormForward<T>&, int nthreads) = nullptr;
 };
 
+template <class T>
+struct ChannelNormKernels {
+  void (*batch_norm)(const BatchNormForward<T>&, int nthreads) = nullptr;
+  void (*batch_norm_backward)(const BatchNormBackward<T>&, int nthreads) = nullptr;
+  void (*group_norm)(const GroupNormForward<T>&, int nthreads) = nullptr;
+  void (*group_norm_backward)(const GroupNormBackward<T>&, int nthreads) = nullptr;
+};
+
 struct RooflineKernels {
   void (*copy)(const void* src, void* dst, std::size_t bytes, int nthreads) = nullptr;
   void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads) = nullptr;
@@ -30,9 +38,13 @@ struct KernelTable {
   RowNormKernels<float> row_f32;
   RowNormKernels<double> row_f64;
   RooflineKernels roofline;
+  ChannelNormKernels<float> chan_f32;
+  ChannelNormKernels<double> chan_f64;
 
   template <class T>
   const RowNormKernels<T>& row() const;
+  template <class T>
+  const ChannelNormKernels<T>& chan() const;
 };
 
 template <>
@@ -40,10 +52,17 @@ inline const RowNormKernels<float>& KernelTable::row<float>() const { return row
 template <>
 inline const RowNormKernels<double>& KernelTable::row<double>() const { return row_f64; }
 
+template <>
+inline const ChannelNormKernels<float>& KernelTable::chan<float>() const { return chan_f32; }
+template <>
+inline const ChannelNormKernels<double>& KernelTable::chan<double>() const { return chan_f64; }
+
 // The per-target kernel files, each defining register_<name>(KernelTable&) in its target namespace.
 #define NL_KERNEL_FILES(X) \
   X(layer_norm)            \
   X(rms_norm)              \
+  X(batch_norm)            \
+  X(group_norm)            \
   X(roofline)
 
 // The table of the active target (never null).

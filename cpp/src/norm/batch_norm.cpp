@@ -1,0 +1,61 @@
+// batch_norm forward and backward: one body, compiled once per SIMD target. Statistics per
+// channel over every other axis; see norm/channel_norm.hpp for the blocking.
+#include "dispatch/kernel_table.hpp"
+#include "norm/channel_norm.hpp"
+
+namespace normlab {
+namespace NL_TARGET {
+namespace {
+
+template <class T>
+Geom batch_geom(std::int64_t n, std::int64_t c, std::int64_t s, bool channels_last) {
+  return make_geom(n, c, s, c, channels_last, true, kLanes<T>, int(sizeof(T)));
+}
+
+template <class T>
+void batch_norm_forward(const BatchNormForward<T>& a, int nthreads) {
+  const Geom q = batch_geom<T>(a.batch, a.channels, a.spatial, a.channels_last);
+  const std::int64_t c = a.channels;
+  const std::size_t nc = static_cast<std::size_t>(c);
+  std::vector<double> mean(nc), rstd(nc), var(nc);
+  if (a.training) {
+    set_moments(q, a.x, a.eps, nthreads, mean.data(), rstd.data(), var.data());
+    const double mom = a.momentum, unbias = q.count / (q.count - 1.0);
+    for (std::int64_t ch = 0; ch < c; ++ch) {
+      if (a.running_mean)
+        a.running_mean[ch] = T((1.0 - mom) * double(a.running_mean[ch]) + mom * mean[std::size_t(ch)]);
+      if (a.running_var)
+        a.running_var[ch] =
+            T((1.0 - mom) * double(a.running_var[ch]) + mom * var[std::size_t(ch)] * unbias);
+    }
+  } else {
+    for (std::int64_t ch = 0; ch < c; ++ch) {
+      mean[std::size_t(ch)] = double(a.running_mean[ch]);
+      rstd[std::size_t(ch)] = 1.0 / std::sqrt(double(a.running_var[ch]) + a.eps);
+    }
+  }
+  for (std::int64_t ch = 0; ch < c; ++ch) {
+    if (a.mean) a.mean[ch] = T(mean[std::size_t(ch)]);
+    if (a.invstd) a.invstd[ch] = T(rstd[std::size_t(ch)]);
+  }
+  normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
+}
+
+template <class T>
+void batch_norm_backward(const BatchNormBackward<T>& a, int nthreads) {
+  const Geom q = batch_geom<T>(a.batch, a.channels, a.spatial, a.channels_last);
+  channel_backward(q, a.dy, a.x, a.mean, a.invstd, a.weight, a.dx, a.weight ? a.dweight : nullptr,
+                   a.weight ? a.dbias : nullptr, a.training, nthreads);
+}
+
+}  // namespace
+
+void register_batch_norm(KernelTable& t) {
+  t.chan_f32.batch_norm = &batch_norm_forward<float>;
+  t.chan_f64.batch_norm = &batch_norm_forward<double>;
+  t.chan_f32.batch_norm_backward = &batch_norm_backward<float>;
+  t.chan_f64.batch_norm_backward = &batch_norm_backward<double>;
+}
+
+}  // namespace NL_TARGET
+}  // namespace normlab

@@ -1,0 +1,887 @@
+// The engine shared by the channel norms (batch_norm, group_norm; instance_norm is group_norm
+// with one group per channel). Per-target, like simd/vec.hpp.
+//
+// x is (N, C, S) ("channels-first") or (N, S, C) ("channels-last"). Statistics are taken over
+// sets of elements: batch norm has one set per channel (all n and s), group norm one per
+// (n, group of C/G channels). A "plane" is the elements of one (n, c) pair (for channels-last
+// batch norm, of one channel c over all rows), and every set is a fixed list of planes.
+//
+// Every reduction runs in two steps fixed by the shape alone:
+//  1. the tensor is cut into units of about kUnitElems elements (channels-first: chunks of a
+//     plane, or runs of whole small planes; channels-last: blocks of rows of one n, vectorized
+//     across channels) and each unit writes double partial sums per plane;
+//  2. partials are added per plane in unit order, and planes per set in plane order.
+// Threads only decide which unit runs where, so results are identical for every thread count.
+// Channels-last rows are walked m at a time as one "row" of period W = m * c, m chosen so that W
+// is whole vectors; per-column coefficients and sums are replicated over the period, kept in
+// registers over runs of up to kRunRows periods (narrow rows) or kept in L1 and applied four
+// rows per load (wide rows).
+// Sums are shifted by one element of the set (fixed), so var = E[d^2] - E[d]^2 in double keeps
+// its digits when |mean| >> std.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "norm/row_norm.hpp"
+#include "parallel/parallel_for.hpp"
+#include "simd/vec.hpp"
+
+namespace normlab {
+namespace NL_TARGET {
+namespace {
+
+constexpr std::int64_t kUnitElems = 32768;
+constexpr std::int64_t kMaxPeriod = 4096;
+// Channels-last loops keep per-column coefficients and sums in registers over runs of this
+// many rows: loading them from memory in the streaming loop stalls on 4K aliasing with the
+// in-flight stores.
+constexpr std::int64_t kRunRows = 16;
+// Double vectors per register tile (fewer where registers are few).
+constexpr int kTile = NL_VEC_BYTES >= 64 ? 4 : 2;
+
+inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+inline std::int64_t gcd64(std::int64_t a, std::int64_t b) {
+  while (b) {
+    const std::int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+struct Geom {
+  std::int64_t n = 0, c = 0, s = 0, g = 0;
+  bool cl = false, batch = false;
+  std::int64_t cg = 1, nsets = 0;
+  std::int64_t pn = 0;  // rows of planes: planes are pn * c
+  double count = 0;     // elements per set
+  // channels-first units
+  std::int64_t chunk = 0, nch = 1, ppu = 1;
+  // channels-last units: rows per plane row, rows per block, blocks per plane row, period
+  std::int64_t rows = 0, rb = 0, blocks = 0, m = 1, W = 0;
+  std::int64_t units = 0;
+
+  std::int64_t nplanes() const { return pn * c; }
+  std::int64_t set_of(std::int64_t i, std::int64_t ch) const { return batch ? ch : i * g + ch / cg; }
+  // Index of the first element of set `set` (its shift).
+  std::int64_t set_first(std::int64_t set) const {
+    std::int64_t i = 0, ch = set;
+    if (!batch) {
+      i = set / g;
+      ch = (set % g) * cg;
+    }
+    return cl ? i * s * c + ch : (i * c + ch) * s;
+  }
+};
+
+// The unit plan of a tensor; `lanes` is the native vector width of the element type.
+inline Geom make_geom(std::int64_t n, std::int64_t c, std::int64_t s, std::int64_t groups,
+                      bool channels_last, bool batch, int lanes, int elem_bytes) {
+  Geom q;
+  q.n = n, q.c = c, q.s = s, q.batch = batch;
+  q.g = batch ? c : groups;
+  q.cg = c / q.g;
+  q.cl = channels_last || s == 1;  // (N, C, 1) and (N, 1, C) are the same memory
+  q.nsets = batch ? c : n * q.g;
+  q.count = batch ? double(n) * double(s) : double(q.cg) * double(s);
+  if (n == 0 || s == 0) return q;
+  if (!q.cl) {
+    q.pn = n;
+    if (s >= kUnitElems) {
+      q.nch = ceil_div(s, kUnitElems);
+      q.chunk = ceil_div(s, q.nch);
+      q.ppu = 1;
+      q.units = n * c * q.nch;
+    } else {
+      q.nch = 1;
+      q.chunk = s;
+      q.ppu = kUnitElems / s;
+      q.units = ceil_div(n * c, q.ppu);
+    }
+  } else {
+    q.pn = batch ? 1 : n;
+    q.rows = batch ? n * s : s;
+    q.m = lanes / gcd64(c, lanes);
+    if (c * q.m > kMaxPeriod) q.m = 1;
+    q.W = c * q.m;
+    std::int64_t rb = ceil_div(ceil_div(kUnitElems, c), q.m) * q.m;
+    std::int64_t blocks = ceil_div(q.rows, rb);
+    // Keep the partials (2 doubles per column per block) small next to the data.
+    double budget = double(n) * double(s) * double(c) * elem_bytes / 2.0;
+    if (budget < 4.0 * 1024 * 1024) budget = 4.0 * 1024 * 1024;
+    const std::int64_t cap = std::int64_t(budget / (16.0 * double(c) * double(q.pn)));
+    if (blocks > cap) {
+      blocks = cap < 1 ? 1 : cap;
+      rb = ceil_div(ceil_div(q.rows, blocks), q.m) * q.m;
+      blocks = ceil_div(q.rows, rb);
+    }
+    q.rb = rb;
+    q.blocks = blocks;
+    q.units = q.pn * blocks;
+  }
+  return q;
+}
+
+// ---- unit drivers -----------------------------------------------------------------------------
+
+// Per-plane sums of two quantities: cf(p, j0, j1, out2) adds over elements [j0, j1) of
+// channels-first plane p into out2[0..2); cl(i, r0, r1, out) adds over rows [r0, r1) of plane
+// row i into out[0..c) and out[c..2c). On return psum[p] and psum[np + p] hold the sums.
+template <class CF, class CL>
+void plane_sums(const Geom& q, int nthreads, double* psum, const CF& cf, const CL& cl) {
+  const std::int64_t np = q.nplanes();
+  if (q.units == 0) {
+    for (std::int64_t p = 0; p < 2 * np; ++p) psum[p] = 0.0;
+    return;
+  }
+  if (!q.cl) {
+    std::vector<double> part(std::size_t(np * q.nch * 2), 0.0);
+    parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+      if (q.nch > 1) {
+        const std::int64_t p = u / q.nch, k = u % q.nch;
+        const std::int64_t j0 = k * q.chunk, j1 = j0 + q.chunk < q.s ? j0 + q.chunk : q.s;
+        cf(p, j0, j1, &part[std::size_t((p * q.nch + k) * 2)]);
+      } else {
+        const std::int64_t p0 = u * q.ppu, p1 = p0 + q.ppu < np ? p0 + q.ppu : np;
+        for (std::int64_t p = p0; p < p1; ++p) cf(p, std::int64_t(0), q.s, &part[std::size_t(p * 2)]);
+      }
+    });
+    for (std::int64_t p = 0; p < np; ++p) {
+      double a = 0, b = 0;
+      for (std::int64_t k = 0; k < q.nch; ++k) {
+        a += part[std::size_t((p * q.nch + k) * 2)];
+        b += part[std::size_t((p * q.nch + k) * 2 + 1)];
+      }
+      psum[p] = a;
+      psum[np + p] = b;
+    }
+  } else {
+    const std::int64_t c = q.c;
+    std::vector<double> part(std::size_t(q.units * 2 * c), 0.0);
+    parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+      const std::int64_t i = u / q.blocks, k = u % q.blocks;
+      const std::int64_t r0 = k * q.rb, r1 = r0 + q.rb < q.rows ? r0 + q.rb : q.rows;
+      cl(i, r0, r1, &part[std::size_t(u * 2 * c)]);
+    });
+    // Per column, blocks in order (walked block-major so that reads are contiguous).
+    for (std::int64_t i = 0; i < q.pn; ++i) {
+      double* pa = psum + i * c;
+      double* pb = psum + np + i * c;
+      for (std::int64_t ch = 0; ch < c; ++ch) pa[ch] = pb[ch] = 0.0;
+      for (std::int64_t k = 0; k < q.blocks; ++k) {
+        const double* pp = &part[std::size_t((i * q.blocks + k) * 2 * c)];
+        for (std::int64_t ch = 0; ch < c; ++ch) {
+          pa[ch] += pp[ch];
+          pb[ch] += pp[c + ch];
+        }
+      }
+    }
+  }
+}
+
+// An elementwise pass over the same units: cf(p, j0, j1) or cl(i, r0, r1).
+template <class CF, class CL>
+void pointwise(const Geom& q, int nthreads, const CF& cf, const CL& cl) {
+  if (q.units == 0) return;
+  const std::int64_t np = q.nplanes();
+  parallel_blocks(q.units, nthreads, [&](std::int64_t u) {
+    if (!q.cl) {
+      if (q.nch > 1) {
+        const std::int64_t p = u / q.nch, k = u % q.nch;
+        const std::int64_t j0 = k * q.chunk, j1 = j0 + q.chunk < q.s ? j0 + q.chunk : q.s;
+        cf(p, j0, j1);
+      } else {
+        const std::int64_t p0 = u * q.ppu, p1 = p0 + q.ppu < np ? p0 + q.ppu : np;
+        for (std::int64_t p = p0; p < p1; ++p) cf(p, std::int64_t(0), q.s);
+      }
+    } else {
+      const std::int64_t i = u / q.blocks, k = u % q.blocks;
+      const std::int64_t r0 = k * q.rb, r1 = r0 + q.rb < q.rows ? r0 + q.rb : q.rows;
+      cl(i, r0, r1);
+    }
+  });
+}
+
+// Channels-last rows [r0, r1) of plane row i as runs: run(base, nrows, len) covers nrows rows
+// of len elements each, row r starting at element base + r * len of the tensor, whose columns
+// line up with the period-W coefficient arrays: len == W (each "row" is m tensor rows, at most
+// kRunRows at a time) or len == c (the leftover tensor rows).
+template <class Run>
+inline void cl_runs(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t r1, const Run& run) {
+  const std::int64_t off = (i * q.rows + r0) * q.c;
+  const std::int64_t nsuper = (r1 - r0) / q.m, left = (r1 - r0) % q.m;
+  for (std::int64_t k = 0; k < nsuper; k += kRunRows)
+    run(off + k * q.W, nsuper - k < kRunRows ? nsuper - k : kRunRows, q.W);
+  if (left) run(off + nsuper * q.W, left, q.c);
+}
+
+template <int NV>
+using nv_t = std::integral_constant<int, NV>;
+
+template <int NV, int Lanes, class F>
+inline void tile_rest(std::int64_t rest, std::int64_t j, const F& f) {
+  if constexpr (NV > 0) {
+    if (rest == NV) f(nv_t<NV>{}, j);
+    else tile_rest<NV - 1, Lanes>(rest, j, f);
+  }
+}
+
+// Columns [0, len) as register tiles: f(nv_t<NV>, j) for tiles of NV vectors of Lanes columns
+// starting at column j (MaxNV wide, then one narrower tile for the whole vectors left). Returns
+// the first column left for scalar code. A row that fits one tile is walked row by row.
+template <int MaxNV, int Lanes, class F>
+inline std::int64_t for_tiles(std::int64_t len, const F& f) {
+  std::int64_t j = 0;
+  for (; j + MaxNV * Lanes <= len; j += MaxNV * Lanes) f(nv_t<MaxNV>{}, j);
+  const std::int64_t rest = (len - j) / Lanes;
+  tile_rest<MaxNV - 1, Lanes>(rest, j, f);
+  return j + rest * Lanes;
+}
+
+// Repeats a[0..c) over a[0..W).
+template <class U>
+inline void periodic(U* a, std::int64_t c, std::int64_t W) {
+  for (std::int64_t j = c; j < W; ++j) a[j] = a[j - c];
+}
+
+// Folds a period-W accumulator into c columns: out[ch] = sum over the m copies, in order.
+inline void fold_period(const Geom& q, const double* acc, double* out) {
+  for (std::int64_t ch = 0; ch < q.c; ++ch) {
+    double a = acc[ch];
+    for (std::int64_t t = 1; t < q.m; ++t) a += acc[t * q.c + ch];
+    out[ch] = a;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+// Shifted sums of x[0..n): out[0] += sum(x - k), out[1] += sum((x - k)^2).
+template <class T>
+inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
+  const vwide vk = splat<vwide>(k);
+  vwide s0{}, s1{}, q0{}, q1{};
+  std::int64_t j = 0;
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    const vwide a = load_wide(x + j) - vk, b = load_wide(x + j + kWide) - vk;
+    s0 += a;
+    s1 += b;
+    q0 += a * a;
+    q1 += b * b;
+  }
+  double s = 0, sq = 0;
+  for (; j < n; ++j) {
+    const double d = double(x[j]) - k;
+    s += d;
+    sq += d * d;
+  }
+  out[0] += s + lane_sum(s0 + s1);
+  out[1] += sq + lane_sum(q0 + q1);
+}
+
+// Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
+template <class T>
+void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
+                 double* var) {
+  const std::int64_t np = q.nplanes(), c = q.c;
+  std::vector<double> shift(std::size_t(q.nsets));
+  for (std::int64_t st = 0; st < q.nsets; ++st) shift[std::size_t(st)] = double(x[q.set_first(st)]);
+  std::vector<double> psum(std::size_t(2 * np));
+  plane_sums(
+      q, nthreads, psum.data(),
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
+        const double k = shift[std::size_t(q.set_of(p / c, p % c))];
+        shifted_sums(x + p * q.s + j0, j1 - j0, k, out);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+        const std::int64_t W = q.W;
+        std::vector<double> buf(std::size_t(3 * W), 0.0);
+        double* k = buf.data();
+        double* sa = k + W;
+        double* qa = sa + W;
+        for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
+        periodic(k, c, W);
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          if (len > 2 * kTile * kWide) {
+            // Wide rows: row-major, sums in L1 (they take no aliasing stalls: no stores stream).
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const T* xr = xb + r * len;
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const vwide kv = load<vwide>(k + j);
+                const vwide d0 = load_wide(xr + j) - kv, d1 = load_wide(xr + len + j) - kv;
+                const vwide d2 = load_wide(xr + 2 * len + j) - kv, d3 = load_wide(xr + 3 * len + j) - kv;
+                store(sa + j, load<vwide>(sa + j) + ((d0 + d1) + (d2 + d3)));
+                store(qa + j, load<vwide>(qa + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+              }
+              for (; j < len; ++j) {
+                const double d0 = double(xr[j]) - k[j], d1 = double(xr[len + j]) - k[j];
+                const double d2 = double(xr[2 * len + j]) - k[j], d3 = double(xr[3 * len + j]) - k[j];
+                sa[j] += (d0 + d1) + (d2 + d3);
+                qa[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+              }
+            }
+            for (; r < nr; ++r) {
+              const T* xr = xb + r * len;
+              std::int64_t j = 0;
+              for (; j + kWide <= len; j += kWide) {
+                const vwide d = load_wide(xr + j) - load<vwide>(k + j);
+                store(sa + j, load<vwide>(sa + j) + d);
+                store(qa + j, load<vwide>(qa + j) + d * d);
+              }
+              for (; j < len; ++j) {
+                const double d = double(xr[j]) - k[j];
+                sa[j] += d;
+                qa[j] += d * d;
+              }
+            }
+            return;
+          }
+          const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            vwide kv[NV], sv[NV], qv[NV];
+            for (int t = 0; t < NV; ++t) {
+              kv[t] = load<vwide>(k + j0 + t * kWide);
+              sv[t] = vwide{};
+              qv[t] = vwide{};
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const vwide d = load_wide(xb + r * len + j0 + t * kWide) - kv[t];
+                sv[t] += d;
+                qv[t] += d * d;
+              }
+            for (int t = 0; t < NV; ++t) {
+              store(sa + j0 + t * kWide, load<vwide>(sa + j0 + t * kWide) + sv[t]);
+              store(qa + j0 + t * kWide, load<vwide>(qa + j0 + t * kWide) + qv[t]);
+            }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj) {
+            const std::int64_t j = jj;
+            double sv = 0, qv = 0;
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const double d = double(xb[r * len + j]) - k[j];
+              sv += d;
+              qv += d * d;
+            }
+            sa[j] += sv;
+            qa[j] += qv;
+          }
+        });
+        fold_period(q, sa, out);
+        fold_period(q, qa, out + c);
+      });
+  // Sets: planes in order (batch: n = 0.., group: its channels in order).
+  for (std::int64_t st = 0; st < q.nsets; ++st) {
+    double s = 0, sq = 0;
+    if (q.batch) {
+      for (std::int64_t i = 0; i < q.pn; ++i) {
+        s += psum[std::size_t(i * c + st)];
+        sq += psum[std::size_t(np + i * c + st)];
+      }
+    } else {
+      const std::int64_t p0 = (st / q.g) * c + (st % q.g) * q.cg;
+      for (std::int64_t j = 0; j < q.cg; ++j) {
+        s += psum[std::size_t(p0 + j)];
+        sq += psum[std::size_t(np + p0 + j)];
+      }
+    }
+    const double md = s / q.count;
+    double v = sq / q.count - md * md;
+    if (!(v > 0)) v = v != v ? v : 0.0;  // keep NaN, clamp rounding below zero
+    mean[st] = shift[std::size_t(st)] + md;
+    var[st] = v;
+    rstd[st] = 1.0 / std::sqrt(v + eps);
+  }
+}
+
+// y = ((x - head) - tail) * scale + bias over n elements (scalar coefficients).
+template <class T>
+inline void normalize_span(const T* x, T* y, std::int64_t n, T head, T tail, T scale, T bias) {
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  const V vh = splat<V>(head), vt = splat<V>(tail), vs = splat<V>(scale), vb = splat<V>(bias);
+  std::int64_t j = 0;
+  for (; j + L <= n; j += L) store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
+  for (; j < n; ++j) y[j] = ((x[j] - head) - tail) * scale + bias;
+}
+
+// y = (x - mean) * rstd * w + b with per-set mean/rstd and per-channel w/b (either may be null).
+template <class T>
+void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const double* mean,
+               const double* rstd, int nthreads) {
+  const std::int64_t c = q.c;
+  auto coef = [&](std::int64_t i, std::int64_t ch, T& head, T& tail, T& scale, T& bias) {
+    const std::int64_t st = q.set_of(i, ch);
+    head = T(mean[st]);
+    tail = T(mean[st] - double(head));
+    scale = T(rstd[st] * (w ? double(w[ch]) : 1.0));
+    bias = b ? b[ch] : T(0);
+  };
+  pointwise(
+      q, nthreads,
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
+        T head, tail, scale, bias;
+        coef(p / c, p % c, head, tail, scale, bias);
+        normalize_span(x + p * q.s + j0, y + p * q.s + j0, j1 - j0, head, tail, scale, bias);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
+        using V = vnative<T>;
+        constexpr int L = kLanes<T>;
+        const std::int64_t W = q.W;
+        // y = (x - head) * scale + (bias - tail * scale): three coefficient loads per vector.
+        std::vector<T> buf(std::size_t(3 * W));
+        T* hd = buf.data();
+        T* sc = hd + W;
+        T* bs = sc + W;
+        for (std::int64_t j = 0; j < c; ++j) {
+          T tail;
+          coef(i, j, hd[j], tail, sc[j], bs[j]);
+          bs[j] = T(double(bs[j]) - double(tail) * double(sc[j]));
+        }
+        periodic(hd, c, W);
+        periodic(sc, c, W);
+        periodic(bs, c, W);
+        constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          T* yb = y + base;
+          if (len > 2 * TV * L) {
+            // Wide rows: row-major, four rows per coefficient load.
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const std::int64_t e0 = r * len;
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const V h = load<V>(hd + j), sv = load<V>(sc + j), bv = load<V>(bs + j);
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  store(yb + e, (load<V>(xb + e) - h) * sv + bv);
+                }
+              }
+              for (; j < len; ++j)
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+                }
+            }
+            for (; r < nr; ++r) {
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const std::int64_t e = r * len + j;
+                store(yb + e, (load<V>(xb + e) - load<V>(hd + j)) * load<V>(sc + j) + load<V>(bs + j));
+              }
+              for (; j < len; ++j) {
+                const std::int64_t e = r * len + j;
+                yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+              }
+            }
+            return;
+          }
+          const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            V h[NV], sv[NV], bv[NV];
+            for (int t = 0; t < NV; ++t) {
+              h[t] = load<V>(hd + j0 + t * L);
+              sv[t] = load<V>(sc + j0 + t * L);
+              bv[t] = load<V>(bs + j0 + t * L);
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const std::int64_t e = r * len + j0 + t * L;
+                store(yb + e, (load<V>(xb + e) - h[t]) * sv[t] + bv[t]);
+              }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj) {
+            const std::int64_t j = jj;
+            const T h = hd[j], sv = sc[j], bv = bs[j];
+            for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = (xb[r * len + j] - h) * sv + bv;
+          }
+        });
+      });
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+// The two halves of a float vector, widened to double.
+inline void widen(vnative<float> v, vwide& lo, vwide& hi) {
+  float t[kLanes<float>];
+  store(t, v);
+  lo = load_wide(t);
+  hi = load_wide(t + kWide);
+}
+
+// Gradient sums of float data take four vectors at a time in float (dy, and dy * (x - head)
+// with head = float(mean): exact or rounded once) before adding them up in double: a relative
+// error of a few 2^-24 per four terms, far below what float32 gradients carry, for half the
+// work of converting every element. Set to false to sum every element in double.
+constexpr bool kFloatGradPartials = true;
+
+// out[0] += sum(dy), out[1] += sum(dy * (x - mean)) over n elements.
+template <class T>
+inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, double* out) {
+  vwide a0{}, a1{}, b0{}, b1{};
+  std::int64_t j = 0;
+  double a = 0, b = 0;
+  if constexpr (std::is_same<T, float>::value && kFloatGradPartials && kLanes<float> >= 2 * kWide) {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    const float head = float(mean);
+    const V vh = splat<V>(head);
+    vwide ta0{}, ta1{}, tb0{}, tb1{};
+    for (; j + 4 * L <= n; j += 4 * L) {
+      const V g0 = load<V>(dy + j), g1 = load<V>(dy + j + L);
+      const V g2 = load<V>(dy + j + 2 * L), g3 = load<V>(dy + j + 3 * L);
+      const V d0 = load<V>(x + j) - vh, d1 = load<V>(x + j + L) - vh;
+      const V d2 = load<V>(x + j + 2 * L) - vh, d3 = load<V>(x + j + 3 * L) - vh;
+      vwide lo, hi;
+      widen((g0 + g1) + (g2 + g3), lo, hi);
+      ta0 += lo;
+      ta1 += hi;
+      widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), lo, hi);
+      tb0 += lo;
+      tb1 += hi;
+    }
+    // sum dy * (x - mean) = sum dy * (x - head) - (mean - head) * sum dy
+    const double sa = lane_sum(ta0 + ta1), sb = lane_sum(tb0 + tb1);
+    a = sa;
+    b = sb - (mean - double(head)) * sa;
+  }
+  const vwide vm = splat<vwide>(mean);
+  for (; j + 2 * kWide <= n; j += 2 * kWide) {
+    const vwide d0 = load_wide(dy + j), d1 = load_wide(dy + j + kWide);
+    a0 += d0;
+    a1 += d1;
+    b0 += d0 * (load_wide(x + j) - vm);
+    b1 += d1 * (load_wide(x + j + kWide) - vm);
+  }
+  for (; j < n; ++j) {
+    const double d = double(dy[j]);
+    a += d;
+    b += d * (double(x[j]) - mean);
+  }
+  out[0] += a + lane_sum(a0 + a1);
+  out[1] += b + lane_sum(b0 + b1);
+}
+
+// dx = ka * dy - kc - (x - mean) * kb, evaluated in T as (a * dy - c) - (x - head) * b with
+// head = T(mean) and c = kc - (mean - head) * kb, so that x - head keeps its digits when
+// |mean| >> std (as the forward does).
+template <class T>
+struct GradCoef {
+  T head, a, b, c;
+};
+
+template <class T>
+inline GradCoef<T> grad_coef(double mean, double ka, double kb, double kc) {
+  const T head = T(mean);
+  return {head, T(ka), T(kb), T(kc - (mean - double(head)) * kb)};
+}
+
+template <class T>
+inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
+                      double kb, double kc) {
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  const GradCoef<T> k = grad_coef<T>(mean, ka, kb, kc);
+  const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
+  std::int64_t j = 0;
+  for (; j + L <= n; j += L)
+    store(dx + j, (va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb);
+  for (; j < n; ++j) dx[j] = (k.a * dy[j] - k.c) - (x[j] - k.head) * k.b;
+}
+
+// The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
+// dx = rstd * (g - mean_set(g) - xhat * mean_set(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
+// without, dx = rstd * w * dy. dweight[c] = sum dy * xhat, dbias[c] = sum dy (when non-null).
+template <class T>
+void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, const T* rstd_in,
+                      const T* w, T* dx, T* dweight, T* dbias, bool training, int nthreads) {
+  const std::int64_t np = q.nplanes(), c = q.c;
+  std::vector<double> mean(std::size_t(q.nsets)), rstd(std::size_t(q.nsets));
+  for (std::int64_t st = 0; st < q.nsets; ++st) {
+    mean[std::size_t(st)] = double(mean_in[st]);
+    rstd[std::size_t(st)] = double(rstd_in[st]);
+  }
+  std::vector<double> kb(std::size_t(q.nsets), 0.0), kc(std::size_t(q.nsets), 0.0);
+  const bool need_sums = training || dweight || dbias;
+  if (need_sums) {
+    std::vector<double> psum(std::size_t(2 * np));
+    plane_sums(
+        q, nthreads, psum.data(),
+        [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
+          const double m = mean[std::size_t(q.set_of(p / c, p % c))];
+          grad_sums(dy + p * q.s + j0, x + p * q.s + j0, j1 - j0, m, out);
+        },
+        [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+          // Sums of dy * (x - head), head = T(mean) per column (exact differences near the
+          // mean), corrected to x - mean after folding.
+          const std::int64_t W = q.W;
+          std::vector<double> buf(std::size_t(3 * W), 0.0);
+          std::vector<T> hbuf(static_cast<std::size_t>(W));
+          double* mv = buf.data();
+          double* aa = mv + W;
+          double* ba = aa + W;
+          T* hv = hbuf.data();
+          for (std::int64_t j = 0; j < c; ++j) {
+            hv[j] = T(mean[std::size_t(q.set_of(i, j))]);
+            mv[j] = double(hv[j]);
+          }
+          periodic(mv, c, W);
+          periodic(hv, c, W);
+          cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+            const T* xb = x + base;
+            const T* db = dy + base;
+            if (len > 2 * kTile * kWide) {
+              // Wide rows: row-major, sums in L1.
+              std::int64_t r = 0;
+              if constexpr (std::is_same<T, float>::value && kFloatGradPartials &&
+                            kLanes<float> >= 2 * kWide) {
+                // Four rows in float (as grad_sums), then into the double sums.
+                using V = vnative<float>;
+                constexpr int L = kLanes<float>;
+                for (; r + 4 <= nr; r += 4) {
+                  const T* xr = xb + r * len;
+                  const T* dr = db + r * len;
+                  std::int64_t j = 0;
+                  for (; j + L <= len; j += L) {
+                    const V h = load<V>(hv + j);
+                    const V g0 = load<V>(dr + j), g1 = load<V>(dr + len + j);
+                    const V g2 = load<V>(dr + 2 * len + j), g3 = load<V>(dr + 3 * len + j);
+                    const V d0 = load<V>(xr + j) - h, d1 = load<V>(xr + len + j) - h;
+                    const V d2 = load<V>(xr + 2 * len + j) - h, d3 = load<V>(xr + 3 * len + j) - h;
+                    vwide lo, hi;
+                    widen((g0 + g1) + (g2 + g3), lo, hi);
+                    store(aa + j, load<vwide>(aa + j) + lo);
+                    store(aa + j + kWide, load<vwide>(aa + j + kWide) + hi);
+                    widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), lo, hi);
+                    store(ba + j, load<vwide>(ba + j) + lo);
+                    store(ba + j + kWide, load<vwide>(ba + j + kWide) + hi);
+                  }
+                  for (; j < len; ++j) {
+                    double sa = 0, sb = 0;
+                    for (int t = 0; t < 4; ++t) {
+                      const double d = double(dr[t * len + j]);
+                      sa += d;
+                      sb += d * (double(xr[t * len + j]) - mv[j]);
+                    }
+                    aa[j] += sa;
+                    ba[j] += sb;
+                  }
+                }
+              }
+              for (; r + 4 <= nr; r += 4) {
+                const T* xr = xb + r * len;
+                const T* dr = db + r * len;
+                std::int64_t j = 0;
+                for (; j + kWide <= len; j += kWide) {
+                  const vwide m = load<vwide>(mv + j);
+                  const vwide d0 = load_wide(dr + j), d1 = load_wide(dr + len + j);
+                  const vwide d2 = load_wide(dr + 2 * len + j), d3 = load_wide(dr + 3 * len + j);
+                  const vwide x0 = load_wide(xr + j) - m, x1 = load_wide(xr + len + j) - m;
+                  const vwide x2 = load_wide(xr + 2 * len + j) - m, x3 = load_wide(xr + 3 * len + j) - m;
+                  store(aa + j, load<vwide>(aa + j) + ((d0 + d1) + (d2 + d3)));
+                  store(ba + j, load<vwide>(ba + j) + ((d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)));
+                }
+                for (; j < len; ++j) {
+                  double sa = 0, sb = 0;
+                  for (int t = 0; t < 4; ++t) {
+                    const double d = double(dr[t * len + j]);
+                    sa += d;
+                    sb += d * (double(xr[t * len + j]) - mv[j]);
+                  }
+                  aa[j] += sa;
+                  ba[j] += sb;
+                }
+              }
+              for (; r < nr; ++r) {
+                const T* xr = xb + r * len;
+                const T* dr = db + r * len;
+                std::int64_t j = 0;
+                for (; j + kWide <= len; j += kWide) {
+                  const vwide d = load_wide(dr + j);
+                  store(aa + j, load<vwide>(aa + j) + d);
+                  store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
+                }
+                for (; j < len; ++j) {
+                  const double d = double(dr[j]);
+                  aa[j] += d;
+                  ba[j] += d * (double(xr[j]) - mv[j]);
+                }
+              }
+              return;
+            }
+            const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+              constexpr int NV = decltype(nv)::value;
+              vwide m[NV], av[NV], bv[NV];
+              for (int t = 0; t < NV; ++t) {
+                m[t] = load<vwide>(mv + j0 + t * kWide);
+                av[t] = vwide{};
+                bv[t] = vwide{};
+              }
+              for (std::int64_t r = 0; r < nr; ++r)
+                for (int t = 0; t < NV; ++t) {
+                  const std::int64_t e = r * len + j0 + t * kWide;
+                  const vwide d = load_wide(db + e);
+                  av[t] += d;
+                  bv[t] += d * (load_wide(xb + e) - m[t]);
+                }
+              for (int t = 0; t < NV; ++t) {
+                store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + av[t]);
+                store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + bv[t]);
+              }
+            });
+            for (std::int64_t jj = j; jj < len; ++jj) {
+              const std::int64_t j = jj;
+              double av = 0, bv = 0;
+              for (std::int64_t r = 0; r < nr; ++r) {
+                const double d = double(db[r * len + j]);
+                av += d;
+                bv += d * (double(xb[r * len + j]) - mv[j]);
+              }
+              aa[j] += av;
+              ba[j] += bv;
+            }
+          });
+          fold_period(q, aa, out);
+          fold_period(q, ba, out + c);
+          for (std::int64_t ch = 0; ch < c; ++ch)
+            out[c + ch] -= (mean[std::size_t(q.set_of(i, ch))] - mv[ch]) * out[ch];
+        });
+    if (dweight || dbias) {
+      for (std::int64_t ch = 0; ch < c; ++ch) {
+        double sa = 0, sb = 0;
+        for (std::int64_t i = 0; i < q.pn; ++i) {
+          sa += psum[std::size_t(i * c + ch)];
+          sb += psum[std::size_t(np + i * c + ch)] * rstd[std::size_t(q.set_of(i, ch))];
+        }
+        if (dbias) dbias[ch] = T(sa);
+        if (dweight) dweight[ch] = T(sb);
+      }
+    }
+    if (training) {
+      for (std::int64_t st = 0; st < q.nsets; ++st) {
+        double sg = 0, sgx = 0;
+        auto add = [&](std::int64_t p, std::int64_t ch) {
+          const double wc = w ? double(w[ch]) : 1.0;
+          sg += wc * psum[std::size_t(p)];
+          sgx += wc * psum[std::size_t(np + p)];
+        };
+        if (q.batch) {
+          for (std::int64_t i = 0; i < q.pn; ++i) add(i * c + st, st);
+        } else {
+          const std::int64_t p0 = (st / q.g) * c + (st % q.g) * q.cg;
+          for (std::int64_t j = 0; j < q.cg; ++j) add(p0 + j, (st % q.g) * q.cg + j);
+        }
+        const double r = rstd[std::size_t(st)];
+        const double c0 = sg / q.count, c1 = r * sgx / q.count;
+        kc[std::size_t(st)] = r * c0;
+        kb[std::size_t(st)] = r * r * c1;
+      }
+    }
+  }
+  auto coef = [&](std::int64_t i, std::int64_t ch, double& m, double& ka, double& kbv, double& kcv) {
+    const std::size_t st = std::size_t(q.set_of(i, ch));
+    m = mean[st];
+    ka = rstd[st] * (w ? double(w[ch]) : 1.0);
+    kbv = kb[st];
+    kcv = kc[st];
+  };
+  using V = vnative<T>;
+  constexpr int L = kLanes<T>;
+  constexpr int TV = kTile;  // T vectors per register tile: four coefficients each
+  pointwise(
+      q, nthreads,
+      [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
+        double m, ka, kbv, kcv;
+        coef(p / c, p % c, m, ka, kbv, kcv);
+        const std::int64_t off = p * q.s + j0;
+        grad_span(dy + off, x + off, dx + off, j1 - j0, m, ka, kbv, kcv);
+      },
+      [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
+        const std::int64_t W = q.W;
+        std::vector<T> buf(std::size_t(4 * W));
+        T* hv = buf.data();
+        T* av = hv + W;
+        T* bv = av + W;
+        T* cv = bv + W;
+        for (std::int64_t j = 0; j < c; ++j) {
+          double m, ka, kbv, kcv;
+          coef(i, j, m, ka, kbv, kcv);
+          const GradCoef<T> k = grad_coef<T>(m, ka, kbv, kcv);
+          hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
+        }
+        periodic(hv, c, W);
+        periodic(av, c, W);
+        periodic(bv, c, W);
+        periodic(cv, c, W);
+        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+          const T* xb = x + base;
+          const T* db = dy + base;
+          T* ob = dx + base;
+          if (len > 2 * TV * L) {
+            // Wide rows: row-major, four rows per coefficient load (many strided tile passes
+            // cost more than the aliasing stalls of the coefficient loads).
+            std::int64_t r = 0;
+            for (; r + 4 <= nr; r += 4) {
+              const std::int64_t e0 = r * len;
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const V h = load<V>(hv + j), a = load<V>(av + j), b = load<V>(bv + j), cc = load<V>(cv + j);
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  store(ob + e, (a * load<V>(db + e) - cc) - (load<V>(xb + e) - h) * b);
+                }
+              }
+              for (; j < len; ++j)
+                for (int t = 0; t < 4; ++t) {
+                  const std::int64_t e = e0 + t * len + j;
+                  ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
+                }
+            }
+            for (; r < nr; ++r) {
+              std::int64_t j = 0;
+              for (; j + L <= len; j += L) {
+                const std::int64_t e = r * len + j;
+                store(ob + e, (load<V>(av + j) * load<V>(db + e) - load<V>(cv + j)) -
+                                  (load<V>(xb + e) - load<V>(hv + j)) * load<V>(bv + j));
+              }
+              for (; j < len; ++j) {
+                const std::int64_t e = r * len + j;
+                ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
+              }
+            }
+            return;
+          }
+          const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
+            constexpr int NV = decltype(nv)::value;
+            V h[NV], a[NV], b[NV], cc[NV];
+            for (int t = 0; t < NV; ++t) {
+              h[t] = load<V>(hv + j0 + t * L);
+              a[t] = load<V>(av + j0 + t * L);
+              b[t] = load<V>(bv + j0 + t * L);
+              cc[t] = load<V>(cv + j0 + t * L);
+            }
+            for (std::int64_t r = 0; r < nr; ++r)
+              for (int t = 0; t < NV; ++t) {
+                const std::int64_t e = r * len + j0 + t * L;
+                store(ob + e, (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]);
+              }
+          });
+          for (std::int64_t jj = j; jj < len; ++jj)
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const std::int64_t e = r * len + jj;
+              ob[e] = (av[jj] * db[e] - cv[jj]) - (xb[e] - hv[jj]) * bv[jj];
+            }
+        });
+      });
+}
+
+}  // namespace
+}  // namespace NL_TARGET
+}  // namespace normlab

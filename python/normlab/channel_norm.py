@@ -1,0 +1,392 @@
+"""Normalization per channel: batch_norm, instance_norm and group_norm, forward and backward.
+
+Semantics follow torch.nn.functional (biased variance for normalizing, eps inside the square
+root, PyTorch's running-statistics update) with NumPy conventions: ``channel_axis`` says where
+the channels are and ``out=`` receives the result in place.
+
+Layouts: x is ``(N, C, *spatial)`` with ``channel_axis=1`` (channels-first) or
+``(N, *spatial, C)`` with ``channel_axis=-1`` (channels-last), with any number of spatial
+dims (none for batch_norm's ``(N, C)``). Channels-last input is normalized in its own layout:
+no transposing copy, and results come back in the same layout.
+
+Data handling, common to every function here:
+
+* float32 and float64 arrays are read in place when C-contiguous. A strided input is copied
+  once to a contiguous array before the kernel (the only conversion normlab makes, and only of
+  inputs); any other dtype raises TypeError.
+* Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
+  array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array itself is
+  C-contiguous) that does not overlap an input. Nothing is ever written to a temporary and
+  copied back; running statistics are updated in place and so must be C-contiguous and
+  writeable.
+* Statistics are accumulated in float64 from sums shifted by an element of each set, over
+  fixed blocks added in a fixed order: float32 results stay accurate when |mean| >> std, and
+  results are bitwise identical for every thread count.
+* The GIL is released while a kernel runs (for all but tiny calls).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _core
+from ._checks import (
+    flag,
+    float_input,
+    like_input,
+    optional_like_input,
+    output,
+    positive_float,
+)
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+]
+
+_KERNELS = {
+    np.dtype(np.float32): (
+        _core.batch_norm_f32,
+        _core.batch_norm_backward_f32,
+        _core.group_norm_f32,
+        _core.group_norm_backward_f32,
+    ),
+    np.dtype(np.float64): (
+        _core.batch_norm_f64,
+        _core.batch_norm_backward_f64,
+        _core.group_norm_f64,
+        _core.group_norm_backward_f64,
+    ),
+}
+
+
+def _layout(shape: tuple, channel_axis, min_ndim: int = 2):
+    """(N, C, S, channels_last) of x's shape with the channels at channel_axis."""
+    ndim = len(shape)
+    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)):
+        raise TypeError(f"channel_axis must be an int (1 or -1), got {type(channel_axis).__name__}")
+    if ndim < min_ndim:
+        raise ValueError(
+            f"x must have at least {min_ndim} dimensions (N, C, ...), got shape {shape}"
+        )
+    axis = int(channel_axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel_axis {axis} is out of bounds for an array of {ndim} dimensions")
+    axis %= ndim
+    if axis == 1:
+        return shape[0], shape[1], math.prod(shape[2:]), False
+    if axis == ndim - 1:
+        return shape[0], shape[-1], math.prod(shape[1:-1]), True
+    raise ValueError(
+        f"channel_axis must be 1 (channels-first) or -1 (channels-last), got {channel_axis}"
+    )
+
+
+def _channels(c: int) -> int:
+    if c == 0:
+        raise ValueError("x has zero channels: nothing to normalize")
+    return c
+
+
+def _running(a, name: str, dtype, c: int, others: tuple) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
+    if a.shape != (c,):
+        raise ValueError(f"{name} must have shape ({c},) (one value per channel), got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only (it is updated in place)")
+    for arr, arr_name in others:
+        if arr is not None and np.may_share_memory(a, arr):
+            raise ValueError(f"{name} must not overlap {arr_name}")
+    return a
+
+
+def _momentum(value) -> float:
+    if value is None:
+        raise TypeError("momentum must be a real number in [0, 1]; None (cumulative average) is not supported")
+    try:
+        m = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a real number, got {type(value).__name__}") from None
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {value!r}")
+    return m
+
+
+def _num_groups(value, c: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"num_groups must be an int, got {type(value).__name__}")
+    g = int(value)
+    if g <= 0:
+        raise ValueError(f"num_groups must be > 0, got {g}")
+    if c % g:
+        raise ValueError(f"num_groups ({g}) must divide the number of channels ({c})")
+    return g
+
+
+def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
+               momentum=0.1, eps=1e-5, channel_axis=1, out=None, return_stats=False):
+    """Batch normalization: statistics per channel over every other axis.
+
+    ``y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]``, as
+    ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
+    weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
+    running_mean, running_var : ndarray of x's dtype and shape ``(C,)``, optional
+        C-contiguous and writeable. In training, when given, updated in place as PyTorch does:
+        ``new = (1 - momentum) * old + momentum * batch`` with the unbiased batch variance for
+        running_var. Required when ``training`` is false: they are then the statistics used.
+    training : bool
+        True: normalize with the batch statistics (more than one value per channel needed).
+        False: normalize with running_mean and running_var.
+    momentum : float in [0, 1]
+    eps : float > 0
+    channel_axis : 1 (channels-first) or -1 (channels-last)
+    out : ndarray, optional
+        C-contiguous, writeable, x's dtype and shape, not overlapping an input.
+    return_stats : bool
+        Also return ``mean`` and ``invstd = 1 / sqrt(var + eps)``, each of shape ``(C,)``, as
+        ``batch_norm_backward`` takes them (in inference: running_mean and
+        ``1 / sqrt(running_var + eps)``).
+
+    Returns
+    -------
+    y, or (y, mean, invstd) when return_stats is true.
+
+    Channels that are constant give exactly ``bias`` (0 without bias).
+    """
+    x = float_input(x, "x")
+    dtype, shape = x.dtype, x.shape
+    n, c, s, cl = _layout(shape, channel_axis)
+    _channels(c)
+    fwd = _KERNELS[dtype][0]
+    training = flag(training, "training")
+    eps = positive_float(eps, "eps")
+    momentum = _momentum(momentum)
+    if weight is not None:
+        weight = like_input(weight, "weight", dtype, (c,))
+    if bias is not None:
+        bias = like_input(bias, "bias", dtype, (c,))
+    inputs = ((x, "x"), (weight, "weight"), (bias, "bias"))
+    if out is None:
+        y = np.empty(shape, dtype)
+    else:
+        y = output(out, "out", dtype, shape, inputs)
+    if running_mean is not None:
+        running_mean = _running(running_mean, "running_mean", dtype, c, inputs + ((y, "out"),))
+    if running_var is not None:
+        running_var = _running(running_var, "running_var", dtype, c,
+                               inputs + ((y, "out"), (running_mean, "running_mean")))
+    if training:
+        if n * s <= 1:
+            raise ValueError(
+                f"batch_norm in training needs more than 1 value per channel, got x of shape {shape}"
+            )
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training is False")
+    mean = invstd = None
+    if return_stats is True or flag(return_stats, "return_stats"):
+        mean = np.empty(c, dtype)
+        invstd = np.empty(c, dtype)
+    fwd(x, weight, bias, y, mean, invstd, running_mean, running_var, n, c, s, cl, training,
+        momentum, eps)
+    if mean is not None:
+        return y, mean, invstd
+    return y
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, channel_axis=1, out=None):
+    """Gradients of ``batch_norm``: returns ``(dx, dweight, dbias)``.
+
+    Parameters
+    ----------
+    dy : ndarray, the gradient of y, x's dtype and shape
+    x : ndarray, the forward input (float32 or float64)
+    mean, invstd : ndarray of x's dtype and shape ``(C,)``
+        As returned by ``batch_norm(..., return_stats=True)``; in inference, the running mean
+        and ``1 / sqrt(running_var + eps)``.
+    weight : ndarray of x's dtype and shape ``(C,)``, optional
+    training : bool
+        As in the forward call. In inference ``dx = weight * invstd * dy``.
+    channel_axis : 1 or -1, as in the forward call
+    out : ndarray, optional
+        Receives dx: C-contiguous, writeable, x's dtype and shape, not overlapping an input.
+
+    Returns
+    -------
+    dx : ndarray like x (``out`` when given)
+    dweight, dbias : ndarray of shape ``(C,)``, or None when weight is None (summed in a fixed
+        order: identical for every thread count).
+    """
+    x = float_input(x, "x")
+    dtype, shape = x.dtype, x.shape
+    n, c, s, cl = _layout(shape, channel_axis)
+    _channels(c)
+    bwd = _KERNELS[dtype][1]
+    training = flag(training, "training")
+    dy = like_input(dy, "dy", dtype, shape)
+    mean = like_input(mean, "mean", dtype, (c,))
+    invstd = like_input(invstd, "invstd", dtype, (c,))
+    weight = optional_like_input(weight, "weight", dtype, (c,))
+    if training and n * s <= 1:
+        raise ValueError(
+            f"batch_norm in training needs more than 1 value per channel, got x of shape {shape}"
+        )
+    if out is None:
+        dx = np.empty(shape, dtype)
+    else:
+        inputs = ((dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight"))
+        dx = output(out, "out", dtype, shape, inputs)
+    dweight = dbias = None
+    if weight is not None:
+        dweight = np.empty(c, dtype)
+        dbias = np.empty(c, dtype)
+    bwd(dy, x, mean, invstd, weight, dx, dweight, dbias, n, c, s, cl, training)
+    return dx, dweight, dbias
+
+
+def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats, instance):
+    x = float_input(x, "x")
+    dtype, shape = x.dtype, x.shape
+    n, c, s, cl = _layout(shape, channel_axis)
+    _channels(c)
+    fwd = _KERNELS[dtype][2]
+    if instance:
+        g = c
+        if s <= 1 and n > 0:
+            raise ValueError(
+                f"instance_norm needs more than 1 spatial element per channel, got x of shape {shape}"
+            )
+    else:
+        g = _num_groups(groups, c)
+    if s == 0 and n > 0:
+        raise ValueError(f"x has zero spatial elements {shape}: nothing to normalize")
+    eps = positive_float(eps, "eps")
+    if weight is not None:
+        weight = like_input(weight, "weight", dtype, (c,))
+    if bias is not None:
+        bias = like_input(bias, "bias", dtype, (c,))
+    if out is None:
+        y = np.empty(shape, dtype)
+    else:
+        y = output(out, "out", dtype, shape, ((x, "x"), (weight, "weight"), (bias, "bias")))
+    if return_stats is True or flag(return_stats, "return_stats"):
+        mean = np.empty((n, g), dtype)
+        rstd = np.empty((n, g), dtype)
+        fwd(x, weight, bias, y, mean, rstd, n, c, s, g, cl, eps)
+        return y, mean, rstd
+    fwd(x, weight, bias, y, None, None, n, c, s, g, cl, eps)
+    return y
+
+
+def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instance):
+    x = float_input(x, "x")
+    dtype, shape = x.dtype, x.shape
+    n, c, s, cl = _layout(shape, channel_axis)
+    _channels(c)
+    bwd = _KERNELS[dtype][3]
+    g = c if instance else _num_groups(groups, c)
+    if s == 0 and n > 0:
+        raise ValueError(f"x has zero spatial elements {shape}: nothing to normalize")
+    dy = like_input(dy, "dy", dtype, shape)
+    mean = like_input(mean, "mean", dtype, (n, g))
+    rstd = like_input(rstd, "rstd", dtype, (n, g))
+    weight = optional_like_input(weight, "weight", dtype, (c,))
+    if out is None:
+        dx = np.empty(shape, dtype)
+    else:
+        inputs = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
+        dx = output(out, "out", dtype, shape, inputs)
+    dweight = dbias = None
+    if weight is not None:
+        dweight = np.empty(c, dtype)
+        dbias = np.empty(c, dtype)
+    bwd(dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, g, cl)
+    return dx, dweight, dbias
+
+
+def instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None,
+                  return_stats=False):
+    """Instance normalization: statistics per (sample, channel) over the spatial axes.
+
+    As ``torch.nn.functional.instance_norm`` with ``use_input_stats=True`` (no running
+    statistics): ``y = (x - mean[n, c]) / sqrt(var[n, c] + eps) * weight[c] + bias[c]``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)`` with more
+        than one spatial element
+    weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
+    eps : float > 0
+    channel_axis : 1 (channels-first) or -1 (channels-last)
+    out : ndarray, optional
+        C-contiguous, writeable, x's dtype and shape, not overlapping an input.
+    return_stats : bool
+        Also return ``mean`` and ``rstd = 1 / sqrt(var + eps)``, each of shape ``(N, C)``.
+
+    Returns
+    -------
+    y, or (y, mean, rstd) when return_stats is true.
+    """
+    return _group_forward(x, None, weight, bias, eps, channel_axis, out, return_stats, True)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, channel_axis=1, out=None):
+    """Gradients of ``instance_norm``: returns ``(dx, dweight, dbias)``.
+
+    mean and rstd, of shape ``(N, C)``, are as ``instance_norm(..., return_stats=True)``
+    returns them; dweight and dbias (shape ``(C,)``) are None when weight is None. ``out``
+    receives dx as in ``batch_norm_backward``.
+    """
+    return _group_backward(dy, x, mean, rstd, None, weight, channel_axis, out, True)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None,
+               return_stats=False):
+    """Group normalization: statistics per (sample, group of C / num_groups channels).
+
+    As ``torch.nn.functional.group_norm``:
+    ``y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c]`` where channel c is in
+    group ``g = c // (C // num_groups)``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
+    num_groups : int > 0 dividing C
+    weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
+    eps : float > 0
+    channel_axis : 1 (channels-first) or -1 (channels-last)
+    out : ndarray, optional
+        C-contiguous, writeable, x's dtype and shape, not overlapping an input.
+    return_stats : bool
+        Also return ``mean`` and ``rstd``, each of shape ``(N, num_groups)``, as
+        ``torch.ops.aten.native_group_norm`` returns them.
+
+    Returns
+    -------
+    y, or (y, mean, rstd) when return_stats is true.
+    """
+    return _group_forward(x, num_groups, weight, bias, eps, channel_axis, out, return_stats, False)
+
+
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, channel_axis=1, out=None):
+    """Gradients of ``group_norm``: returns ``(dx, dweight, dbias)``.
+
+    mean and rstd, of shape ``(N, num_groups)``, are as ``group_norm(..., return_stats=True)``
+    returns them; dweight and dbias (shape ``(C,)``) are None when weight is None. ``out``
+    receives dx as in ``batch_norm_backward``.
+    """
+    return _group_backward(dy, x, mean, rstd, num_groups, weight, channel_axis, out, False)
