@@ -1,11 +1,13 @@
 """normlab: fast, accurate CPU normalization kernels for NumPy.
 
-Layer and RMS normalization, forward and backward, with SIMD kernels chosen at run time and
-OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
-``help(normlab.runtime)`` for targets and threads.
+Layer and RMS normalization, forward and backward, and connected-component labelling of 2-D
+images, with SIMD kernels chosen at run time and OpenMP threads. See ``help(normlab.norm)`` and
+``help(normlab.ccl)`` for the data-handling rules and ``help(normlab.runtime)`` for targets and
+threads.
 """
 
 from . import _core
+from .ccl import component_stats, label, largest_component, remove_small_components
 from .norm import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
 from .runtime import (
     cpu_targets,
@@ -23,6 +25,10 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "label",
+    "component_stats",
+    "largest_component",
+    "remove_small_components",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",

@@ -4,10 +4,13 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "normlab/norm.hpp"
 
 namespace normlab {
+
+struct CclRequest;  // ccl/ccl_request.hpp
 
 template <class T>
 struct RowNormKernels {
@@ -22,11 +25,18 @@ struct RooflineKernels {
   void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads) = nullptr;
 };
 
+struct CclKernels {
+  // Labels q.image and writes q.out per q.op; returns the component count (kept count for
+  // remove_small). ccl/label.cpp.
+  std::int64_t (*run)(const CclRequest& q, int nthreads) = nullptr;
+};
+
 struct KernelTable {
   const char* target = "";
   RowNormKernels<float> row_f32;
   RowNormKernels<double> row_f64;
   RooflineKernels roofline;
+  CclKernels ccl;
 
   template <class T>
   const RowNormKernels<T>& row() const;
@@ -41,7 +51,8 @@ inline const RowNormKernels<double>& KernelTable::row<double>() const { return r
 #define NL_KERNEL_FILES(X) \
   X(layer_norm)            \
   X(rms_norm)              \
-  X(roofline)
+  X(roofline)              \
+  X(ccl)
 
 // The table of the active target (never null).
 const KernelTable& active_kernels();

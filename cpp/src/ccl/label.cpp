@@ -1,0 +1,545 @@
+// Connected-component labelling over runs: one body, compiled once per SIMD target.
+//
+// 1. Each row is compared with the background into a bitmask (the SIMD part: one compare and
+//    mask extraction per vector) and split into runs of foreground pixels with count-trailing-
+//    zeros. Every run is a provisional label: its index in a run array laid out in raster order.
+// 2. Runs touching runs of the row above (4- or 8-connectivity) are united; the root of a set is
+//    always its smallest index, i.e. the run holding the component's first pixel in raster order.
+// 3. Row stripes run 1-2 in parallel, each in its own index range (stripe k starts at row
+//    r0 * (cols + 1) / 2, so indices stay increasing in raster order across stripes); the
+//    border rows are then united serially.
+// 4. Flattening in index order gives each root the next label and each other run its parent's
+//    label (parents always have smaller indices): scipy.ndimage.label's numbering, no sort.
+// 5. The output (labels, a mask or the filtered image) is written in parallel from the runs;
+//    statistics come from the runs too, never from a second pass over the image.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ccl/ccl_request.hpp"
+#include "dispatch/kernel_table.hpp"
+#include "simd/vec.hpp"
+
+namespace normlab {
+namespace NL_TARGET {
+namespace {
+
+using std::int32_t;
+using std::int64_t;
+using std::uint64_t;
+
+// ---- row -> foreground bits ----------------------------------------------------------------
+
+template <class T>
+inline T load_pixel(const char* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Bit i set when p[i] != bg, for 64 contiguous pixels.
+template <class T>
+inline uint64_t foreground_bits64(const T* p, T bg) {
+#if defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(T) == 1) {
+    return _mm512_cmpneq_epi8_mask(_mm512_loadu_si512(p), _mm512_set1_epi8(char(bg)));
+  } else if constexpr (sizeof(T) == 2) {
+    const __m512i b = _mm512_set1_epi16(short(bg));
+    const uint64_t lo = _mm512_cmpneq_epi16_mask(_mm512_loadu_si512(p), b);
+    const uint64_t hi = _mm512_cmpneq_epi16_mask(_mm512_loadu_si512(p + 32), b);
+    return lo | hi << 32;
+  } else if constexpr (sizeof(T) == 4) {
+    const __m512i b = _mm512_set1_epi32(int(bg));
+    uint64_t m = 0;
+    for (int k = 0; k < 4; ++k)
+      m |= uint64_t(_mm512_cmpneq_epi32_mask(_mm512_loadu_si512(p + 16 * k), b)) << (16 * k);
+    return m;
+  } else {
+    const __m512i b = _mm512_set1_epi64((long long)bg);
+    uint64_t m = 0;
+    for (int k = 0; k < 8; ++k)
+      m |= uint64_t(_mm512_cmpneq_epi64_mask(_mm512_loadu_si512(p + 8 * k), b)) << (8 * k);
+    return m;
+  }
+#elif defined(NL_TARGET_AVX2)
+  const auto ld = [](const T* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
+  uint64_t eq = 0;
+  if constexpr (sizeof(T) == 1) {
+    const __m256i b = _mm256_set1_epi8(char(bg));
+    eq = uint64_t(uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(ld(p), b)))) |
+         uint64_t(uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(ld(p + 32), b)))) << 32;
+  } else if constexpr (sizeof(T) == 2) {
+    const __m256i b = _mm256_set1_epi16(short(bg));
+    for (int k = 0; k < 2; ++k) {
+      const __m256i c0 = _mm256_cmpeq_epi16(ld(p + 32 * k), b);
+      const __m256i c1 = _mm256_cmpeq_epi16(ld(p + 32 * k + 16), b);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi16(c0, c1), 0xD8);
+      eq |= uint64_t(uint32_t(_mm256_movemask_epi8(packed))) << (32 * k);
+    }
+  } else if constexpr (sizeof(T) == 4) {
+    const __m256i b = _mm256_set1_epi32(int(bg));
+    for (int k = 0; k < 8; ++k)
+      eq |= uint64_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ld(p + 8 * k), b))))
+            << (8 * k);
+  } else {
+    const __m256i b = _mm256_set1_epi64x((long long)bg);
+    for (int k = 0; k < 16; ++k)
+      eq |= uint64_t(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(ld(p + 4 * k), b))))
+            << (4 * k);
+  }
+  return ~eq;
+#else
+  // Baseline (and NEON): the plain scalar reference.
+  uint64_t m = 0;
+  for (int i = 0; i < 64; ++i) m |= uint64_t(p[i] != bg) << i;
+  return m;
+#endif
+}
+
+// The foreground bits of one row (words of 64 pixels, bits past cols cleared).
+template <class T>
+void row_bits(const char* row, int64_t col_stride, int64_t cols, uint64_t background,
+              uint64_t* bits) {
+  const T bg = T(background);
+  const int64_t full = cols / 64;
+  if (col_stride == int64_t(sizeof(T))) {
+    const T* p = reinterpret_cast<const T*>(row);
+    for (int64_t w = 0; w < full; ++w) bits[w] = foreground_bits64<T>(p + 64 * w, bg);
+    if (cols % 64) {
+      uint64_t m = 0;
+      for (int64_t j = full * 64; j < cols; ++j) m |= uint64_t(p[j] != bg) << (j & 63);
+      bits[full] = m;
+    }
+    return;
+  }
+  for (int64_t w = 0; w * 64 < cols; ++w) {
+    const int64_t j1 = std::min(cols, w * 64 + 64);
+    uint64_t m = 0;
+    const char* q = row + w * 64 * col_stride;
+    for (int64_t j = w * 64; j < j1; ++j, q += col_stride)
+      m |= uint64_t(load_pixel<T>(q) != bg) << (j & 63);
+    bits[w] = m;
+  }
+}
+
+using RowBitsFn = void (*)(const char*, int64_t, int64_t, uint64_t, uint64_t*);
+
+RowBitsFn row_bits_for(int pixel_bytes) {
+  switch (pixel_bytes) {
+    case 1: return &row_bits<std::uint8_t>;
+    case 2: return &row_bits<std::uint16_t>;
+    case 4: return &row_bits<std::uint32_t>;
+    default: return &row_bits<std::uint64_t>;
+  }
+}
+
+// Runs of set bits as edges: run i is [edge[2i], edge[2i+1]). Every bit transition is found
+// with count-trailing-zeros, no branch per run. Returns the number of runs.
+inline int64_t extract_runs(const uint64_t* bits, int64_t nwords, int64_t cols, int32_t* edge) {
+  int64_t n = 0;
+  uint64_t carry = 0;
+  for (int64_t w = 0; w < nwords; ++w) {
+    const uint64_t b = bits[w];
+    uint64_t t = b ^ ((b << 1) | carry);
+    carry = b >> 63;
+    const int32_t base = int32_t(w * 64);
+    while (t) {
+      edge[n++] = base + int32_t(__builtin_ctzll(t));
+      t &= t - 1;
+    }
+  }
+  if (carry) edge[n++] = int32_t(cols);  // a run reaching the end of a row of 64k columns
+  return n / 2;
+}
+
+// ---- union-find over runs ------------------------------------------------------------------
+
+template <class Index>
+struct Runs {
+  int64_t rows = 0, cols = 0, per_row = 0;
+  std::unique_ptr<int32_t[]> edge;    // run i covers columns [edge[2i], edge[2i+1])
+  std::unique_ptr<Index[]> parent;    // union-find parent, then the final label
+  std::vector<int64_t> row_begin, row_end;
+  std::vector<int64_t> stripe_row;    // nstripes + 1 row bounds
+  std::vector<int64_t> stripe_end;    // one past the last run of each stripe
+  int64_t count = 0;
+
+  int64_t base(int64_t r) const { return r * per_row; }
+  int64_t start(int64_t i) const { return edge[2 * i]; }
+  int64_t end(int64_t i) const { return edge[2 * i + 1]; }
+  int64_t stripe_begin(std::size_t s) const { return base(stripe_row[s]); }
+};
+
+template <class Index>
+inline Index find_root(Index* P, Index x) {
+  while (P[x] != x) {
+    P[x] = P[P[x]];
+    x = P[x];
+  }
+  return x;
+}
+
+// Gives the runs [cb, ce) of a row their parents from the runs [pb, pe) of the row above.
+template <class Index, bool Conn8>
+void connect_rows(const int32_t* E, Index* P, int64_t pb, int64_t pe,
+                  int64_t cb, int64_t ce) {
+  int64_t j = pb;
+  for (int64_t c = cb; c < ce; ++c) {
+    const int32_t s = E[2 * c], e = E[2 * c + 1];
+    while (j < pe && (Conn8 ? E[2 * j + 1] < s : E[2 * j + 1] <= s)) ++j;
+    Index lab = Index(c);
+    bool has = false;
+    int64_t k = j;
+    while (k < pe && (Conn8 ? E[2 * k] <= e : E[2 * k] < e)) {
+      const Index r = find_root(P, Index(k));
+      if (!has) {
+        lab = r;
+        has = true;
+      } else if (r != lab) {
+        if (r < lab) {
+          P[lab] = r;
+          lab = r;
+        } else {
+          P[r] = lab;
+        }
+      }
+      if (E[2 * k + 1] > e) break;  // may touch the next run of this row too
+      ++k;
+    }
+    j = k;
+    P[c] = lab;
+  }
+}
+
+// Unites touching runs of two adjacent rows whose parents are already set (stripe borders).
+template <class Index, bool Conn8>
+void unite_rows(const int32_t* E, Index* P, int64_t pb, int64_t pe, int64_t cb,
+                int64_t ce) {
+  int64_t j = pb;
+  for (int64_t c = cb; c < ce; ++c) {
+    const int32_t s = E[2 * c], e = E[2 * c + 1];
+    while (j < pe && (Conn8 ? E[2 * j + 1] < s : E[2 * j + 1] <= s)) ++j;
+    int64_t k = j;
+    while (k < pe && (Conn8 ? E[2 * k] <= e : E[2 * k] < e)) {
+      const Index a = find_root(P, Index(k)), b = find_root(P, Index(c));
+      if (a < b) P[b] = a;
+      else if (b < a) P[a] = b;
+      if (E[2 * k + 1] > e) break;
+      ++k;
+    }
+    j = k;
+  }
+}
+
+template <class Index, bool Conn8>
+void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
+  const ImageView& im = q.image;
+  const int64_t r0 = R.stripe_row[stripe], r1 = R.stripe_row[stripe + 1];
+  const int64_t nwords = (im.cols + 63) / 64;
+  std::vector<uint64_t> bits(static_cast<std::size_t>(nwords));
+  const RowBitsFn to_bits = row_bits_for(im.pixel_bytes);
+  int32_t* E = R.edge.get();
+  Index* P = R.parent.get();
+  int64_t cur = R.base(r0);
+  const char* base = static_cast<const char*>(im.data);
+  for (int64_t r = r0; r < r1; ++r) {
+    to_bits(base + r * im.row_stride, im.col_stride, im.cols, im.background, bits.data());
+    const int64_t n = extract_runs(bits.data(), nwords, im.cols, E + 2 * cur);
+    R.row_begin[r] = cur;
+    R.row_end[r] = cur + n;
+    if (r == r0) {
+      for (int64_t i = cur; i < cur + n; ++i) P[i] = Index(i);
+    } else {
+      connect_rows<Index, Conn8>(E, P, R.row_begin[r - 1], R.row_end[r - 1], cur, cur + n);
+    }
+    cur += n;
+  }
+  R.stripe_end[stripe] = cur;
+}
+
+// Runs every stripe in parallel, unites the borders, flattens to final labels (R.count).
+template <class Index, bool Conn8>
+void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
+  const std::size_t ns = R.stripe_row.size() - 1;
+  if (ns == 1) {
+    label_stripe<Index, Conn8>(q, R, 0);
+  } else {
+#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
+    for (std::int64_t s = 0; s < std::int64_t(ns); ++s) label_stripe<Index, Conn8>(q, R, std::size_t(s));
+  }
+  Index* P = R.parent.get();
+  for (std::size_t s = 1; s < ns; ++s) {
+    const int64_t r = R.stripe_row[s];
+    unite_rows<Index, Conn8>(R.edge.get(), P, R.row_begin[r - 1], R.row_end[r - 1],
+                             R.row_begin[r], R.row_end[r]);
+  }
+  // Parents precede their children, so one pass in index order resolves every label.
+  Index count = 0;
+  for (std::size_t s = 0; s < ns; ++s) {
+    const int64_t e = R.stripe_end[s];
+    for (int64_t i = R.stripe_begin(s); i < e; ++i) {
+      const Index p = P[i];
+      P[i] = p == Index(i) ? ++count : P[p];
+    }
+  }
+  R.count = count;
+}
+
+template <class Index>
+void make_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
+  const ImageView& im = q.image;
+  R.rows = im.rows;
+  R.cols = im.cols;
+  R.per_row = (im.cols + 1) / 2;
+  const int64_t cap = im.rows * R.per_row;
+  // Uninitialised: pages past the runs actually found are never touched.
+  R.edge.reset(new int32_t[std::size_t(2 * cap)]);
+  R.parent.reset(new Index[std::size_t(cap)]);
+  R.row_begin.assign(std::size_t(im.rows), 0);
+  R.row_end.assign(std::size_t(im.rows), 0);
+  const int64_t ns = std::max<int64_t>(1, std::min<int64_t>(nthreads, im.rows));
+  R.stripe_row.resize(std::size_t(ns + 1));
+  for (int64_t s = 0; s <= ns; ++s) R.stripe_row[std::size_t(s)] = im.rows * s / ns;
+  R.stripe_end.assign(std::size_t(ns), 0);
+  if (q.connectivity == 8)
+    label_runs<Index, true>(q, R, int(ns));
+  else
+    label_runs<Index, false>(q, R, int(ns));
+}
+
+// f(r) for every row, rows split into the same stripes as the labelling.
+template <class Index, class F>
+void for_rows(const Runs<Index>& R, const F& f) {
+  const std::int64_t ns = std::int64_t(R.stripe_row.size()) - 1;
+  if (ns == 1) {
+    for (int64_t r = 0; r < R.rows; ++r) f(r);
+    return;
+  }
+#pragma omp parallel for schedule(static, 1) num_threads(int(ns))
+  for (std::int64_t s = 0; s < ns; ++s)
+    for (int64_t r = R.stripe_row[std::size_t(s)]; r < R.stripe_row[std::size_t(s) + 1]; ++r) f(r);
+}
+
+// ---- outputs -------------------------------------------------------------------------------
+
+// Writes labels[r] for the runs [b, e) of one row: zeros, then each run's label. Short runs
+// (the common case in noisy images) take one unconditional 8-lane store each, no loop.
+template <class L, class Index>
+inline void write_label_row(L* row, int64_t cols, const int32_t* E, const Index* label, int64_t b,
+                            int64_t e) {
+  std::memset(row, 0, std::size_t(cols) * sizeof(L));
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t s = E[2 * i], t = E[2 * i + 1];
+    const L v = L(label[i]);
+    if (s + 8 <= cols) {
+      for (int k = 0; k < 8; ++k) row[s + k] = v;  // one or two vector stores
+      for (int64_t j = s + 8; j < t; ++j) row[j] = v;
+      if (t + 8 <= cols) {
+        for (int k = 0; k < 8; ++k) row[t + k] = L(0);
+      } else {
+        for (int64_t j = t; j < s + 8; ++j) row[j] = L(0);
+      }
+    } else {
+      for (int64_t j = s; j < t; ++j) row[j] = v;
+    }
+  }
+}
+
+template <class L, class Index>
+void write_labels(const Runs<Index>& R, void* out) {
+  L* labels = static_cast<L*>(out);
+  for_rows(R, [&](int64_t r) {
+    write_label_row(labels + r * R.cols, R.cols, R.edge.get(), R.parent.get(),
+                    R.row_begin[std::size_t(r)], R.row_end[std::size_t(r)]);
+  });
+}
+
+template <class Index>
+std::vector<int64_t> areas(const Runs<Index>& R) {
+  std::vector<int64_t> area(std::size_t(R.count) + 1, 0);
+  for (std::size_t s = 0; s + 1 < R.stripe_row.size(); ++s)
+    for (int64_t i = R.stripe_begin(s); i < R.stripe_end[s]; ++i)
+      area[std::size_t(R.parent[i])] += R.end(i) - R.start(i);
+  return area;
+}
+
+template <class Index>
+void fill_stats(const Runs<Index>& R, ComponentStats& st) {
+  const std::size_t n = std::size_t(R.count) + 1;
+  st.area.assign(n, 0);
+  st.bbox.assign(4 * n, 0);
+  st.centroid.assign(2 * n, 0.0);
+  std::vector<int64_t> sums(2 * n, 0);
+  int64_t* area = st.area.data();
+  int64_t* box = st.bbox.data();
+  int64_t* sum = sums.data();
+  const int64_t cols = R.cols;
+  const int64_t all_cols_sum = cols * (cols - 1) / 2;
+  int64_t bg_left = std::numeric_limits<int64_t>::max(), bg_right = -1, bg_top = -1, bg_bottom = 0;
+  for (int64_t r = 0; r < R.rows; ++r) {
+    const int64_t b = R.row_begin[std::size_t(r)], e = R.row_end[std::size_t(r)];
+    int64_t fg = 0, fg_cols = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const std::size_t l = std::size_t(R.parent[i]);
+      const int64_t s = R.start(i), t = R.end(i), len = t - s;
+      const int64_t csum = (s + t - 1) * len / 2;
+      fg += len;
+      fg_cols += csum;
+      int64_t* bx = box + 4 * l;
+      if (area[l] == 0) {
+        bx[0] = r;
+        bx[1] = s;
+        bx[3] = t;
+      } else {
+        bx[1] = std::min(bx[1], s);
+        bx[3] = std::max(bx[3], t);
+      }
+      bx[2] = r + 1;
+      area[l] += len;
+      sum[2 * l] += r * len;
+      sum[2 * l + 1] += csum;
+    }
+    const int64_t nb = cols - fg;
+    if (nb > 0) {
+      area[0] += nb;
+      sum[0] += r * nb;
+      sum[1] += all_cols_sum - fg_cols;
+      if (bg_top < 0) bg_top = r;
+      bg_bottom = r + 1;
+      const int64_t first = (e > b && R.start(b) == 0) ? R.end(b) : 0;
+      const int64_t last = (e > b && R.end(e - 1) == cols) ? R.start(e - 1) - 1 : cols - 1;
+      bg_left = std::min(bg_left, first);
+      bg_right = std::max(bg_right, last + 1);
+    }
+  }
+  if (area[0] > 0) {
+    box[0] = bg_top;
+    box[1] = bg_left;
+    box[2] = bg_bottom;
+    box[3] = bg_right;
+  }
+  for (std::size_t l = 0; l < n; ++l) {
+    if (area[l] > 0) {
+      st.centroid[2 * l] = double(sum[2 * l]) / double(area[l]);
+      st.centroid[2 * l + 1] = double(sum[2 * l + 1]) / double(area[l]);
+    } else {
+      st.centroid[2 * l] = st.centroid[2 * l + 1] = std::numeric_limits<double>::quiet_NaN();
+    }
+  }
+}
+
+int64_t label_max(LabelType t) {
+  switch (t) {
+    case LabelType::u16: return 65535;
+    case LabelType::u32: return 4294967295LL;
+    case LabelType::i32: return 2147483647LL;
+    default: return std::numeric_limits<int64_t>::max();
+  }
+}
+
+const char* label_name(LabelType t) {
+  switch (t) {
+    case LabelType::u16: return "uint16";
+    case LabelType::u32: return "uint32";
+    case LabelType::i32: return "int32";
+    case LabelType::i64: return "int64";
+    default: return "uint64";
+  }
+}
+
+template <class T, class Index>
+void write_filtered(const CclRequest& q, const Runs<Index>& R, const std::vector<char>& keep) {
+  const ImageView& im = q.image;
+  T* out = static_cast<T*>(q.out);
+  const T bg = T(im.background);
+  const char* base = static_cast<const char*>(im.data);
+  for_rows(R, [&](int64_t r) {
+    T* row = out + r * R.cols;
+    const char* in = base + r * im.row_stride;
+    if (im.col_stride == int64_t(sizeof(T))) {
+      if (in != reinterpret_cast<const char*>(row)) std::memcpy(row, in, std::size_t(R.cols) * sizeof(T));
+    } else {
+      for (int64_t j = 0; j < R.cols; ++j) row[j] = load_pixel<T>(in + j * im.col_stride);
+    }
+    for (int64_t i = R.row_begin[std::size_t(r)]; i < R.row_end[std::size_t(r)]; ++i)
+      if (!keep[std::size_t(R.parent[i])]) std::fill(row + R.start(i), row + R.end(i), bg);
+  });
+}
+
+template <class Index>
+int64_t run_request(const CclRequest& q, int nthreads) {
+  Runs<Index> R;
+  make_runs(q, R, nthreads);
+  switch (q.op) {
+    case CclOp::label: {
+      if (R.count > label_max(q.label_type))
+        throw std::overflow_error("the image has " + std::to_string(R.count) +
+                                  " components, more than dtype " + label_name(q.label_type) +
+                                  " can label (at most " + std::to_string(label_max(q.label_type)) +
+                                  ")");
+      switch (q.label_type) {
+        case LabelType::u16: write_labels<std::uint16_t>(R, q.out); break;
+        case LabelType::u32: write_labels<std::uint32_t>(R, q.out); break;
+        case LabelType::i32: write_labels<std::int32_t>(R, q.out); break;
+        case LabelType::i64: write_labels<std::int64_t>(R, q.out); break;
+        case LabelType::u64: write_labels<std::uint64_t>(R, q.out); break;
+        default: throw std::invalid_argument("label dtype must be uint16, uint32, int32, int64 or uint64");
+      }
+      if (q.stats) fill_stats(R, *q.stats);
+      return R.count;
+    }
+    case CclOp::largest: {
+      const std::vector<int64_t> area = areas(R);
+      std::size_t best = 0;
+      for (std::size_t l = 1; l < area.size(); ++l)
+        if (best == 0 || area[l] > area[best]) best = l;
+      bool* mask = static_cast<bool*>(q.out);
+      for_rows(R, [&](int64_t r) {
+        bool* row = mask + r * R.cols;
+        std::fill(row, row + R.cols, false);
+        if (best == 0) return;
+        for (int64_t i = R.row_begin[std::size_t(r)]; i < R.row_end[std::size_t(r)]; ++i)
+          if (std::size_t(R.parent[i]) == best) std::fill(row + R.start(i), row + R.end(i), true);
+      });
+      return R.count;
+    }
+    case CclOp::remove_small: {
+      const std::vector<int64_t> area = areas(R);
+      std::vector<char> keep(area.size());
+      int64_t kept = 0;
+      for (std::size_t l = 1; l < area.size(); ++l) {
+        keep[l] = area[l] >= q.min_size;
+        kept += keep[l];
+      }
+      switch (q.image.pixel_bytes) {
+        case 1: write_filtered<std::uint8_t>(q, R, keep); break;
+        case 2: write_filtered<std::uint16_t>(q, R, keep); break;
+        case 4: write_filtered<std::uint32_t>(q, R, keep); break;
+        default: write_filtered<std::uint64_t>(q, R, keep); break;
+      }
+      return kept;
+    }
+  }
+  return 0;
+}
+
+int64_t ccl_run(const CclRequest& q, int nthreads) {
+  const int64_t cap = q.image.rows * ((q.image.cols + 1) / 2);
+  if (cap < int64_t(std::numeric_limits<int32_t>::max()))
+    return run_request<int32_t>(q, nthreads);
+  return run_request<int64_t>(q, nthreads);
+}
+
+}  // namespace
+
+void register_ccl(KernelTable& t) { t.ccl.run = &ccl_run; }
+
+}  // namespace NL_TARGET
+}  // namespace normlab
