@@ -169,6 +169,7 @@ struct Runs {
   std::vector<int64_t> row_begin, row_end;
   std::vector<int64_t> stripe_row;    // nstripes + 1 row bounds
   std::vector<int64_t> stripe_end;    // one past the last run of each stripe
+  std::vector<int64_t> first_label;   // nstripes + 1: labels rooted in stripe s start here
   int64_t count = 0;
 
   int64_t base(int64_t r) const { return r * per_row; }
@@ -282,7 +283,9 @@ void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
   }
   // Parents precede their children, so one pass in index order resolves every label.
   Index count = 0;
+  R.first_label.assign(ns + 1, 0);
   for (std::size_t s = 0; s < ns; ++s) {
+    R.first_label[s] = int64_t(count) + 1;
     const int64_t e = R.stripe_end[s];
     for (int64_t i = R.stripe_begin(s); i < e; ++i) {
       const Index p = P[i];
@@ -290,6 +293,7 @@ void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
     }
   }
   R.count = count;
+  R.first_label[ns] = int64_t(count) + 1;
 }
 
 template <class Index>
@@ -361,78 +365,159 @@ void write_labels(const Runs<Index>& R, void* out) {
   });
 }
 
+// ---- statistics from the runs --------------------------------------------------------------
+//
+// Stripes accumulate in parallel. Labels rooted in stripe s (a contiguous range, since labels
+// follow raster order) are owned by stripe s and updated in the shared table; a run of a label
+// rooted in an earlier stripe ("foreign": its component crosses the stripe's top border, so it
+// has a run in the stripe's first row) goes to a small stripe-local table merged afterwards.
+// Integer sums, minima and maxima: identical results for every stripe count.
+
+struct StatsRef {
+  int64_t* area;
+  int64_t* box;  // top, left, bottom, right; null for areas only
+  int64_t* sum;  // row sum, column sum
+};
+
+template <bool Full>
+inline void add_run(const StatsRef& t, std::size_t l, int64_t r, int64_t s, int64_t e) {
+  const int64_t len = e - s;
+  t.area[l] += len;
+  if constexpr (Full) {
+    int64_t* bx = t.box + 4 * l;
+    bx[0] = std::min(bx[0], r);
+    bx[1] = std::min(bx[1], s);
+    bx[2] = std::max(bx[2], r + 1);
+    bx[3] = std::max(bx[3], e);
+    t.sum[2 * l] += r * len;
+    t.sum[2 * l + 1] += (s + e - 1) * len / 2;
+  }
+}
+
+template <bool Full>
+inline void merge_into(const StatsRef& to, std::size_t l, const StatsRef& from, std::size_t k) {
+  to.area[l] += from.area[k];
+  if constexpr (Full) {
+    int64_t* a = to.box + 4 * l;
+    const int64_t* b = from.box + 4 * k;
+    a[0] = std::min(a[0], b[0]);
+    a[1] = std::min(a[1], b[1]);
+    a[2] = std::max(a[2], b[2]);
+    a[3] = std::max(a[3], b[3]);
+    to.sum[2 * l] += from.sum[2 * k];
+    to.sum[2 * l + 1] += from.sum[2 * k + 1];
+  }
+}
+
+struct StatsTable {
+  std::vector<int64_t> area, box, sum;
+  StatsRef ref() { return {area.data(), box.data(), sum.data()}; }
+  void init(std::size_t n, bool full) {
+    area.assign(n, 0);
+    if (full) {
+      box.resize(4 * n);
+      for (std::size_t l = 0; l < n; ++l) {
+        box[4 * l] = box[4 * l + 1] = std::numeric_limits<int64_t>::max();
+        box[4 * l + 2] = box[4 * l + 3] = -1;
+      }
+      sum.assign(2 * n, 0);
+    }
+  }
+};
+
+// Accumulates every label (row 0: the background) into table, sized count + 1.
+template <bool Full, class Index>
+void accumulate(const Runs<Index>& R, StatsTable& table) {
+  const std::size_t ns = R.stripe_row.size() - 1;
+  const std::size_t n = std::size_t(R.count) + 1;
+  table.init(n, Full);
+  const StatsRef global = table.ref();
+  std::vector<std::vector<int64_t>> foreign(ns);  // sorted foreign labels per stripe
+  std::vector<StatsTable> local(ns);              // [foreign..., background]
+  const int64_t cols = R.cols;
+  const int64_t all_cols_sum = cols * (cols - 1) / 2;
+  const auto stripe_stats = [&](std::size_t st) {
+    const int64_t r0 = R.stripe_row[st], r1 = R.stripe_row[st + 1];
+    const int64_t own = R.first_label[st];
+    std::vector<int64_t>& fl = foreign[st];
+    for (int64_t i = R.row_begin[std::size_t(r0)]; i < R.row_end[std::size_t(r0)]; ++i)
+      if (int64_t(R.parent[i]) < own) fl.push_back(int64_t(R.parent[i]));
+    std::sort(fl.begin(), fl.end());
+    fl.erase(std::unique(fl.begin(), fl.end()), fl.end());
+    const std::size_t bg = fl.size();
+    local[st].init(bg + 1, Full);
+    const StatsRef loc = local[st].ref();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = R.row_begin[std::size_t(r)], e = R.row_end[std::size_t(r)];
+      int64_t fg = 0, fg_cols = 0;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t l = int64_t(R.parent[i]);
+        const int64_t s = R.start(i), t = R.end(i);
+        fg += t - s;
+        if constexpr (Full) fg_cols += (s + t - 1) * (t - s) / 2;
+        if (l >= own) {
+          add_run<Full>(global, std::size_t(l), r, s, t);
+        } else {
+          const std::size_t k = std::size_t(std::lower_bound(fl.begin(), fl.end(), l) - fl.begin());
+          add_run<Full>(loc, k, r, s, t);
+        }
+      }
+      const int64_t nb = cols - fg;
+      if (nb > 0) {
+        loc.area[bg] += nb;
+        if constexpr (Full) {
+          int64_t* bx = loc.box + 4 * bg;
+          const int64_t first = (e > b && R.start(b) == 0) ? R.end(b) : 0;
+          const int64_t last = (e > b && R.end(e - 1) == cols) ? R.start(e - 1) - 1 : cols - 1;
+          bx[0] = std::min(bx[0], r);
+          bx[1] = std::min(bx[1], first);
+          bx[2] = r + 1;
+          bx[3] = std::max(bx[3], last + 1);
+          loc.sum[2 * bg] += r * nb;
+          loc.sum[2 * bg + 1] += all_cols_sum - fg_cols;
+        }
+      }
+    }
+  };
+  if (ns == 1) {
+    stripe_stats(0);
+  } else {
+#pragma omp parallel for schedule(static, 1) num_threads(int(ns))
+    for (std::int64_t st = 0; st < std::int64_t(ns); ++st) stripe_stats(std::size_t(st));
+  }
+  for (std::size_t st = 0; st < ns; ++st) {
+    const StatsRef loc = local[st].ref();
+    const std::vector<int64_t>& fl = foreign[st];
+    for (std::size_t k = 0; k < fl.size(); ++k) merge_into<Full>(global, std::size_t(fl[k]), loc, k);
+    merge_into<Full>(global, 0, loc, fl.size());
+  }
+}
+
 template <class Index>
 std::vector<int64_t> areas(const Runs<Index>& R) {
-  std::vector<int64_t> area(std::size_t(R.count) + 1, 0);
-  for (std::size_t s = 0; s + 1 < R.stripe_row.size(); ++s)
-    for (int64_t i = R.stripe_begin(s); i < R.stripe_end[s]; ++i)
-      area[std::size_t(R.parent[i])] += R.end(i) - R.start(i);
-  return area;
+  StatsTable table;
+  accumulate<false>(R, table);
+  return std::move(table.area);
 }
 
 template <class Index>
 void fill_stats(const Runs<Index>& R, ComponentStats& st) {
-  const std::size_t n = std::size_t(R.count) + 1;
-  st.area.assign(n, 0);
-  st.bbox.assign(4 * n, 0);
-  st.centroid.assign(2 * n, 0.0);
-  std::vector<int64_t> sums(2 * n, 0);
-  int64_t* area = st.area.data();
-  int64_t* box = st.bbox.data();
-  int64_t* sum = sums.data();
-  const int64_t cols = R.cols;
-  const int64_t all_cols_sum = cols * (cols - 1) / 2;
-  int64_t bg_left = std::numeric_limits<int64_t>::max(), bg_right = -1, bg_top = -1, bg_bottom = 0;
-  for (int64_t r = 0; r < R.rows; ++r) {
-    const int64_t b = R.row_begin[std::size_t(r)], e = R.row_end[std::size_t(r)];
-    int64_t fg = 0, fg_cols = 0;
-    for (int64_t i = b; i < e; ++i) {
-      const std::size_t l = std::size_t(R.parent[i]);
-      const int64_t s = R.start(i), t = R.end(i), len = t - s;
-      const int64_t csum = (s + t - 1) * len / 2;
-      fg += len;
-      fg_cols += csum;
-      int64_t* bx = box + 4 * l;
-      if (area[l] == 0) {
-        bx[0] = r;
-        bx[1] = s;
-        bx[3] = t;
-      } else {
-        bx[1] = std::min(bx[1], s);
-        bx[3] = std::max(bx[3], t);
-      }
-      bx[2] = r + 1;
-      area[l] += len;
-      sum[2 * l] += r * len;
-      sum[2 * l + 1] += csum;
-    }
-    const int64_t nb = cols - fg;
-    if (nb > 0) {
-      area[0] += nb;
-      sum[0] += r * nb;
-      sum[1] += all_cols_sum - fg_cols;
-      if (bg_top < 0) bg_top = r;
-      bg_bottom = r + 1;
-      const int64_t first = (e > b && R.start(b) == 0) ? R.end(b) : 0;
-      const int64_t last = (e > b && R.end(e - 1) == cols) ? R.start(e - 1) - 1 : cols - 1;
-      bg_left = std::min(bg_left, first);
-      bg_right = std::max(bg_right, last + 1);
-    }
-  }
-  if (area[0] > 0) {
-    box[0] = bg_top;
-    box[1] = bg_left;
-    box[2] = bg_bottom;
-    box[3] = bg_right;
-  }
+  StatsTable table;
+  accumulate<true>(R, table);
+  const std::size_t n = table.area.size();
+  st.centroid.resize(2 * n);
   for (std::size_t l = 0; l < n; ++l) {
-    if (area[l] > 0) {
-      st.centroid[2 * l] = double(sum[2 * l]) / double(area[l]);
-      st.centroid[2 * l + 1] = double(sum[2 * l + 1]) / double(area[l]);
+    const int64_t a = table.area[l];
+    if (a > 0) {
+      st.centroid[2 * l] = double(table.sum[2 * l]) / double(a);
+      st.centroid[2 * l + 1] = double(table.sum[2 * l + 1]) / double(a);
     } else {
       st.centroid[2 * l] = st.centroid[2 * l + 1] = std::numeric_limits<double>::quiet_NaN();
+      for (int k = 0; k < 4; ++k) table.box[4 * l + k] = 0;
     }
   }
+  st.area = std::move(table.area);
+  st.bbox = std::move(table.box);
 }
 
 int64_t label_max(LabelType t) {
