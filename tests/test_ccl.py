@@ -217,6 +217,21 @@ def test_overflow_never_wraps():
     assert count == 1
 
 
+def test_wide_run_indices(rng):
+    """The 64-bit run-index path (images of 2**31 runs or more), forced on small images."""
+    normlab._core._ccl_force_wide_index(True)
+    try:
+        imgs = [rng.random((120, 130)) < p for p in (0.1, 0.5, 0.9)]
+        imgs += [checkerboard(64, 65), spiral(40), real_images()["page<128"]]
+        for img in imgs:
+            for conn in CONNS:
+                assert_same_as_scipy(img, conn)
+                assert_stats_match_opencv(img, conn)
+            assert normlab.remove_small_components(img, 3).dtype == img.dtype
+    finally:
+        normlab._core._ccl_force_wide_index(False)
+
+
 # ---- threads and targets ---------------------------------------------------------------------
 
 
@@ -245,6 +260,13 @@ def test_identical_for_1_2_3_threads(cpu_target, num_threads, rng):
                 np.testing.assert_array_equal(labels, ref)
                 for key in ("area", "bbox", "centroid"):
                     np.testing.assert_array_equal(stats[key], results[0][2][key])
+            areas = results[0][2]["area"]
+            largest = ref == (int(np.argmax(areas[1:])) + 1) if n else np.zeros(img.shape, bool)
+            kept = (areas[ref] >= 5) & (ref > 0)
+            for threads in (1, 2, 3):
+                normlab.set_num_threads(threads)
+                np.testing.assert_array_equal(normlab.largest_component(img, conn), largest)
+                np.testing.assert_array_equal(normlab.remove_small_components(img, 5, conn) != 0, kept)
 
 
 # ---- statistics: as OpenCV ------------------------------------------------------------------

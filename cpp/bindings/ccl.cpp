@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bindings.hpp"
+#include "ccl/ccl_request.hpp"
 #include "normlab/ccl.hpp"
 
 namespace normlab::bindings {
@@ -162,6 +163,8 @@ void bind_ccl(py::module_& m) {
   m.def("ccl_remove_small_components", &remove_small_py, arg("image"), arg("background"),
         arg("min_size"), arg("connectivity"), arg("out"));
   m.def("ccl_component_stats", &component_stats_py, arg("labels"), arg("count"));
+  m.def("_ccl_force_wide_index", &detail::set_ccl_force_wide_index, arg("on"),
+        "Tests only: 64-bit run indices for every image.");
 }
 
 }  // namespace normlab::bindings

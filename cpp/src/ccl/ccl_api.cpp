@@ -1,6 +1,7 @@
 // The public C++ entry points of connected-component labelling: check arguments, pick threads,
 // call the active target's kernel (label.cpp). component_stats() has no SIMD part and lives here.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -13,6 +14,14 @@
 #include "parallel/parallel.hpp"
 
 namespace normlab {
+
+namespace detail {
+namespace {
+std::atomic<bool> g_force_wide_index{false};
+}
+void set_ccl_force_wide_index(bool on) { g_force_wide_index.store(on); }
+}  // namespace detail
+
 namespace {
 
 void require(bool ok, const std::string& what) {
@@ -71,6 +80,7 @@ std::int64_t label(const ImageView& image, int connectivity, LabelType label_typ
   }
   require(labels != nullptr, "labels is null");
   CclRequest q;
+  q.wide_index = detail::g_force_wide_index.load(std::memory_order_relaxed);
   q.image = image;
   q.connectivity = connectivity;
   q.op = CclOp::label;
@@ -85,6 +95,7 @@ std::int64_t largest_component(const ImageView& image, int connectivity, bool* m
   if (image.rows == 0 || image.cols == 0) return 0;
   require(mask != nullptr, "mask is null");
   CclRequest q;
+  q.wide_index = detail::g_force_wide_index.load(std::memory_order_relaxed);
   q.image = image;
   q.connectivity = connectivity;
   q.op = CclOp::largest;
@@ -99,6 +110,7 @@ std::int64_t remove_small_components(const ImageView& image, std::int64_t min_si
   if (image.rows == 0 || image.cols == 0) return 0;
   require(out != nullptr, "out is null");
   CclRequest q;
+  q.wide_index = detail::g_force_wide_index.load(std::memory_order_relaxed);
   q.image = image;
   q.connectivity = connectivity;
   q.op = CclOp::remove_small;

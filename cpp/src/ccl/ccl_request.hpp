@@ -17,6 +17,12 @@ struct CclRequest {
   void* out = nullptr;      // labels, mask or filtered image (C-contiguous rows x cols)
   ComponentStats* stats = nullptr;        // CclOp::label, optional
   std::int64_t min_size = 0;              // CclOp::remove_small
+  bool wide_index = false;  // 64-bit run indices even for small images (tests of that path)
 };
+
+namespace detail {
+// Tests only: run every labelling with 64-bit run indices (normally used from 2**31 runs on).
+void set_ccl_force_wide_index(bool on);
+}  // namespace detail
 
 }  // namespace normlab

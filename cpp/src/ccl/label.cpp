@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -159,6 +160,27 @@ inline int64_t extract_runs(const uint64_t* bits, int64_t nwords, int64_t cols, 
   return n / 2;
 }
 
+// f(s) for every stripe s in [0, ns), one thread per stripe. An exception (bad_alloc) thrown
+// by a stripe is carried out of the parallel region and rethrown here, never terminating.
+template <class F>
+void for_stripes(std::int64_t ns, const F& f) {
+  if (ns <= 1) {
+    if (ns == 1) f(std::size_t(0));
+    return;
+  }
+  std::exception_ptr error;
+#pragma omp parallel for schedule(static, 1) num_threads(int(ns))
+  for (std::int64_t s = 0; s < ns; ++s) {
+    try {
+      f(std::size_t(s));
+    } catch (...) {
+#pragma omp critical(normlab_ccl_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // ---- union-find over runs ------------------------------------------------------------------
 
 template <class Index>
@@ -269,12 +291,8 @@ void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
 template <class Index, bool Conn8>
 void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
   const std::size_t ns = R.stripe_row.size() - 1;
-  if (ns == 1) {
-    label_stripe<Index, Conn8>(q, R, 0);
-  } else {
-#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
-    for (std::int64_t s = 0; s < std::int64_t(ns); ++s) label_stripe<Index, Conn8>(q, R, std::size_t(s));
-  }
+  (void)nthreads;  // one stripe per thread
+  for_stripes(std::int64_t(ns), [&](std::size_t s) { label_stripe<Index, Conn8>(q, R, s); });
   Index* P = R.parent.get();
   for (std::size_t s = 1; s < ns; ++s) {
     const int64_t r = R.stripe_row[s];
@@ -321,14 +339,9 @@ void make_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
 // f(r) for every row, rows split into the same stripes as the labelling.
 template <class Index, class F>
 void for_rows(const Runs<Index>& R, const F& f) {
-  const std::int64_t ns = std::int64_t(R.stripe_row.size()) - 1;
-  if (ns == 1) {
-    for (int64_t r = 0; r < R.rows; ++r) f(r);
-    return;
-  }
-#pragma omp parallel for schedule(static, 1) num_threads(int(ns))
-  for (std::int64_t s = 0; s < ns; ++s)
-    for (int64_t r = R.stripe_row[std::size_t(s)]; r < R.stripe_row[std::size_t(s) + 1]; ++r) f(r);
+  for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) {
+    for (int64_t r = R.stripe_row[s]; r < R.stripe_row[s + 1]; ++r) f(r);
+  });
 }
 
 // ---- outputs -------------------------------------------------------------------------------
@@ -479,12 +492,7 @@ void accumulate(const Runs<Index>& R, StatsTable& table) {
       }
     }
   };
-  if (ns == 1) {
-    stripe_stats(0);
-  } else {
-#pragma omp parallel for schedule(static, 1) num_threads(int(ns))
-    for (std::int64_t st = 0; st < std::int64_t(ns); ++st) stripe_stats(std::size_t(st));
-  }
+  for_stripes(std::int64_t(ns), stripe_stats);
   for (std::size_t st = 0; st < ns; ++st) {
     const StatsRef loc = local[st].ref();
     const std::vector<int64_t>& fl = foreign[st];
@@ -617,7 +625,7 @@ int64_t run_request(const CclRequest& q, int nthreads) {
 
 int64_t ccl_run(const CclRequest& q, int nthreads) {
   const int64_t cap = q.image.rows * ((q.image.cols + 1) / 2);
-  if (cap < int64_t(std::numeric_limits<int32_t>::max()))
+  if (cap < int64_t(std::numeric_limits<int32_t>::max()) && !q.wide_index)
     return run_request<int32_t>(q, nthreads);
   return run_request<int64_t>(q, nthreads);
 }
