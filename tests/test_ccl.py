@@ -412,6 +412,9 @@ def test_remove_small_components(cpu_target, conn, rng):
     expected = np.where(areas[ref] >= 5, bg_img, 7)
     expected[ref == 0] = 7
     np.testing.assert_array_equal(got, expected)
+    swapped = normlab.remove_small_components(img.astype(">u2"), 5, conn)
+    assert swapped.dtype == np.dtype(">u2")
+    np.testing.assert_array_equal(swapped, normlab.remove_small_components(img, 5, conn))
     mask = img != 0
     inplace = mask.copy()
     result = normlab.remove_small_components(inplace, 4, conn, out=inplace)
