@@ -24,6 +24,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "ccl/ccl_request.hpp"
 #include "dispatch/kernel_table.hpp"
 #include "simd/vec.hpp"
@@ -156,7 +160,7 @@ inline int64_t extract_runs(const uint64_t* bits, int64_t nwords, int64_t cols, 
       t &= t - 1;
     }
   }
-  if (carry) edge[n++] = int32_t(cols);  // a run reaching the end of a row of 64k columns
+  if (carry) edge[n++] = int32_t(cols);  // a run reaching the end of a row of 64k columns (k >= 1)
   return n / 2;
 }
 
@@ -183,11 +187,61 @@ void for_stripes(std::int64_t ns, const F& f) {
 
 // ---- union-find over runs ------------------------------------------------------------------
 
+// An uninitialised array: reserved in full, but only the pages actually written (the runs
+// found) are ever backed by memory. Large ones are mapped directly and, on Linux, asked for
+// transparent huge pages: a noisy 2048x2048 image writes ~12 MB of runs per call, and faulting
+// that in 4 KiB pages costs more than a third of the labelling.
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { release(); }
+
+  void allocate(std::size_t n) {
+    release();
+    bytes_ = n * sizeof(T);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes_ >= kMapBytes) {
+      void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      madvise(p, bytes_, MADV_HUGEPAGE);  // advice only: failure is harmless
+      data_ = static_cast<T*>(p);
+      mapped_ = true;
+      return;
+    }
+#endif
+    data_ = static_cast<T*>(::operator new(bytes_ ? bytes_ : 1));
+  }
+  T* get() const { return data_; }
+  T& operator[](std::int64_t i) const { return data_[i]; }
+
+ private:
+  static constexpr std::size_t kMapBytes = std::size_t(4) << 20;
+  void release() {
+    if (!data_) return;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (mapped_) {
+      munmap(data_, bytes_);
+      data_ = nullptr;
+      mapped_ = false;
+      return;
+    }
+#endif
+    ::operator delete(data_);
+    data_ = nullptr;
+  }
+  T* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  bool mapped_ = false;
+};
+
 template <class Index>
 struct Runs {
   int64_t rows = 0, cols = 0, per_row = 0;
-  std::unique_ptr<int32_t[]> edge;    // run i covers columns [edge[2i], edge[2i+1])
-  std::unique_ptr<Index[]> parent;    // union-find parent, then the final label
+  Buffer<int32_t> edge;               // run i covers columns [edge[2i], edge[2i+1])
+  Buffer<Index> parent;               // union-find parent, then the final label
   std::vector<int64_t> row_begin, row_end;
   std::vector<int64_t> stripe_row;    // nstripes + 1 row bounds
   std::vector<int64_t> stripe_end;    // one past the last run of each stripe
@@ -322,8 +376,8 @@ void make_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
   R.per_row = (im.cols + 1) / 2;
   const int64_t cap = im.rows * R.per_row;
   // Uninitialised: pages past the runs actually found are never touched.
-  R.edge.reset(new int32_t[std::size_t(2 * cap)]);
-  R.parent.reset(new Index[std::size_t(cap)]);
+  R.edge.allocate(std::size_t(2 * cap));
+  R.parent.allocate(std::size_t(cap));
   R.row_begin.assign(std::size_t(im.rows), 0);
   R.row_end.assign(std::size_t(im.rows), 0);
   const int64_t ns = std::max<int64_t>(1, std::min<int64_t>(nthreads, im.rows));
@@ -367,15 +421,6 @@ inline void write_label_row(L* row, int64_t cols, const int32_t* E, const Index*
       for (int64_t j = s; j < t; ++j) row[j] = v;
     }
   }
-}
-
-template <class L, class Index>
-void write_labels(const Runs<Index>& R, void* out) {
-  L* labels = static_cast<L*>(out);
-  for_rows(R, [&](int64_t r) {
-    write_label_row(labels + r * R.cols, R.cols, R.edge.get(), R.parent.get(),
-                    R.row_begin[std::size_t(r)], R.row_end[std::size_t(r)]);
-  });
 }
 
 // ---- statistics from the runs --------------------------------------------------------------
@@ -429,29 +474,46 @@ struct StatsTable {
     area.assign(n, 0);
     if (full) {
       box.resize(4 * n);
-      for (std::size_t l = 0; l < n; ++l) {
-        box[4 * l] = box[4 * l + 1] = std::numeric_limits<int64_t>::max();
-        box[4 * l + 2] = box[4 * l + 3] = -1;
-      }
       sum.assign(2 * n, 0);
+    }
+  }
+  void init_box(std::size_t l0, std::size_t l1) {
+    for (std::size_t l = l0; l < l1; ++l) {
+      box[4 * l] = box[4 * l + 1] = std::numeric_limits<int64_t>::max();
+      box[4 * l + 2] = box[4 * l + 3] = -1;
     }
   }
 };
 
-// Accumulates every label (row 0: the background) into table, sized count + 1.
+// Every label's area (Full: also bbox and centroid), row 0 the background: prepare(), then
+// stripe(s) for every stripe (in parallel, possibly fused with writing that stripe's output),
+// then finish().
 template <bool Full, class Index>
-void accumulate(const Runs<Index>& R, StatsTable& table) {
-  const std::size_t ns = R.stripe_row.size() - 1;
-  const std::size_t n = std::size_t(R.count) + 1;
-  table.init(n, Full);
-  const StatsRef global = table.ref();
-  std::vector<std::vector<int64_t>> foreign(ns);  // sorted foreign labels per stripe
-  std::vector<StatsTable> local(ns);              // [foreign..., background]
-  const int64_t cols = R.cols;
-  const int64_t all_cols_sum = cols * (cols - 1) / 2;
-  const auto stripe_stats = [&](std::size_t st) {
+struct Accumulator {
+  const Runs<Index>& R;
+  StatsTable table;
+  std::vector<double> centroid;
+  std::vector<std::vector<int64_t>> foreign;  // sorted foreign labels per stripe
+  std::vector<StatsTable> local;              // per stripe: [foreign..., background]
+
+  explicit Accumulator(const Runs<Index>& runs) : R(runs) {
+    const std::size_t ns = R.stripe_row.size() - 1, n = std::size_t(R.count) + 1;
+    table.init(n, Full);
+    if constexpr (Full) centroid.resize(2 * n);
+    foreign.resize(ns);
+    local.resize(ns);
+  }
+
+  void set_centroid(std::size_t l) {
+    const double a = double(table.area[l]);
+    centroid[2 * l] = double(table.sum[2 * l]) / a;
+    centroid[2 * l + 1] = double(table.sum[2 * l + 1]) / a;
+  }
+
+  void stripe(std::size_t st) {
     const int64_t r0 = R.stripe_row[st], r1 = R.stripe_row[st + 1];
-    const int64_t own = R.first_label[st];
+    const int64_t own = R.first_label[st], own_end = R.first_label[st + 1];
+    if constexpr (Full) table.init_box(std::size_t(own), std::size_t(own_end));
     std::vector<int64_t>& fl = foreign[st];
     for (int64_t i = R.row_begin[std::size_t(r0)]; i < R.row_end[std::size_t(r0)]; ++i)
       if (int64_t(R.parent[i]) < own) fl.push_back(int64_t(R.parent[i]));
@@ -459,7 +521,10 @@ void accumulate(const Runs<Index>& R, StatsTable& table) {
     fl.erase(std::unique(fl.begin(), fl.end()), fl.end());
     const std::size_t bg = fl.size();
     local[st].init(bg + 1, Full);
-    const StatsRef loc = local[st].ref();
+    if constexpr (Full) local[st].init_box(0, bg + 1);
+    const StatsRef global = table.ref(), loc = local[st].ref();
+    const int64_t cols = R.cols;
+    const int64_t all_cols_sum = cols * (cols - 1) / 2;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = R.row_begin[std::size_t(r)], e = R.row_end[std::size_t(r)];
       int64_t fg = 0, fg_cols = 0;
@@ -491,41 +556,66 @@ void accumulate(const Runs<Index>& R, StatsTable& table) {
         }
       }
     }
-  };
-  for_stripes(std::int64_t(ns), stripe_stats);
-  for (std::size_t st = 0; st < ns; ++st) {
-    const StatsRef loc = local[st].ref();
-    const std::vector<int64_t>& fl = foreign[st];
-    for (std::size_t k = 0; k < fl.size(); ++k) merge_into<Full>(global, std::size_t(fl[k]), loc, k);
-    merge_into<Full>(global, 0, loc, fl.size());
+    // Centroids of the stripe's own labels; those that continue into later stripes are redone
+    // in finish().
+    if constexpr (Full)
+      for (int64_t l = own; l < own_end; ++l) set_centroid(std::size_t(l));
   }
-}
+
+  // Merges the stripe-local tables (components crossing stripe borders, the background).
+  void finish() {
+    const StatsRef global = table.ref();
+    if constexpr (Full) table.init_box(0, 1);
+    for (std::size_t st = 0; st < local.size(); ++st) {
+      const StatsRef loc = local[st].ref();
+      const std::vector<int64_t>& fl = foreign[st];
+      for (std::size_t k = 0; k < fl.size(); ++k) {
+        merge_into<Full>(global, std::size_t(fl[k]), loc, k);
+        if constexpr (Full) set_centroid(std::size_t(fl[k]));
+      }
+      merge_into<Full>(global, 0, loc, fl.size());
+    }
+    if constexpr (Full) {
+      if (table.area[0] > 0) {
+        set_centroid(0);
+      } else {  // no background pixel (and labels 1..count always have pixels)
+        for (int k = 0; k < 4; ++k) table.box[k] = 0;
+        centroid[0] = centroid[1] = std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+  }
+
+  void move_to(ComponentStats& st) {
+    st.area = std::move(table.area);
+    st.bbox = std::move(table.box);
+    st.centroid = std::move(centroid);
+  }
+};
 
 template <class Index>
 std::vector<int64_t> areas(const Runs<Index>& R) {
-  StatsTable table;
-  accumulate<false>(R, table);
-  return std::move(table.area);
+  Accumulator<false, Index> acc(R);
+  for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) { acc.stripe(s); });
+  acc.finish();
+  return std::move(acc.table.area);
 }
 
-template <class Index>
-void fill_stats(const Runs<Index>& R, ComponentStats& st) {
-  StatsTable table;
-  accumulate<true>(R, table);
-  const std::size_t n = table.area.size();
-  st.centroid.resize(2 * n);
-  for (std::size_t l = 0; l < n; ++l) {
-    const int64_t a = table.area[l];
-    if (a > 0) {
-      st.centroid[2 * l] = double(table.sum[2 * l]) / double(a);
-      st.centroid[2 * l + 1] = double(table.sum[2 * l + 1]) / double(a);
-    } else {
-      st.centroid[2 * l] = st.centroid[2 * l + 1] = std::numeric_limits<double>::quiet_NaN();
-      for (int k = 0; k < 4; ++k) table.box[4 * l + k] = 0;
-    }
+// Writes the labels, and with stats accumulates them in the same pass over each stripe.
+template <class L, class Index>
+void write_labels(const Runs<Index>& R, void* out, ComponentStats* stats) {
+  L* labels = static_cast<L*>(out);
+  std::unique_ptr<Accumulator<true, Index>> acc;
+  if (stats) acc = std::make_unique<Accumulator<true, Index>>(R);
+  for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) {
+    for (int64_t r = R.stripe_row[s]; r < R.stripe_row[s + 1]; ++r)
+      write_label_row(labels + r * R.cols, R.cols, R.edge.get(), R.parent.get(),
+                      R.row_begin[std::size_t(r)], R.row_end[std::size_t(r)]);
+    if (acc) acc->stripe(s);
+  });
+  if (acc) {
+    acc->finish();
+    acc->move_to(*stats);
   }
-  st.area = std::move(table.area);
-  st.bbox = std::move(table.box);
 }
 
 int64_t label_max(LabelType t) {
@@ -578,14 +668,13 @@ int64_t run_request(const CclRequest& q, int nthreads) {
                                   " can label (at most " + std::to_string(label_max(q.label_type)) +
                                   ")");
       switch (q.label_type) {
-        case LabelType::u16: write_labels<std::uint16_t>(R, q.out); break;
-        case LabelType::u32: write_labels<std::uint32_t>(R, q.out); break;
-        case LabelType::i32: write_labels<std::int32_t>(R, q.out); break;
-        case LabelType::i64: write_labels<std::int64_t>(R, q.out); break;
-        case LabelType::u64: write_labels<std::uint64_t>(R, q.out); break;
+        case LabelType::u16: write_labels<std::uint16_t>(R, q.out, q.stats); break;
+        case LabelType::u32: write_labels<std::uint32_t>(R, q.out, q.stats); break;
+        case LabelType::i32: write_labels<std::int32_t>(R, q.out, q.stats); break;
+        case LabelType::i64: write_labels<std::int64_t>(R, q.out, q.stats); break;
+        case LabelType::u64: write_labels<std::uint64_t>(R, q.out, q.stats); break;
         default: throw std::invalid_argument("label dtype must be uint16, uint32, int32, int64 or uint64");
       }
-      if (q.stats) fill_stats(R, *q.stats);
       return R.count;
     }
     case CclOp::largest: {
