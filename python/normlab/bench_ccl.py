@@ -2,7 +2,8 @@
 and cc3d on noise, granular noise and a real document page, with 4- and 8-connectivity.
 
 Every row is measured in one run with the candidates interleaved round by round (see
-``normlab.bench.measure``); times are medians. OpenCV runs at normlab's thread count
+``normlab.bench.measure``); times are medians. ``normlab`` allocates its labels (and stats) on
+every call, as every peer does; ``out=`` is normlab writing into a preallocated label array. OpenCV runs at normlab's thread count
 (``cv2.setNumThreads``); SciPy, scikit-image and cc3d are single-threaded. In the rows with
 stats, normlab and OpenCV (``connectedComponentsWithStats``) return area, bounding box and
 centroid; cc3d adds ``cc3d.statistics``; SciPy and scikit-image time their labelling only
@@ -62,8 +63,8 @@ def workloads(quick: bool):
 
 def _candidates(img, conn, stats, cv2, scipy_ndimage, skimage_measure, cc3d):
     out = np.empty(img.shape, np.int32)
-    c = {"normlab": (lambda: normlab.label(img, conn, out=out, return_stats=True)) if stats
-         else (lambda: normlab.label(img, conn, out=out))}
+    c = {"normlab": lambda: normlab.label(img, conn, return_stats=stats),
+         "out=": lambda: normlab.label(img, conn, out=out, return_stats=stats)}
     if cv2 is not None:
         if stats:
             c["opencv"] = lambda: cv2.connectedComponentsWithStats(img, connectivity=conn, ltype=cv2.CV_32S)
@@ -112,7 +113,7 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
           f"machine={platform.machine()} {os.cpu_count()} cpus", file=stream)
     print("times in ms (median); speed-up = peer time / normlab time; scipy and skimage: "
           "labels only, also in the stats rows", file=stream)
-    header = f"{'image':<21}{'shape':>13}{'conn':>5}{'stats':>6}{'comps':>9}{'normlab':>9}"
+    header = f"{'image':<21}{'shape':>13}{'conn':>5}{'stats':>6}{'comps':>9}{'normlab':>9}{'out=':>8}"
     for p in PEERS:
         header += f"{p:>9}"
     for p in PEERS:
@@ -129,13 +130,14 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
                 t = measure(cand, rounds, budget)
                 row = dict(op="label", image=name, shape=list(img.shape), connectivity=conn,
                            stats=stats, components=count, threads=threads,
-                           normlab_s=t["normlab"])
+                           normlab_s=t["normlab"], normlab_out_s=t["out="])
                 for p in PEERS:
                     row[f"{p}_s"] = t.get(p)
                     row[f"speedup_vs_{p}"] = t[p] / t["normlab"] if p in t else None
                 rows_out.append(row)
                 line = (f"{name:<21}{'x'.join(map(str, img.shape)):>13}{conn:>5}"
-                        f"{'yes' if stats else 'no':>6}{count:>9}{_fmt_ms(t['normlab']):>9}")
+                        f"{'yes' if stats else 'no':>6}{count:>9}{_fmt_ms(t['normlab']):>9}"
+                        f"{_fmt_ms(t['out=']):>8}")
                 for p in PEERS:
                     line += f"{_fmt_ms(t.get(p)):>9}"
                 for p in PEERS:
