@@ -189,6 +189,20 @@ def test_label_dtypes_and_out(dtype, rng):
     assert labels is out
 
 
+def test_uint16_boundary():
+    labels, count = normlab.label(lattice(509, 513), 8, dtype=np.uint16)  # 255 * 257 = 65535
+    assert count == 65535 and labels.max() == 65535
+    with pytest.raises(OverflowError, match="65536"):
+        normlab.label(lattice(511, 511), 8, dtype=np.uint16)  # 256 * 256
+
+
+def test_read_only_image(rng):
+    img = rng.random((40, 50)) < 0.5
+    img.flags.writeable = False
+    assert_same_as_scipy(img, 8)
+    assert normlab.remove_small_components(img, 3).flags.writeable
+
+
 def test_default_dtype():
     labels, count = normlab.label(np.ones((3, 3), bool))
     assert labels.dtype == np.int32 and isinstance(count, int) and count == 1
