@@ -15,6 +15,7 @@ from .runtime import (
     get_num_threads,
     set_cpu_target,
     set_num_threads,
+    show_config,
 )
 from .runtime import _register_threadpoolctl, _warn_rejected_env_target
 
@@ -34,6 +35,7 @@ __all__ = [
     "set_cpu_target",
     "get_num_threads",
     "set_num_threads",
+    "show_config",
 ]
 
 _warn_rejected_env_target()

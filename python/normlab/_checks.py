@@ -67,7 +67,7 @@ def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.n
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     for arr, arr_name in inputs:
-        if arr is not None and np.may_share_memory(out, arr):
+        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
             raise ValueError(f"{name} must not overlap {arr_name}")
     return out
 
@@ -75,6 +75,8 @@ def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.n
 def positive_float(value, name: str) -> float:
     if type(value) is float and 0.0 < value < math.inf:
         return value
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -92,16 +94,8 @@ def flag(value, name: str) -> bool:
     return bool(value)
 
 
-_trailing_axes_cache: dict = {}
-
-
 def trailing_axes(ndim: int, axis, name: str = "axis") -> int:
     """How many trailing axes `axis` (an int or a tuple of ints) names; validates it."""
-    key = (ndim, axis)
-    try:
-        return _trailing_axes_cache[key]
-    except (KeyError, TypeError):
-        pass
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int or a tuple of ints, got bool")
     if isinstance(axis, (int, np.integer)):
@@ -125,8 +119,6 @@ def trailing_axes(ndim: int, axis, name: str = "axis") -> int:
             f"{name} must name trailing axes (e.g. -1 or (-2, -1)) of an array of "
             f"{ndim} dimensions, got {axis!r}"
         )
-    if isinstance(axis, (int, tuple)):
-        _trailing_axes_cache[key] = count
     return count
 
 

@@ -19,6 +19,8 @@ Data handling, common to every function here:
 
 from __future__ import annotations
 
+from typing import Tuple, Union
+
 import numpy as np
 
 from . import _core
@@ -31,6 +33,8 @@ from ._checks import (
     positive_float,
     row_split,
 )
+
+Axis = Union[int, Tuple[int, ...]]
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"]
 
@@ -50,7 +54,16 @@ _KERNELS = {
 }
 
 
-def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None, return_stats=False):
+def layer_norm(
+    x: np.ndarray,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    eps: float = 1e-5,
+    out: np.ndarray | None = None,
+    return_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer normalization over the trailing axes named by ``axis``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` where mean and the biased variance are
@@ -76,7 +89,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None, return
     Rows that are constant give exactly ``bias`` (0 without bias); NaN or Inf in a row affect
     only that row. A leading shape with zero elements gives empty results.
     """
-    x = float_input(x, "x")
+    x_in, x = x, float_input(x, "x")
     layer_fwd = _KERNELS[x.dtype][0]
     shape = x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
@@ -89,7 +102,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None, return
     if out is None:
         y = np.empty(shape, dtype)
     else:
-        y = output(out, "out", dtype, shape, ((x, "x"), (weight, "weight"), (bias, "bias")))
+        y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
         mean = np.empty(lead, dtype)
         rstd = np.empty(lead, dtype)
@@ -99,7 +112,16 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None, return
     return y
 
 
-def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, out=None):
+def layer_norm_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Gradients of ``layer_norm``: returns ``(dx, dweight, dbias)``.
 
     Parameters
@@ -119,6 +141,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, out=None):
     dweight, dbias : ndarray with the shape of the normalized axes, or None when weight is None
         (summed over the leading axes in a fixed order: identical for every thread count).
     """
+    originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
     x = float_input(x, "x")
     layer_bwd = _KERNELS[x.dtype][1]
     dtype, shape = x.dtype, x.shape
@@ -130,8 +153,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, out=None):
     if out is None:
         dx = np.empty(shape, dtype)
     else:
-        inputs = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
-        dx = output(out, "out", dtype, shape, inputs)
+        dx = output(out, "out", dtype, shape, originals)
     dweight = dbias = None
     if weight is not None:
         dweight = np.empty(normalized, dtype)
@@ -140,7 +162,15 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, out=None):
     return dx, dweight, dbias
 
 
-def rms_norm(x, weight=None, *, axis=-1, eps=None, out=None, return_stats=False):
+def rms_norm(
+    x: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    eps: float | None = None,
+    out: np.ndarray | None = None,
+    return_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Root-mean-square normalization over the trailing axes named by ``axis``.
 
     ``y = x / sqrt(mean(x**2) + eps) * weight``, as ``torch.nn.functional.rms_norm``.
@@ -161,7 +191,7 @@ def rms_norm(x, weight=None, *, axis=-1, eps=None, out=None, return_stats=False)
     -------
     y, or (y, rstd) when return_stats is true.
     """
-    x = float_input(x, "x")
+    x_in, x = x, float_input(x, "x")
     rms_fwd = _KERNELS[x.dtype][2]
     shape = x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
@@ -175,7 +205,7 @@ def rms_norm(x, weight=None, *, axis=-1, eps=None, out=None, return_stats=False)
     if out is None:
         y = np.empty(shape, dtype)
     else:
-        y = output(out, "out", dtype, shape, ((x, "x"), (weight, "weight")))
+        y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight")))
     if return_stats is True or flag(return_stats, "return_stats"):
         rstd = np.empty(lead, dtype)
         rms_fwd(x, weight, y, rstd, rows, cols, eps)
@@ -184,7 +214,15 @@ def rms_norm(x, weight=None, *, axis=-1, eps=None, out=None, return_stats=False)
     return y
 
 
-def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, out=None):
+def rms_norm_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray | None = None,
+    *,
+    axis: Axis = -1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Gradients of ``rms_norm``: returns ``(dx, dweight)``.
 
     Parameters
@@ -202,6 +240,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, out=None):
     dx : ndarray like x (``out`` when given)
     dweight : ndarray with the shape of the normalized axes, or None when weight is None.
     """
+    originals = ((dy, "dy"), (x, "x"), (rstd, "rstd"), (weight, "weight"))
     x = float_input(x, "x")
     rms_bwd = _KERNELS[x.dtype][3]
     dtype, shape = x.dtype, x.shape
@@ -212,7 +251,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, out=None):
     if out is None:
         dx = np.empty(shape, dtype)
     else:
-        dx = output(out, "out", dtype, shape, ((dy, "dy"), (x, "x"), (rstd, "rstd"), (weight, "weight")))
+        dx = output(out, "out", dtype, shape, originals)
     dweight = None if weight is None else np.empty(normalized, dtype)
     rms_bwd(dy, x, rstd, weight, dx, dweight, rows, cols)
     return dx, dweight

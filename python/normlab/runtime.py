@@ -18,6 +18,7 @@ import warnings
 from . import _core
 
 __all__ = [
+    "show_config",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",
@@ -106,3 +107,33 @@ def _register_threadpoolctl() -> None:
             return _core.__version__
 
     threadpoolctl.register(NormlabController)
+
+
+def _openmp_library() -> str:
+    """Path of the OpenMP runtime loaded into this process for normlab (Linux), else ''."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith(("libgomp", "libomp", "libiomp")):
+                    return path
+    except OSError:
+        pass
+    return ""
+
+
+def show_config() -> None:
+    """Print how normlab was built and what it runs with, like numpy.show_config()."""
+    lines = [
+        f"normlab {_core.__version__}",
+        f"  compiler:           {_core.compiler}",
+        f"  flags:              {_core.build_flags.strip()}",
+        f"  cpu targets built:  {', '.join(_core.compiled_cpu_targets())}",
+        f"  supported here:     {', '.join(_core.supported_cpu_targets())}",
+        f"  selected:           {get_cpu_target()}",
+        f"  OpenMP:             {_core.openmp_version()} ({_openmp_library() or 'runtime not found'})",
+        f"  threads:            {get_num_threads()}"
+        + (" (forked child: single-threaded)" if _core.in_forked_child() else ""),
+    ]
+    print("\n".join(lines))

@@ -1,6 +1,9 @@
 // layer_norm forward and backward: one body, compiled once per SIMD target.
+#include <type_traits>
+
 #include "dispatch/kernel_table.hpp"
 #include "norm/row_norm.hpp"
+#include "parallel/parallel.hpp"
 
 namespace normlab {
 namespace NL_TARGET {
@@ -10,40 +13,41 @@ namespace {
 // that x - mean keeps its digits in float even when |mean| >> std.
 template <class T, bool HasW, bool HasB>
 void layer_norm_row(const T* x, const T* w, const T* b, T* y, std::int64_t n, double mean,
-                    double rstd) {
+                    double rstd, bool stream) {
   using V = vnative<T>;
-  constexpr int L = kLanes<T>;
-  const T head = T(mean), tail = T(mean - double(head)), r = T(rstd);
-  const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(r);
-  std::int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const V d = (load<V>(x + j) - vhead) - vtail;
+  const T head = T(mean), tail = T(mean - double(head));
+  const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(T(rstd));
+  map_row(y, n, stream, [&](std::int64_t j, int count) {
+    const V d = (load_n(x + j, count) - vhead) - vtail;
     V scale = vr;
-    if constexpr (HasW) scale *= load<V>(w + j);
-    V out = d * scale;
-    if constexpr (HasB) out = d * scale + load<V>(b + j);
-    store(y + j, out);
-  }
-  for (; j < n; ++j) {
-    const T d = (x[j] - head) - tail;
-    T scale = r;
-    if constexpr (HasW) scale *= w[j];
-    T out = d * scale;
-    if constexpr (HasB) out = d * scale + b[j];
-    y[j] = out;
-  }
+    if constexpr (HasW) scale *= load_n(w + j, count);
+    if constexpr (HasB) return fmadd(d, scale, load_n(b + j, count));
+    return V(d * scale);
+  });
 }
 
 template <class T, bool HasW, bool HasB>
-void layer_norm_rows(const LayerNormForward<T>& a, std::int64_t r0, std::int64_t r1) {
-  for (std::int64_t i = r0; i < r1; ++i) {
-    const T* x = a.x + i * a.cols;
-    const Moments m = row_moments(x, a.cols);
-    const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
-    if (a.mean) a.mean[i] = T(m.mean);
-    if (a.rstd) a.rstd[i] = T(rstd);
-    layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * a.cols, a.cols, m.mean, rstd);
-  }
+void layer_norm_rows(const LayerNormForward<T>& a, std::int64_t r0, std::int64_t r1, bool stream) {
+  const std::int64_t n = a.cols;
+  auto rows = [&](auto group, std::int64_t i) {
+    constexpr int G = decltype(group)::value;
+    Moments m[G];
+    double var[G], rstd[G];
+    row_moments<G>(a.x + i * n, n, n, m);
+    for (int g = 0; g < G; ++g) var[g] = m[g].var;
+    inverse_sqrt<G>(var, a.eps, rstd);
+    for (int g = 0; g < G; ++g) {
+      if (a.mean) a.mean[i + g] = T(m[g].mean);
+      if (a.rstd) a.rstd[i + g] = T(rstd[g]);
+      layer_norm_row<T, HasW, HasB>(a.x + (i + g) * n, a.weight, a.bias, a.y + (i + g) * n, n, m[g].mean,
+                                    rstd[g], stream);
+    }
+  };
+  std::int64_t i = r0;
+  if (group_rows<T>(n))
+    for (; i + kRowGroup <= r1; i += kRowGroup) rows(std::integral_constant<int, kRowGroup>(), i);
+  for (; i < r1; ++i) rows(std::integral_constant<int, 1>(), i);
+  if (stream) stream_fence();
 }
 
 template <class T>
@@ -52,76 +56,24 @@ void layer_norm_forward(const LayerNormForward<T>& a, int nthreads) {
   if (a.weight && a.bias) rows = &layer_norm_rows<T, true, true>;
   else if (a.weight) rows = &layer_norm_rows<T, true, false>;
   else if (a.bias) rows = &layer_norm_rows<T, false, true>;
-  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, r0, r1); });
-}
-
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
-// with weight, partial[0..n) += dy * xhat (dweight) and partial[n..2n) += dy (dbias).
-template <class T, bool HasW>
-void layer_norm_backward_row(const LayerNormBackward<T>& a, std::int64_t i, double* partial) {
-  const std::int64_t n = a.cols;
-  const T* x = a.x + i * n;
-  const T* dy = a.dy + i * n;
-  const T* w = a.weight;
-  T* dx = a.dx + i * n;
-  const double mean = double(a.mean[i]), r = double(a.rstd[i]);
-  const vwide vmean = splat<vwide>(mean), vr = splat<vwide>(r);
-
-  vwide sg{}, sgx{};
-  std::int64_t j = 0;
-  for (; j + kWide <= n; j += kWide) {
-    const vwide xh = (load_wide(x + j) - vmean) * vr;
-    vwide g = load_wide(dy + j);
-    if constexpr (HasW) g *= load_wide(w + j);
-    sg += g;
-    sgx += g * xh;
-  }
-  double tg = 0, tgx = 0;
-  for (std::int64_t k = j; k < n; ++k) {
-    const double xh = (double(x[k]) - mean) * r;
-    double g = double(dy[k]);
-    if constexpr (HasW) g *= double(w[k]);
-    tg += g;
-    tgx += g * xh;
-  }
-  const double c0 = (lane_sum(sg) + tg) / double(n), c1 = (lane_sum(sgx) + tgx) / double(n);
-
-  const vwide vc0 = splat<vwide>(c0), vc1 = splat<vwide>(c1);
-  j = 0;
-  for (; j + kWide <= n; j += kWide) {
-    const vwide xh = (load_wide(x + j) - vmean) * vr;
-    const vwide d = load_wide(dy + j);
-    vwide g = d;
-    if constexpr (HasW) {
-      g *= load_wide(w + j);
-      store(partial + j, load<vwide>(partial + j) + d * xh);
-      store(partial + n + j, load<vwide>(partial + n + j) + d);
-    }
-    store_narrow(dx + j, vr * ((g - vc0) - xh * vc1));
-  }
-  for (; j < n; ++j) {
-    const double xh = (double(x[j]) - mean) * r;
-    const double d = double(dy[j]);
-    double g = d;
-    if constexpr (HasW) {
-      g *= double(w[j]);
-      partial[j] += d * xh;
-      partial[n + j] += d;
-    }
-    dx[j] = T(r * ((g - c0) - xh * c1));
-  }
+  // Threads get whole row groups, so grouping never depends on the thread count.
+  const std::int64_t units = (a.rows + kRowGroup - 1) / kRowGroup;
+  const bool stream = a.rows * a.cols * std::int64_t(sizeof(T)) >= stream_min_bytes();
+  parallel_ranges(units, nthreads, [&](std::int64_t u0, std::int64_t u1) {
+    rows(a, u0 * kRowGroup, u1 * kRowGroup < a.rows ? u1 * kRowGroup : a.rows, stream);
+  });
 }
 
 template <class T>
 void layer_norm_backward(const LayerNormBackward<T>& a, int nthreads) {
   if (a.weight) {
     T* const outs[2] = {a.dweight, a.dbias};
-    rows_with_column_sums<T>(a.rows, a.cols, 2, outs, nthreads, [&](std::int64_t i, double* p) {
-      layer_norm_backward_row<T, true>(a, i, p);
+    rows_with_column_sums<T>(a.rows, a.cols, 2, outs, nthreads, [&](std::int64_t r0, std::int64_t r1, double* p) {
+      row_norm_backward_rows<true, true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.dx, a.cols, r0, r1, p);
     });
   } else {
-    rows_with_column_sums<T>(a.rows, a.cols, 0, nullptr, nthreads, [&](std::int64_t i, double* p) {
-      layer_norm_backward_row<T, false>(a, i, p);
+    rows_with_column_sums<T>(a.rows, a.cols, 0, nullptr, nthreads, [&](std::int64_t r0, std::int64_t r1, double* p) {
+      row_norm_backward_rows<true, false>(a.dy, a.x, a.mean, a.rstd, a.weight, a.dx, a.cols, r0, r1, p);
     });
   }
 }

@@ -2,8 +2,10 @@
 
 #include <omp.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "dispatch/kernel_table.hpp"
@@ -43,6 +45,18 @@ bool in_forked_child() {
 int threads_for(std::int64_t bytes) {
   if (bytes < kParallelMinBytes || omp_in_parallel()) return 1;
   return get_num_threads();
+}
+
+std::int64_t stream_min_bytes() {
+  static const std::int64_t bytes = [] {
+    if (const char* env = std::getenv("NORMLAB_STREAM_MIN_BYTES")) return std::int64_t(std::atoll(env));
+    long l3 = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return std::int64_t(l3 > 0 ? l3 / 2 : 16 << 20);
+  }();
+  return bytes;
 }
 
 void parallel_copy(const void* src, void* dst, std::size_t bytes) {

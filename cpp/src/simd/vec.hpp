@@ -68,6 +68,57 @@ inline double reduce_add(V v) {
   return s;
 }
 
+// a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
+// every fused operation is this explicit one and results never depend on compiler choices).
+template <class V>
+inline V fmadd(V a, V b, V c) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
+  constexpr bool is_float = sizeof(a[0]) == 4;
+  if constexpr (sizeof(V) == 64 && is_float) return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+  else if constexpr (sizeof(V) == 64) return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
+  else if constexpr (sizeof(V) == 32 && is_float) return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+  else if constexpr (sizeof(V) == 32) return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
+  else if constexpr (sizeof(V) == 16 && is_float) return V(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
+  else if constexpr (sizeof(V) == 16) return V(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
+  else {
+    V r;
+    for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+    return r;
+  }
+#elif defined(NL_TARGET_NEON)
+  V r;
+  for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
+inline double fmadd(double a, double b, double c) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2) || defined(NL_TARGET_NEON)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// out[g] = 1 / sqrt(v[g] + eps) for G values, several per instruction where the target can
+// (correctly rounded either way, so the result does not depend on G).
+template <int G>
+inline void inverse_sqrt(const double* v, double eps, double* out) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
+  if constexpr (G == 4) {
+    const __m256d x = _mm256_add_pd(_mm256_loadu_pd(v), _mm256_set1_pd(eps));
+    _mm256_storeu_pd(out, _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(x)));
+    return;
+  } else if constexpr (G == 2) {
+    const __m128d x = _mm_add_pd(_mm_loadu_pd(v), _mm_set1_pd(eps));
+    _mm_storeu_pd(out, _mm_div_pd(_mm_set1_pd(1.0), _mm_sqrt_pd(x)));
+    return;
+  }
+#endif
+  for (int g = 0; g < G; ++g) out[g] = 1.0 / __builtin_sqrt(v[g] + eps);
+}
+
 // kWide values at p, widened to double.
 inline vwide load_wide(const double* p) { return load<vwide>(p); }
 inline vwide load_wide(const float* p) {
@@ -82,6 +133,28 @@ inline vwide load_wide(const float* p) {
 #endif
 }
 
+// The low and high halves of a native float vector, widened to double (SIMD targets only).
+#if NL_VEC_BYTES
+inline vwide widen_low(vnative<float> v) {
+#if defined(NL_TARGET_AVX512)
+  return vwide(_mm512_cvtps_pd(_mm512_castps512_ps256(__m512(v))));
+#elif defined(NL_TARGET_AVX2)
+  return vwide(_mm256_cvtps_pd(_mm256_castps256_ps128(__m256(v))));
+#elif defined(NL_TARGET_NEON)
+  return vwide(vcvt_f64_f32(vget_low_f32(v)));
+#endif
+}
+inline vwide widen_high(vnative<float> v) {
+#if defined(NL_TARGET_AVX512)
+  return vwide(_mm512_cvtps_pd(_mm512_extractf32x8_ps(__m512(v), 1)));
+#elif defined(NL_TARGET_AVX2)
+  return vwide(_mm256_cvtps_pd(_mm256_extractf128_ps(__m256(v), 1)));
+#elif defined(NL_TARGET_NEON)
+  return vwide(vcvt_high_f64_f32(v));
+#endif
+}
+#endif
+
 // kWide doubles stored at p, rounded to nearest.
 inline void store_narrow(double* p, vwide v) { store(p, v); }
 inline void store_narrow(float* p, vwide v) {
@@ -94,6 +167,106 @@ inline void store_narrow(float* p, vwide v) {
 #else
   p[0] = float(v[0]);
 #endif
+}
+
+
+// The first `count` (0 < count <= lanes) elements at p; the other lanes are zero.
+template <class T>
+inline vnative<T> load_partial(const T* p, int count) {
+  using V = vnative<T>;
+#if defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(T) == 4)
+    return V(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
+  else
+    return V(_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p));
+#elif defined(NL_TARGET_AVX2)
+  if constexpr (sizeof(T) == 4) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return V(_mm256_maskload_ps(reinterpret_cast<const float*>(p), mask));
+  } else {
+    const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+    return V(_mm256_maskload_pd(reinterpret_cast<const double*>(p), mask));
+  }
+#else
+  V v{};
+  for (int i = 0; i < count; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+// Stores the first `count` (0 < count <= lanes) lanes of v at p.
+template <class T>
+inline void store_partial(T* p, vnative<T> v, int count) {
+#if defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
+  else
+    _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), __m512d(v));
+#elif defined(NL_TARGET_AVX2)
+  if constexpr (sizeof(T) == 4) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(reinterpret_cast<float*>(p), mask, __m256(v));
+  } else {
+    const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+    _mm256_maskstore_pd(reinterpret_cast<double*>(p), mask, __m256d(v));
+  }
+#else
+  for (int i = 0; i < count; ++i) p[i] = v[i];
+#endif
+}
+
+// count elements at p as a vector: a plain load when count is the full width.
+template <class T>
+inline vnative<T> load_n(const T* p, int count) {
+  return count == kLanes<T> ? load<vnative<T>>(p) : load_partial(p, count);
+}
+
+// A store that bypasses the caches, for outputs too large to stay in them. p is aligned to
+// the vector width. stream_fence() orders these stores before the thread's later ones.
+template <class T>
+inline void store_stream(T* p, vnative<T> v) {
+#if defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), __m512(v));
+  else _mm512_stream_pd(reinterpret_cast<double*>(p), __m512d(v));
+#elif defined(NL_TARGET_AVX2)
+  if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(p), __m256(v));
+  else _mm256_stream_pd(reinterpret_cast<double*>(p), __m256d(v));
+#else
+  store(p, v);
+#endif
+}
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("dmb ishst" ::: "memory");
+#endif
+}
+
+// y[j .. j+count) = f(j, count) over a row of n elements, one vector at a time: for long rows
+// a partial vector first so the rest of y is aligned, then full vectors (streamed past the
+// caches when stream is set), then a partial tail. Every element goes through the same vector
+// code. Short rows skip the alignment: a split store costs less than a partial vector there.
+template <class T, class F>
+inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
+  constexpr int L = kLanes<T>;
+  std::int64_t j = 0;
+  const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
+  if (L > 1 && addr % sizeof(T) == 0 && n >= 16 * L) {
+    constexpr std::uintptr_t width = L * sizeof(T);
+    const std::int64_t head = std::int64_t((width - addr % width) % width / sizeof(T));
+    const int count = int(head < n ? head : n);
+    if (count > 0) store_partial(y, f(j, count), count);
+    j = count;
+  } else {
+    stream = false;
+  }
+  if (stream) {
+    for (; j + L <= n; j += L) store_stream(y + j, f(j, L));
+  } else {
+    for (; j + L <= n; j += L) store(y + j, f(j, L));
+  }
+  if (j < n) store_partial(y + j, f(j, int(n - j)), int(n - j));
 }
 
 }  // namespace
