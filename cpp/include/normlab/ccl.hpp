@@ -14,7 +14,7 @@
 // merged with a union-find that keeps the smaller index as root. Row stripes are labelled in
 // parallel with disjoint index ranges in raster order, merged across stripe borders and
 // flattened in raster order, so the final numbering needs no sort. Memory: the output plus
-// O(runs) (12 to 24 bytes per run), never a second image.
+// O(runs) (12 bytes per run, 16 from 2**31 runs on), never a second image.
 #pragma once
 
 #include <cstdint>
