@@ -246,6 +246,35 @@ def test_wide_run_indices(rng):
         normlab._core._ccl_force_wide_index(False)
 
 
+def test_streamed_label_writes():
+    """Labels larger than half the last-level cache are streamed out: force that path."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, scipy.ndimage as ndi, normlab
+rng = np.random.default_rng(5)
+for target in normlab.cpu_targets():
+    normlab.set_cpu_target(target)
+    for threads in (1, 3):
+        normlab.set_num_threads(threads)
+        for shape in [(1, 1), (3, 70), (257, 301), (64, 64)]:
+            img = rng.random(shape) < 0.4
+            ref, n = ndi.label(img, structure=np.ones((3, 3)))
+            for dtype in ("uint16", "uint32", "int32", "int64", "uint64"):
+                labels, count, stats = normlab.label(img, dtype=dtype, return_stats=True)
+                assert count == n and (labels == ref).all(), (target, threads, shape, dtype)
+                assert stats["area"][1:].sum() == img.sum()
+print("ok")
+"""
+    env = dict(os.environ, NORMLAB_STREAM_MIN_BYTES="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 # ---- threads and targets ---------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@
 
 #include "ccl/ccl_request.hpp"
 #include "dispatch/kernel_table.hpp"
+#include "parallel/parallel.hpp"
 #include "simd/vec.hpp"
 
 namespace normlab {
@@ -400,6 +401,35 @@ void for_rows(const Runs<Index>& R, const F& f) {
 
 // ---- outputs -------------------------------------------------------------------------------
 
+// dst[0, bytes) = src[0, bytes) with non-temporal stores for the aligned middle (a plain copy
+// on the baseline target).
+inline void stream_copy(void* dst, const void* src, std::size_t bytes) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
+#if defined(NL_TARGET_AVX512)
+  constexpr std::size_t W = 64;
+#else
+  constexpr std::size_t W = 32;
+#endif
+  char* d = static_cast<char*>(dst);
+  const char* p = static_cast<const char*>(src);
+  std::size_t head = (W - reinterpret_cast<std::uintptr_t>(d) % W) % W;
+  if (head > bytes) head = bytes;
+  std::memcpy(d, p, head);
+  d += head, p += head, bytes -= head;
+  for (; bytes >= W; bytes -= W, d += W, p += W) {
+#if defined(NL_TARGET_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(p));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#endif
+  }
+  std::memcpy(d, p, bytes);
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
 // Writes labels[r] for the runs [b, e) of one row: zeros, then each run's label. Short runs
 // (the common case in noisy images) take one unconditional 8-lane store each, no loop.
 template <class L, class Index>
@@ -606,10 +636,18 @@ void write_labels(const Runs<Index>& R, void* out, ComponentStats* stats) {
   L* labels = static_cast<L*>(out);
   std::unique_ptr<Accumulator<true, Index>> acc;
   if (stats) acc = std::make_unique<Accumulator<true, Index>>(R);
+  // Labels too large to stay in the cache are built a row at a time in a small buffer and
+  // streamed out, which saves reading every output line before writing it.
+  const bool stream = R.rows * R.cols * int64_t(sizeof(L)) >= stream_min_bytes();
   for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) {
-    for (int64_t r = R.stripe_row[s]; r < R.stripe_row[s + 1]; ++r)
-      write_label_row(labels + r * R.cols, R.cols, R.edge.get(), R.parent.get(),
+    std::vector<L> buffer(stream ? std::size_t(R.cols) : 0);
+    for (int64_t r = R.stripe_row[s]; r < R.stripe_row[s + 1]; ++r) {
+      L* row = labels + r * R.cols;
+      write_label_row(stream ? buffer.data() : row, R.cols, R.edge.get(), R.parent.get(),
                       R.row_begin[std::size_t(r)], R.row_end[std::size_t(r)]);
+      if (stream) stream_copy(row, buffer.data(), std::size_t(R.cols) * sizeof(L));
+    }
+    if (stream) stream_fence();
     if (acc) acc->stripe(s);
   });
   if (acc) {
