@@ -136,7 +136,7 @@ def test_real_images_match_scipy(cpu_target):
             assert_same_as_scipy(img, conn)
 
 
-def test_layouts_and_dtypes(rng):
+def test_layouts_and_dtypes(cpu_target, rng):
     base = (rng.random((70, 90)) < 0.45).astype(np.uint8)
     variants = {
         "fortran": np.asfortranarray(base),
@@ -155,6 +155,12 @@ def test_layouts_and_dtypes(rng):
     for name, img in variants.items():
         for conn in CONNS:
             assert_same_as_scipy(img, conn)
+    # Fortran order of every width, read 64 rows at a time down the columns (partial blocks)
+    tall = rng.random((200, 150)) < 0.45
+    for dtype in (bool, np.int8, np.uint16, np.int32, np.uint64, ">u2"):
+        for img in (np.asfortranarray(tall.astype(dtype)), np.asfortranarray(tall.astype(dtype))[5:, 3:]):
+            for conn in CONNS:
+                assert_same_as_scipy(img, conn)
     # fortran 16-bit strided, and a column view of a wide image
     wide = (rng.random((50, 300)) < 0.5).astype(np.uint16)
     for img in (np.asfortranarray(wide)[:, 5:250:2], wide[:, 7:8], wide[3:4, :]):
@@ -288,6 +294,7 @@ def test_identical_for_1_2_3_threads(cpu_target, num_threads, rng):
         spiral(301),
         np.ones((2, 40000), bool),  # fewer rows than threads
         rng.random((3, 40000)) < 0.7,
+        np.asfortranarray(rng.random((333, 260)) < 0.5),
         real_images()["camera>128"],
     ]
     for img in images:

@@ -146,6 +146,56 @@ RowBitsFn row_bits_for(int pixel_bytes) {
   }
 }
 
+// In-place transpose of a 64x64 bit matrix: bit j of a[i] <-> bit i of a[j].
+inline void transpose64(uint64_t* a) {
+  uint64_t m = 0x00000000FFFFFFFFull;
+  for (int j = 32; j; j >>= 1, m ^= m << j) {
+    for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+      const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+      a[k] ^= t << j;
+      a[k | j] ^= t;
+    }
+  }
+}
+
+// The foreground bits of rows [r, r + n), n <= 64, of an image whose columns are contiguous
+// (Fortran order): 64 pixels down a column are one vector compare, and a 64x64 bit transpose
+// turns 64 column words into 64 row words. Row r + k's words go to out[k * nwords ...].
+template <class T>
+void column_block_bits(const char* base, int64_t col_stride, int64_t cols, int64_t r, int n,
+                       uint64_t background, uint64_t* out, int64_t nwords) {
+  const T bg = T(background);
+  uint64_t tile[64];
+  for (int64_t w = 0; w < nwords; ++w) {
+    const int64_t c0 = w * 64;
+    const int nc = int(std::min<int64_t>(64, cols - c0));
+    for (int j = 0; j < nc; ++j) {
+      const T* p = reinterpret_cast<const T*>(base + (c0 + j) * col_stride) + r;
+      if (n == 64) {
+        tile[j] = foreground_bits64<T>(p, bg);
+      } else {
+        uint64_t m = 0;
+        for (int k = 0; k < n; ++k) m |= uint64_t(p[k] != bg) << k;
+        tile[j] = m;
+      }
+    }
+    for (int j = nc; j < 64; ++j) tile[j] = 0;
+    transpose64(tile);
+    for (int k = 0; k < n; ++k) out[k * nwords + w] = tile[k];
+  }
+}
+
+using ColumnBitsFn = void (*)(const char*, int64_t, int64_t, int64_t, int, uint64_t, uint64_t*, int64_t);
+
+ColumnBitsFn column_bits_for(int pixel_bytes) {
+  switch (pixel_bytes) {
+    case 1: return &column_block_bits<std::uint8_t>;
+    case 2: return &column_block_bits<std::uint16_t>;
+    case 4: return &column_block_bits<std::uint32_t>;
+    default: return &column_block_bits<std::uint64_t>;
+  }
+}
+
 // Runs of set bits as edges: run i is [edge[2i], edge[2i+1]). Every bit transition is found
 // with count-trailing-zeros, no branch per run. Returns the number of runs.
 inline int64_t extract_runs(const uint64_t* bits, int64_t nwords, int64_t cols, int32_t* edge) {
@@ -321,15 +371,27 @@ void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
   const ImageView& im = q.image;
   const int64_t r0 = R.stripe_row[stripe], r1 = R.stripe_row[stripe + 1];
   const int64_t nwords = (im.cols + 63) / 64;
-  std::vector<uint64_t> bits(static_cast<std::size_t>(nwords));
+  // Column-contiguous images (Fortran order) are read 64 rows at a time down the columns.
+  const bool by_columns = im.row_stride == im.pixel_bytes && im.col_stride != im.pixel_bytes;
+  std::vector<uint64_t> bits(static_cast<std::size_t>(by_columns ? 64 * nwords : nwords));
   const RowBitsFn to_bits = row_bits_for(im.pixel_bytes);
+  const ColumnBitsFn to_column_bits = column_bits_for(im.pixel_bytes);
   int32_t* E = R.edge.get();
   Index* P = R.parent.get();
   int64_t cur = R.base(r0);
   const char* base = static_cast<const char*>(im.data);
   for (int64_t r = r0; r < r1; ++r) {
-    to_bits(base + r * im.row_stride, im.col_stride, im.cols, im.background, bits.data());
-    const int64_t n = extract_runs(bits.data(), nwords, im.cols, E + 2 * cur);
+    const uint64_t* row = bits.data();
+    if (by_columns) {
+      const int64_t k = (r - r0) % 64;
+      if (k == 0)
+        to_column_bits(base, im.col_stride, im.cols, r, int(std::min<int64_t>(64, r1 - r)),
+                       im.background, bits.data(), nwords);
+      row += k * nwords;
+    } else {
+      to_bits(base + r * im.row_stride, im.col_stride, im.cols, im.background, bits.data());
+    }
+    const int64_t n = extract_runs(row, nwords, im.cols, E + 2 * cur);
     R.row_begin[r] = cur;
     R.row_end[r] = cur + n;
     if (r == r0) {
