@@ -35,12 +35,12 @@ def _granular(rng, shape, block, p):
 
 
 def _page(shape):
-    data = _optional("skimage.data")
-    if data is None:
+    """skimage.data.page() thresholded (dark text is foreground), tiled to `shape`."""
+    try:
+        import skimage.data
+    except ImportError:
         return None
-    import skimage.data
-
-    page = (skimage.data.page() < 128).astype(np.uint8)  # dark text is foreground
+    page = (skimage.data.page() < 128).astype(np.uint8)
     reps = (-(-shape[0] // page.shape[0]), -(-shape[1] // page.shape[1]))
     return np.ascontiguousarray(np.tile(page, reps)[: shape[0], : shape[1]])
 

@@ -1,22 +1,25 @@
 // Connected-component labelling over runs: one body, compiled once per SIMD target.
 //
 // 1. Each row is compared with the background into a bitmask (the SIMD part: one compare and
-//    mask extraction per vector) and split into runs of foreground pixels with count-trailing-
-//    zeros. Every run is a provisional label: its index in a run array laid out in raster order.
+//    mask extraction per vector; Fortran-ordered images are compared 64 rows at a time down
+//    the columns and bit-transposed) and split into runs of foreground pixels from the bit
+//    transitions. Every run is a provisional label: its index in a run array laid out in raster
+//    order.
 // 2. Runs touching runs of the row above (4- or 8-connectivity) are united; the root of a set is
 //    always its smallest index, i.e. the run holding the component's first pixel in raster order.
-// 3. Row stripes run 1-2 in parallel, each in its own index range (stripe k starts at row
-//    r0 * (cols + 1) / 2, so indices stay increasing in raster order across stripes); the
-//    border rows are then united serially.
+// 3. Row stripes do steps 1-2 in parallel, each in its own index range (the runs of a stripe
+//    starting at row r0 start at index r0 * ((cols + 1) / 2), so indices increase in raster
+//    order across stripes); the rows at stripe borders are then united serially.
 // 4. Flattening in index order gives each root the next label and each other run its parent's
 //    label (parents always have smaller indices): scipy.ndimage.label's numbering, no sort.
 // 5. The output (labels, a mask or the filtered image) is written in parallel from the runs;
-//    statistics come from the runs too, never from a second pass over the image.
+//    statistics come from the runs too, in the same pass, never from a second pass over the
+//    image.
 #include <omp.h>
 
 #include <algorithm>
-#include <exception>
 #include <cmath>
+#include <exception>
 #include <cstdint>
 #include <limits>
 #include <memory>
