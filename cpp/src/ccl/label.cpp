@@ -258,7 +258,10 @@ class Buffer {
     bytes_ = n * sizeof(T);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (bytes_ >= kMapBytes) {
-      void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      // MAP_NORESERVE: the reservation is sized for the worst case (a run every other pixel);
+      // only the pages the runs fill are committed.
+      void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED) throw std::bad_alloc();
       madvise(p, bytes_, MADV_HUGEPAGE);  // advice only: failure is harmless
       data_ = static_cast<T*>(p);
