@@ -128,13 +128,19 @@ void row_bits(const char* row, int64_t col_stride, int64_t cols, uint64_t backgr
     }
     return;
   }
-  for (int64_t w = 0; w * 64 < cols; ++w) {
-    const int64_t j1 = std::min(cols, w * 64 + 64);
-    uint64_t m = 0;
+  // Strided: gather 64 pixels at a time into a contiguous tile, then compare as above.
+  T tile[64];
+  for (int64_t w = 0; w < full; ++w) {
     const char* q = row + w * 64 * col_stride;
-    for (int64_t j = w * 64; j < j1; ++j, q += col_stride)
+    for (int k = 0; k < 64; ++k) tile[k] = load_pixel<T>(q + k * col_stride);
+    bits[w] = foreground_bits64<T>(tile, bg);
+  }
+  if (cols % 64) {
+    uint64_t m = 0;
+    const char* q = row + full * 64 * col_stride;
+    for (int64_t j = full * 64; j < cols; ++j, q += col_stride)
       m |= uint64_t(load_pixel<T>(q) != bg) << (j & 63);
-    bits[w] = m;
+    bits[full] = m;
   }
 }
 
