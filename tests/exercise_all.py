@@ -30,6 +30,15 @@ def _as_tuple(result):
     return (result,)
 
 
+def _stats_result(stats):
+    return tuple(stats[key] for key in sorted(stats))
+
+
+def _label_result(result):
+    labels, count, stats = result
+    return (labels, np.array(count)) + _stats_result(stats)
+
+
 def calls(size: str = "small") -> dict:
     rows, cols = (8, 64) if size == "small" else (512, 512)
     rng = np.random.default_rng(42)
@@ -50,6 +59,9 @@ def calls(size: str = "small") -> dict:
     _, bn_mean, bn_invstd = normlab.batch_norm(img, cw, cb, return_stats=True)
     _, in_mean, in_rstd = normlab.instance_norm(img, cw, cb, return_stats=True)
     _, gn_mean, gn_rstd = normlab.group_norm(img, 4, cw, cb, return_stats=True)
+    side = 48 if size == "small" else 1024
+    mask = rng.random((side, side)) < 0.45
+    labels, count = normlab.label(mask)
     table = {
         "layer_norm": lambda: normlab.layer_norm(x, w, b, return_stats=True),
         "layer_norm_backward": lambda: normlab.layer_norm_backward(dy, x, mean, rstd, w),
@@ -65,6 +77,10 @@ def calls(size: str = "small") -> dict:
         "instance_norm_backward": lambda: normlab.instance_norm_backward(img_dy, img, in_mean, in_rstd, cw),
         "group_norm": lambda: normlab.group_norm(img, 4, cw, cb, return_stats=True),
         "group_norm_backward": lambda: normlab.group_norm_backward(img_dy, img, gn_mean, gn_rstd, 4, cw),
+        "label": lambda: _label_result(normlab.label(mask, 8, return_stats=True)),
+        "component_stats": lambda: _stats_result(normlab.component_stats(labels, count)),
+        "largest_component": lambda: normlab.largest_component(mask, 4),
+        "remove_small_components": lambda: normlab.remove_small_components(mask, 5),
     }
     return {name: (lambda fn=fn: _as_tuple(fn())) for name, fn in table.items()}
 

@@ -70,5 +70,6 @@ constexpr std::int64_t kReleaseGilElements = 1 << 14;
 void bind_runtime(py::module_& m);
 void bind_norm(py::module_& m);
 void bind_channel_norm(py::module_& m);
+void bind_ccl(py::module_& m);
 
 }  // namespace normlab::bindings

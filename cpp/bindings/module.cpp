@@ -5,4 +5,5 @@ PYBIND11_MODULE(_core, m) {
   normlab::bindings::bind_runtime(m);
   normlab::bindings::bind_norm(m);
   normlab::bindings::bind_channel_norm(m);
+  normlab::bindings::bind_ccl(m);
 }

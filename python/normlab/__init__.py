@@ -1,11 +1,14 @@
 """normlab: fast, accurate CPU normalization kernels for NumPy.
 
-Layer, RMS, batch, instance and group normalization, forward and backward, with SIMD kernels chosen at run time and
-OpenMP threads. See ``help(normlab.norm)`` for the data-handling rules and
-``help(normlab.runtime)`` for targets and threads.
+Layer, RMS, batch, instance and group normalization (forward and backward, fused with a residual
+add for transformer blocks) and connected-component labelling of 2-D images, with SIMD kernels
+chosen at run time and OpenMP threads. See ``help(normlab.norm)``, ``help(normlab.channel_norm)``
+and ``help(normlab.ccl)`` for the data-handling rules and ``help(normlab.runtime)`` for targets
+and threads.
 """
 
 from . import _core
+from .ccl import component_stats, label, largest_component, remove_small_components
 from .channel_norm import (
     batch_norm,
     batch_norm_backward,
@@ -51,6 +54,10 @@ __all__ = [
     "instance_norm_backward",
     "group_norm",
     "group_norm_backward",
+    "label",
+    "component_stats",
+    "largest_component",
+    "remove_small_components",
     "cpu_targets",
     "get_cpu_target",
     "set_cpu_target",

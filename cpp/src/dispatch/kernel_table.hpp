@@ -4,10 +4,13 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "normlab/norm.hpp"
 
 namespace normlab {
+
+struct CclRequest;  // ccl/ccl_request.hpp
 
 template <class T>
 struct RowNormKernels {
@@ -33,6 +36,12 @@ struct RooflineKernels {
   void (*add_twice)(const float* a, const float* b, float* out1, float* out2, std::size_t n, int nthreads) = nullptr;
 };
 
+struct CclKernels {
+  // Labels q.image and writes q.out per q.op; returns the component count (kept count for
+  // remove_small). ccl/label.cpp.
+  std::int64_t (*run)(const CclRequest& q, int nthreads) = nullptr;
+};
+
 struct KernelTable {
   const char* target = "";
   RowNormKernels<float> row_f32;
@@ -40,6 +49,7 @@ struct KernelTable {
   RooflineKernels roofline;
   ChannelNormKernels<float> chan_f32;
   ChannelNormKernels<double> chan_f64;
+  CclKernels ccl;
 
   template <class T>
   const RowNormKernels<T>& row() const;
@@ -63,7 +73,8 @@ inline const ChannelNormKernels<double>& KernelTable::chan<double>() const { ret
   X(rms_norm)              \
   X(batch_norm)            \
   X(group_norm)            \
-  X(roofline)
+  X(roofline)              \
+  X(ccl)
 
 // The table of the active target (never null).
 const KernelTable& active_kernels();
