@@ -133,9 +133,38 @@ def _row_norm_cases(shape, torch):
             numpy=lambda: _np_rms_norm_backward(dy, x, rms_rstd, w),
         ),
     }
+    # Fused residual add + norm: one pass reading x and r and writing s and y, against normlab's
+    # own add then norm, and PyTorch's x + r then norm.
+    residual = rng.standard_normal(shape, dtype=np.float32)
+    s_out = np.empty_like(x)
+    add_twice = lambda: normlab._core.parallel_add_twice(x, residual, copy_dst, out)  # noqa: E731
+
+    def unfused_layer():
+        s = np.add(x, residual)
+        return normlab.layer_norm(s, w, b), s
+
+    def unfused_rms():
+        s = np.add(x, residual)
+        return normlab.rms_norm(s, w), s
+
+    cases["add_layer_norm"] = dict(
+        roofline=add_twice,
+        normlab_out=lambda: normlab.add_layer_norm(x, residual, w, b, out=out, sum_out=s_out),
+        normlab=lambda: normlab.add_layer_norm(x, residual, w, b),
+        numpy=unfused_layer,
+    )
+    cases["add_rms_norm"] = dict(
+        roofline=add_twice,
+        normlab_out=lambda: normlab.add_rms_norm(x, residual, w, out=out, sum_out=s_out),
+        normlab=lambda: normlab.add_rms_norm(x, residual, w),
+        numpy=unfused_rms,
+    )
     if torch is not None:
         F = torch.nn.functional
         tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
+        tr = torch.from_numpy(residual)
+        cases["add_layer_norm"]["torch"] = lambda: F.layer_norm(tx + tr, (cols,), tw, tb, eps)
+        cases["add_rms_norm"]["torch"] = lambda: F.rms_norm(tx + tr, (cols,), tw, rms_eps)
         tmean = torch.from_numpy(mean).reshape(rows, 1)
         trstd = torch.from_numpy(rstd).reshape(rows, 1)
         cases["layer_norm"]["torch"] = lambda: F.layer_norm(tx, (cols,), tw, tb, eps)
@@ -180,7 +209,7 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
     shapes = (QUICK_SHAPES if quick else FULL_SHAPES) + [OVERHEAD_SHAPE]
     for shape in shapes:
         for op, cand in _row_norm_cases(shape, torch).items():
-            if shape == OVERHEAD_SHAPE and op.endswith("backward"):
+            if shape == OVERHEAD_SHAPE and (op.endswith("backward") or op.startswith("add_")):
                 continue
             t = measure(cand, rounds, budget)
             row = dict(
@@ -191,7 +220,8 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
                 normlab_out_s=t["normlab_out"],
                 normlab_s=t["normlab"],
                 roofline_s=t["roofline"],
-                roofline_kind="read 2, write 1" if op.endswith("backward") else "copy",
+                roofline_kind=("read 2, write 2" if op.startswith("add_") else
+                               "read 2, write 1" if op.endswith("backward") else "copy"),
                 vs_roofline=t["normlab_out"] / t["roofline"],
                 numpy_s=t["numpy"],
                 torch_s=t.get("torch"),
@@ -220,12 +250,37 @@ def main(argv=None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     bench.add_argument("--threads", type=int, help="threads for normlab and PyTorch")
     bench.add_argument("--rounds", type=int, help="interleaved rounds per row (median taken)")
+    bench.add_argument("--only", choices=sorted(SUITES), action="append",
+                       help="run only this suite (repeatable)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         normlab.set_num_threads(args.threads)
-    rows = run(quick=args.quick, rounds=args.rounds)
+    results = {}
+    for name in args.only or list(SUITES):
+        print(f"\n## {name}", flush=True)
+        results[name] = SUITES[name](quick=args.quick, rounds=args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"normlab": normlab.__version__, "cpu_target": normlab.get_cpu_target(),
-                       "threads": normlab.get_num_threads(), "rows": rows}, f, indent=1)
+                       "threads": normlab.get_num_threads(), "machine": platform.machine(),
+                       "cpus": os.cpu_count(), "suites": results}, f, indent=1)
     return 0
+
+
+def _channel_suite(quick, rounds):
+    from . import bench_channel
+
+    return bench_channel.run(quick=quick, rounds=rounds)
+
+
+def _ccl_suite(quick, rounds):
+    from . import bench_ccl
+
+    return bench_ccl.run(quick=quick, rounds=rounds)
+
+
+SUITES = {
+    "row_norms": run,
+    "channel_norms": _channel_suite,
+    "ccl": _ccl_suite,
+}
