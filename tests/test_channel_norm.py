@@ -496,3 +496,14 @@ def test_errors_name_the_argument():
     for exc, text, fn in cases:
         with pytest.raises(exc, match=text):
             fn()
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "instance_norm", "group_norm"])
+def test_out_overlapping_a_strided_input_raises(fn):
+    """x is copied to a contiguous array first; the overlap check must see the caller's x."""
+    base = np.ones(2 * 4 * 6 * 2, np.float32)
+    x = base[::2].reshape(2, 4, 6)
+    out = base[48:].reshape(2, 4, 6)
+    args = (x, 2) if fn == "group_norm" else (x,)
+    with pytest.raises(ValueError, match="out"):
+        getattr(normlab, fn)(*args, out=out)

@@ -168,7 +168,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
 
     Channels that are constant give exactly ``bias`` (0 without bias).
     """
-    x = float_input(x, "x")
+    x_in, x = x, float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
     _channels(c)
@@ -180,7 +180,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
         weight = like_input(weight, "weight", dtype, (c,))
     if bias is not None:
         bias = like_input(bias, "bias", dtype, (c,))
-    inputs = ((x, "x"), (weight, "weight"), (bias, "bias"))
+    inputs = ((x_in, "x"), (weight, "weight"), (bias, "bias"))
     if out is None:
         y = np.empty(shape, dtype)
     else:
@@ -231,6 +231,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     dweight, dbias : ndarray of shape ``(C,)``, or None when weight is None (summed in a fixed
         order: identical for every thread count).
     """
+    originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight"))
     x = float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
@@ -245,21 +246,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
         raise ValueError(
             f"batch_norm in training needs more than 1 value per channel, got x of shape {shape}"
         )
-    if out is None:
-        dx = np.empty(shape, dtype)
-    else:
-        inputs = ((dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight"))
-        dx = output(out, "out", dtype, shape, inputs)
-    dweight = dbias = None
-    if weight is not None:
-        dweight = np.empty(c, dtype)
-        dbias = np.empty(c, dtype)
+    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight is not None, originals)
     bwd(dy, x, mean, invstd, weight, dx, dweight, dbias, n, c, s, cl, training)
     return dx, dweight, dbias
 
 
 def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats, instance):
-    x = float_input(x, "x")
+    x_in, x = x, float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
     _channels(c)
@@ -282,7 +275,7 @@ def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats
     if out is None:
         y = np.empty(shape, dtype)
     else:
-        y = output(out, "out", dtype, shape, ((x, "x"), (weight, "weight"), (bias, "bias")))
+        y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
         mean = np.empty((n, g), dtype)
         rstd = np.empty((n, g), dtype)
@@ -292,7 +285,16 @@ def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats
     return y
 
 
+def _gradients(out, dtype, shape, c, with_weight, originals):
+    """dx (new, or `out` checked against the caller's arrays) and, with a weight, dweight/dbias."""
+    dx = np.empty(shape, dtype) if out is None else output(out, "out", dtype, shape, originals)
+    if not with_weight:
+        return dx, None, None
+    return dx, np.empty(c, dtype), np.empty(c, dtype)
+
+
 def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instance):
+    originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
     x = float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
@@ -305,15 +307,7 @@ def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instan
     mean = like_input(mean, "mean", dtype, (n, g))
     rstd = like_input(rstd, "rstd", dtype, (n, g))
     weight = optional_like_input(weight, "weight", dtype, (c,))
-    if out is None:
-        dx = np.empty(shape, dtype)
-    else:
-        inputs = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
-        dx = output(out, "out", dtype, shape, inputs)
-    dweight = dbias = None
-    if weight is not None:
-        dweight = np.empty(c, dtype)
-        dbias = np.empty(c, dtype)
+    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight is not None, originals)
     bwd(dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, g, cl)
     return dx, dweight, dbias
 
