@@ -33,6 +33,8 @@ import operator
 import numpy as np
 
 from . import _core
+from ._checks import _type_name, output
+from ._checks import flag as _flag
 
 __all__ = ["label", "component_stats", "largest_component", "remove_small_components"]
 
@@ -42,10 +44,6 @@ _INT32_LIMIT = 2**31 - 1
 
 class ImageDimensionError(TypeError, ValueError):
     """The image is not 2-D (a TypeError for the issue's contract, a ValueError for NumPy's)."""
-
-
-def _type_name(value) -> str:
-    return type(value).__name__
 
 
 def _image(image, name: str = "image") -> np.ndarray:
@@ -93,12 +91,6 @@ def _connectivity(connectivity) -> int:
     return c
 
 
-def _flag(value, name: str) -> bool:
-    if value is True or value is False or isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
-
-
 def _label_dtype(dtype, image: np.ndarray, out) -> np.dtype:
     if dtype is None:
         if out is not None and isinstance(out, np.ndarray) and out.dtype in LABEL_DTYPES:
@@ -116,16 +108,7 @@ def _label_dtype(dtype, image: np.ndarray, out) -> np.dtype:
 
 def _output(out, name: str, dtype: np.dtype, shape: tuple, image: np.ndarray,
             allow_same: bool = False) -> np.ndarray:
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray or None, got {_type_name(out)}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    if out.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (results are never written to a hidden copy)")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
+    output(out, name, dtype, shape, ())
     if np.may_share_memory(out, image):
         same = (allow_same and image.flags.c_contiguous and out.dtype == image.dtype
                 and out.__array_interface__["data"][0] == image.__array_interface__["data"][0])

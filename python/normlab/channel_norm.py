@@ -95,20 +95,8 @@ def _channels(c: int) -> int:
 
 
 def _running(a, name: str, dtype, c: int, others: tuple) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
-    if a.shape != (c,):
-        raise ValueError(f"{name} must have shape ({c},) (one value per channel), got {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
-    if not a.flags.writeable:
-        raise ValueError(f"{name} is read-only (it is updated in place)")
-    for arr, arr_name in others:
-        if arr is not None and np.may_share_memory(a, arr):
-            raise ValueError(f"{name} must not overlap {arr_name}")
-    return a
+    """A running statistic: (C,) of x's dtype, updated in place, so checked like an output."""
+    return output(a, name, dtype, (c,), others)
 
 
 def _momentum(value) -> float:
