@@ -20,6 +20,27 @@ namespace {
 std::atomic<bool> g_force_wide_index{false};
 }
 void set_ccl_force_wide_index(bool on) { g_force_wide_index.store(on); }
+void set_component_stats(ComponentStats& stats, std::int64_t rows, const std::int64_t* area,
+                         const std::int64_t* bbox, const double* centroid) {
+  stats.area.assign(area, area + rows);
+  stats.bbox.assign(bbox, bbox + 4 * rows);
+  stats.centroid.assign(centroid, centroid + 2 * rows);
+}
+
+void throw_label_overflow(std::int64_t count, LabelType type) {
+  const char* name = "uint64";
+  std::int64_t max = std::numeric_limits<std::int64_t>::max();
+  switch (type) {
+    case LabelType::u16: name = "uint16", max = 65535; break;
+    case LabelType::u32: name = "uint32", max = 4294967295LL; break;
+    case LabelType::i32: name = "int32", max = 2147483647LL; break;
+    case LabelType::i64: name = "int64"; break;
+    default: break;
+  }
+  throw std::overflow_error("the image has " + std::to_string(count) + " components, more than dtype " + name +
+                            " can label (at most " + std::to_string(max) + ")");
+}
+
 }  // namespace detail
 
 namespace {

@@ -23,6 +23,12 @@ struct CclRequest {
 namespace detail {
 // Tests only: run every labelling with 64-bit run indices (normally used from 2**31 runs on).
 void set_ccl_force_wide_index(bool on);
+
+// For the per-target kernels, compiled here once: they must not instantiate std::vector or
+// std::string themselves (see LocalVector in label.cpp).
+void set_component_stats(ComponentStats& stats, std::int64_t rows, const std::int64_t* area,
+                         const std::int64_t* bbox, const double* centroid);
+[[noreturn]] void throw_label_overflow(std::int64_t count, LabelType type);
 }  // namespace detail
 
 }  // namespace normlab

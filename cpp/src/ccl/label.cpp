@@ -44,6 +44,25 @@ using std::int32_t;
 using std::int64_t;
 using std::uint64_t;
 
+template <class T>
+inline T min_of(T a, T b) {
+  return b < a ? b : a;
+}
+template <class T>
+inline T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+template <class T>
+inline void fill_range(T* first, T* last, T value) {
+  for (; first < last; ++first) *first = value;
+}
+
+int compare_int64(const void* a, const void* b) {
+  const int64_t x = *static_cast<const int64_t*>(a), y = *static_cast<const int64_t*>(b);
+  return (x > y) - (x < y);
+}
+
+
 // ---- row -> foreground bits ----------------------------------------------------------------
 
 template <class T>
@@ -177,7 +196,7 @@ void column_block_bits(const char* base, int64_t col_stride, int64_t cols, int64
   uint64_t tile[64];
   for (int64_t w = 0; w < nwords; ++w) {
     const int64_t c0 = w * 64;
-    const int nc = int(std::min<int64_t>(64, cols - c0));
+    const int nc = int(min_of<int64_t>(64, cols - c0));
     for (int j = 0; j < nc; ++j) {
       const T* p = reinterpret_cast<const T*>(base + (c0 + j) * col_stride) + r;
       if (n == 64) {
@@ -251,6 +270,75 @@ void for_stripes(std::int64_t ns, const F& f) {
 // found) are ever backed by memory. Large ones are mapped directly and, on Linux, asked for
 // transparent huge pages: a noisy 2048x2048 image writes ~12 MB of runs per call, and faulting
 // that in 4 KiB pages costs more than a third of the labelling.
+// A growable array for this file's bookkeeping. std::vector (and std::sort, std::fill, ...)
+// would be instantiated in every SIMD target's copy of this file under the same names, and the
+// linker would keep one copy, compiled for whichever CPU it picked, for all of them: a class
+// of this anonymous namespace keeps each target's code to itself.
+template <class T>
+class LocalVector {
+ public:
+  LocalVector() = default;
+  explicit LocalVector(std::size_t n) { resize(n); }
+  LocalVector(const LocalVector&) = delete;
+  LocalVector& operator=(const LocalVector&) = delete;
+  LocalVector(LocalVector&& o) noexcept { swap(o); }
+  LocalVector& operator=(LocalVector&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  ~LocalVector() { delete[] data_; }
+
+  std::size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T* begin() { return data_; }
+  T* end() { return data_ + size_; }
+  const T* begin() const { return data_; }
+  const T* end() const { return data_ + size_; }
+  T& operator[](std::size_t i) { return data_[i]; }
+  const T& operator[](std::size_t i) const { return data_[i]; }
+
+  // New elements are value-initialized; existing ones are kept.
+  void resize(std::size_t n) {
+    if (n > capacity_) grow(n);
+    for (std::size_t i = size_; i < n; ++i) data_[i] = T();
+    size_ = n;
+  }
+  void assign(std::size_t n, const T& value) {
+    resize(n);
+    for (std::size_t i = 0; i < n; ++i) data_[i] = value;
+  }
+  void push_back(const T& value) {
+    if (size_ == capacity_) grow(capacity_ ? 2 * capacity_ : 8);
+    data_[size_++] = value;
+  }
+  void truncate(std::size_t n) {
+    if (n < size_) size_ = n;
+  }
+
+ private:
+  void grow(std::size_t capacity) {
+    T* fresh = new T[capacity]();
+    for (std::size_t i = 0; i < size_; ++i) fresh[i] = static_cast<T&&>(data_[i]);
+    delete[] data_;
+    data_ = fresh;
+    capacity_ = capacity;
+  }
+  void swap(LocalVector& o) noexcept {
+    T* d = data_;
+    data_ = o.data_;
+    o.data_ = d;
+    const std::size_t n = size_, c = capacity_;
+    size_ = o.size_;
+    capacity_ = o.capacity_;
+    o.size_ = n;
+    o.capacity_ = c;
+  }
+  T* data_ = nullptr;
+  std::size_t size_ = 0, capacity_ = 0;
+};
+
 template <class T>
 class Buffer {
  public:
@@ -305,10 +393,10 @@ struct Runs {
   int64_t rows = 0, cols = 0, per_row = 0;
   Buffer<int32_t> edge;               // run i covers columns [edge[2i], edge[2i+1])
   Buffer<Index> parent;               // union-find parent, then the final label
-  std::vector<int64_t> row_begin, row_end;
-  std::vector<int64_t> stripe_row;    // nstripes + 1 row bounds
-  std::vector<int64_t> stripe_end;    // one past the last run of each stripe
-  std::vector<int64_t> first_label;   // nstripes + 1: labels rooted in stripe s start here
+  LocalVector<int64_t> row_begin, row_end;
+  LocalVector<int64_t> stripe_row;    // nstripes + 1 row bounds
+  LocalVector<int64_t> stripe_end;    // one past the last run of each stripe
+  LocalVector<int64_t> first_label;   // nstripes + 1: labels rooted in stripe s start here
   int64_t count = 0;
 
   int64_t base(int64_t r) const { return r * per_row; }
@@ -385,7 +473,7 @@ void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
   const int64_t nwords = (im.cols + 63) / 64;
   // Column-contiguous images (Fortran order) are read 64 rows at a time down the columns.
   const bool by_columns = im.row_stride == im.pixel_bytes && im.col_stride != im.pixel_bytes;
-  std::vector<uint64_t> bits(static_cast<std::size_t>(by_columns ? 64 * nwords : nwords));
+  LocalVector<uint64_t> bits(static_cast<std::size_t>(by_columns ? 64 * nwords : nwords));
   const RowBitsFn to_bits = row_bits_for(im.pixel_bytes);
   const ColumnBitsFn to_column_bits = column_bits_for(im.pixel_bytes);
   int32_t* E = R.edge.get();
@@ -397,7 +485,7 @@ void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
     if (by_columns) {
       const int64_t k = (r - r0) % 64;
       if (k == 0)
-        to_column_bits(base, im.col_stride, im.cols, r, int(std::min<int64_t>(64, r1 - r)),
+        to_column_bits(base, im.col_stride, im.cols, r, int(min_of<int64_t>(64, r1 - r)),
                        im.background, bits.data(), nwords);
       row += k * nwords;
     } else {
@@ -455,7 +543,7 @@ void make_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
   R.parent.allocate(std::size_t(cap));
   R.row_begin.assign(std::size_t(im.rows), 0);
   R.row_end.assign(std::size_t(im.rows), 0);
-  const int64_t ns = std::max<int64_t>(1, std::min<int64_t>(nthreads, im.rows));
+  const int64_t ns = max_of<int64_t>(1, min_of<int64_t>(nthreads, im.rows));
   R.stripe_row.resize(std::size_t(ns + 1));
   for (int64_t s = 0; s <= ns; ++s) R.stripe_row[std::size_t(s)] = im.rows * s / ns;
   R.stripe_end.assign(std::size_t(ns), 0);
@@ -547,10 +635,10 @@ inline void add_run(const StatsRef& t, std::size_t l, int64_t r, int64_t s, int6
   t.area[l] += len;
   if constexpr (Full) {
     int64_t* bx = t.box + 4 * l;
-    bx[0] = std::min(bx[0], r);
-    bx[1] = std::min(bx[1], s);
-    bx[2] = std::max(bx[2], r + 1);
-    bx[3] = std::max(bx[3], e);
+    bx[0] = min_of(bx[0], r);
+    bx[1] = min_of(bx[1], s);
+    bx[2] = max_of(bx[2], r + 1);
+    bx[3] = max_of(bx[3], e);
     t.sum[2 * l] += r * len;
     t.sum[2 * l + 1] += (s + e - 1) * len / 2;
   }
@@ -562,17 +650,17 @@ inline void merge_into(const StatsRef& to, std::size_t l, const StatsRef& from, 
   if constexpr (Full) {
     int64_t* a = to.box + 4 * l;
     const int64_t* b = from.box + 4 * k;
-    a[0] = std::min(a[0], b[0]);
-    a[1] = std::min(a[1], b[1]);
-    a[2] = std::max(a[2], b[2]);
-    a[3] = std::max(a[3], b[3]);
+    a[0] = min_of(a[0], b[0]);
+    a[1] = min_of(a[1], b[1]);
+    a[2] = max_of(a[2], b[2]);
+    a[3] = max_of(a[3], b[3]);
     to.sum[2 * l] += from.sum[2 * k];
     to.sum[2 * l + 1] += from.sum[2 * k + 1];
   }
 }
 
 struct StatsTable {
-  std::vector<int64_t> area, box, sum;
+  LocalVector<int64_t> area, box, sum;
   StatsRef ref() { return {area.data(), box.data(), sum.data()}; }
   void init(std::size_t n, bool full) {
     area.assign(n, 0);
@@ -596,9 +684,9 @@ template <bool Full, class Index>
 struct Accumulator {
   const Runs<Index>& R;
   StatsTable table;
-  std::vector<double> centroid;
-  std::vector<std::vector<int64_t>> foreign;  // sorted foreign labels per stripe
-  std::vector<StatsTable> local;              // per stripe: [foreign..., background]
+  LocalVector<double> centroid;
+  LocalVector<LocalVector<int64_t>> foreign;  // sorted foreign labels per stripe
+  LocalVector<StatsTable> local;              // per stripe: [foreign..., background]
 
   explicit Accumulator(const Runs<Index>& runs) : R(runs) {
     const std::size_t ns = R.stripe_row.size() - 1, n = std::size_t(R.count) + 1;
@@ -618,11 +706,14 @@ struct Accumulator {
     const int64_t r0 = R.stripe_row[st], r1 = R.stripe_row[st + 1];
     const int64_t own = R.first_label[st], own_end = R.first_label[st + 1];
     if constexpr (Full) table.init_box(std::size_t(own), std::size_t(own_end));
-    std::vector<int64_t>& fl = foreign[st];
+    LocalVector<int64_t>& fl = foreign[st];
     for (int64_t i = R.row_begin[std::size_t(r0)]; i < R.row_end[std::size_t(r0)]; ++i)
       if (int64_t(R.parent[i]) < own) fl.push_back(int64_t(R.parent[i]));
-    std::sort(fl.begin(), fl.end());
-    fl.erase(std::unique(fl.begin(), fl.end()), fl.end());
+    std::qsort(fl.data(), fl.size(), sizeof(int64_t), compare_int64);
+    std::size_t unique = 0;
+    for (std::size_t k = 0; k < fl.size(); ++k)
+      if (unique == 0 || fl[k] != fl[unique - 1]) fl[unique++] = fl[k];
+    fl.truncate(unique);
     const std::size_t bg = fl.size();
     local[st].init(bg + 1, Full);
     if constexpr (Full) local[st].init_box(0, bg + 1);
@@ -651,10 +742,10 @@ struct Accumulator {
           int64_t* bx = loc.box + 4 * bg;
           const int64_t first = (e > b && R.start(b) == 0) ? R.end(b) : 0;
           const int64_t last = (e > b && R.end(e - 1) == cols) ? R.start(e - 1) - 1 : cols - 1;
-          bx[0] = std::min(bx[0], r);
-          bx[1] = std::min(bx[1], first);
+          bx[0] = min_of(bx[0], r);
+          bx[1] = min_of(bx[1], first);
           bx[2] = r + 1;
-          bx[3] = std::max(bx[3], last + 1);
+          bx[3] = max_of(bx[3], last + 1);
           loc.sum[2 * bg] += r * nb;
           loc.sum[2 * bg + 1] += all_cols_sum - fg_cols;
         }
@@ -672,7 +763,7 @@ struct Accumulator {
     if constexpr (Full) table.init_box(0, 1);
     for (std::size_t st = 0; st < local.size(); ++st) {
       const StatsRef loc = local[st].ref();
-      const std::vector<int64_t>& fl = foreign[st];
+      const LocalVector<int64_t>& fl = foreign[st];
       for (std::size_t k = 0; k < fl.size(); ++k) {
         merge_into<Full>(global, std::size_t(fl[k]), loc, k);
         if constexpr (Full) set_centroid(std::size_t(fl[k]));
@@ -690,14 +781,13 @@ struct Accumulator {
   }
 
   void move_to(ComponentStats& st) {
-    st.area = std::move(table.area);
-    st.bbox = std::move(table.box);
-    st.centroid = std::move(centroid);
+    detail::set_component_stats(st, std::int64_t(table.area.size()), table.area.data(), table.box.data(),
+                                centroid.data());
   }
 };
 
 template <class Index>
-std::vector<int64_t> areas(const Runs<Index>& R) {
+LocalVector<int64_t> areas(const Runs<Index>& R) {
   Accumulator<false, Index> acc(R);
   for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) { acc.stripe(s); });
   acc.finish();
@@ -714,7 +804,7 @@ void write_labels(const Runs<Index>& R, void* out, ComponentStats* stats) {
   // streamed out, which saves reading every output line before writing it.
   const bool stream = R.rows * R.cols * int64_t(sizeof(L)) >= stream_min_bytes();
   for_stripes(std::int64_t(R.stripe_row.size()) - 1, [&](std::size_t s) {
-    std::vector<L> buffer(stream ? std::size_t(R.cols) : 0);
+    LocalVector<L> buffer(stream ? std::size_t(R.cols) : 0);
     for (int64_t r = R.stripe_row[s]; r < R.stripe_row[s + 1]; ++r) {
       L* row = labels + r * R.cols;
       write_label_row(stream ? buffer.data() : row, R.cols, R.edge.get(), R.parent.get(),
@@ -739,18 +829,9 @@ int64_t label_max(LabelType t) {
   }
 }
 
-const char* label_name(LabelType t) {
-  switch (t) {
-    case LabelType::u16: return "uint16";
-    case LabelType::u32: return "uint32";
-    case LabelType::i32: return "int32";
-    case LabelType::i64: return "int64";
-    default: return "uint64";
-  }
-}
 
 template <class T, class Index>
-void write_filtered(const CclRequest& q, const Runs<Index>& R, const std::vector<char>& keep) {
+void write_filtered(const CclRequest& q, const Runs<Index>& R, const LocalVector<char>& keep) {
   const ImageView& im = q.image;
   T* out = static_cast<T*>(q.out);
   const T bg = T(im.background);
@@ -764,7 +845,7 @@ void write_filtered(const CclRequest& q, const Runs<Index>& R, const std::vector
       for (int64_t j = 0; j < R.cols; ++j) row[j] = load_pixel<T>(in + j * im.col_stride);
     }
     for (int64_t i = R.row_begin[std::size_t(r)]; i < R.row_end[std::size_t(r)]; ++i)
-      if (!keep[std::size_t(R.parent[i])]) std::fill(row + R.start(i), row + R.end(i), bg);
+      if (!keep[std::size_t(R.parent[i])]) fill_range(row + R.start(i), row + R.end(i), bg);
   });
 }
 
@@ -775,10 +856,7 @@ int64_t run_request(const CclRequest& q, int nthreads) {
   switch (q.op) {
     case CclOp::label: {
       if (R.count > label_max(q.label_type))
-        throw std::overflow_error("the image has " + std::to_string(R.count) +
-                                  " components, more than dtype " + label_name(q.label_type) +
-                                  " can label (at most " + std::to_string(label_max(q.label_type)) +
-                                  ")");
+        detail::throw_label_overflow(R.count, q.label_type);
       switch (q.label_type) {
         case LabelType::u16: write_labels<std::uint16_t>(R, q.out, q.stats); break;
         case LabelType::u32: write_labels<std::uint32_t>(R, q.out, q.stats); break;
@@ -790,23 +868,23 @@ int64_t run_request(const CclRequest& q, int nthreads) {
       return R.count;
     }
     case CclOp::largest: {
-      const std::vector<int64_t> area = areas(R);
+      const LocalVector<int64_t> area = areas(R);
       std::size_t best = 0;
       for (std::size_t l = 1; l < area.size(); ++l)
         if (best == 0 || area[l] > area[best]) best = l;
       bool* mask = static_cast<bool*>(q.out);
       for_rows(R, [&](int64_t r) {
         bool* row = mask + r * R.cols;
-        std::fill(row, row + R.cols, false);
+        fill_range(row, row + R.cols, false);
         if (best == 0) return;
         for (int64_t i = R.row_begin[std::size_t(r)]; i < R.row_end[std::size_t(r)]; ++i)
-          if (std::size_t(R.parent[i]) == best) std::fill(row + R.start(i), row + R.end(i), true);
+          if (std::size_t(R.parent[i]) == best) fill_range(row + R.start(i), row + R.end(i), true);
       });
       return R.count;
     }
     case CclOp::remove_small: {
-      const std::vector<int64_t> area = areas(R);
-      std::vector<char> keep(area.size());
+      const LocalVector<int64_t> area = areas(R);
+      LocalVector<char> keep(area.size());
       int64_t kept = 0;
       for (std::size_t l = 1; l < area.size(); ++l) {
         keep[l] = area[l] >= q.min_size;

@@ -15,17 +15,6 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
-// Sum of a vector's lanes by halving: a fixed order, log-depth.
-template <class V>
-inline double lane_sum(V v) {
-  constexpr int n = int(sizeof(V) / sizeof(v[0]));
-  double a[n];
-  for (int i = 0; i < n; ++i) a[i] = v[i];
-  for (int w = n / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-
 struct Moments {
   double mean;
   double var;  // biased

@@ -61,11 +61,15 @@ template <class V, class S>
 inline V splat(S s) {
   return V{} + s;
 }
+// Sum of a vector's lanes by halving: a fixed order, log-depth.
 template <class V>
-inline double reduce_add(V v) {
-  double s = 0;
-  for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) s += v[i];
-  return s;
+inline double lane_sum(V v) {
+  constexpr int n = int(sizeof(V) / sizeof(v[0]));
+  double a[n];
+  for (int i = 0; i < n; ++i) a[i] = v[i];
+  for (int w = n / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
 }
 
 // a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
