@@ -205,3 +205,59 @@ def test_labelling_functions_match_scipy(img, connectivity, min_size):
     else:
         biggest = int(np.argmax(areas[1:])) + 1  # ties: the lowest label
         assert np.array_equal(largest, want == biggest)
+
+
+@given(x=float_blocks(ndim_range=(2, 2), max_side=20), seed=st.integers(0, 2**32 - 1),
+       use_weight=st.booleans(), with_ds=st.booleans())
+def test_row_norm_backwards_match_the_float64_reference(x, seed, use_weight, with_ds):
+    x = np.ascontiguousarray(x)
+    if not np.all(np.isfinite(x)):
+        return  # NaN rows: covered by the forward property
+    dtype = x.dtype.type
+    rng = np.random.default_rng(seed)
+    scale = float(np.max(np.abs(x))) or 1.0
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    ds = rng.standard_normal(x.shape).astype(dtype) if with_ds else None
+    w = rng.standard_normal(x.shape[-1]).astype(dtype) if use_weight else None
+    eps = 1e-5 * scale * scale if dtype == np.float64 else min(1e-5 * scale * scale, 1e30)
+    tol = (1e-3 if dtype == np.float32 else 1e-7)
+    _, mean, rstd = normlab.layer_norm(x, w, eps=eps, return_stats=True)
+    got = normlab.add_layer_norm_backward(dy, x, mean, rstd, w, ds=ds)
+    want = ref.layer_norm_backward(dy, x, mean, rstd, w)
+    extra = 0.0 if ds is None else ds.astype(np.float64)
+    g = np.abs(dy.astype(np.float64) * (1.0 if w is None else w.astype(np.float64)))
+    # errors are relative to the size of the terms rstd * dy * w, which cancel in dx
+    dx_scale = np.max(rstd.astype(np.float64)[:, None] * g) + 1e-300
+    assert np.max(np.abs(got[0] - (want[0] + extra))) <= tol * (dx_scale + np.max(np.abs(extra)))
+    _, rms_rstd = normlab.rms_norm(x, w, eps=eps, return_stats=True)
+    got = normlab.add_rms_norm_backward(dy, x, rms_rstd, w, ds=ds)
+    want = ref.rms_norm_backward(dy, x, rms_rstd, w)
+    dx_scale = np.max(rms_rstd.astype(np.float64)[:, None] * g) + 1e-300
+    assert np.max(np.abs(got[0] - (want[0] + extra))) <= tol * (dx_scale + np.max(np.abs(extra)))
+
+
+@given(
+    kind=st.sampled_from(["batch", "instance", "group"]), n=st.integers(1, 3), c=st.integers(1, 6),
+    spatial=st.lists(st.integers(2, 5), min_size=1, max_size=3), channels_last=st.booleans(),
+    dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1), use_weight=st.booleans(),
+)
+def test_channel_norm_backwards_match_the_float64_reference(kind, n, c, spatial, channels_last, dtype, seed,
+                                                            use_weight):
+    from test_channel_norm import _backward, _forward, _groups, _shape, ref_backward
+
+    rng = np.random.default_rng(seed)
+    shape = _shape(n, c, spatial, channels_last)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal(c).astype(dtype) if use_weight else None
+    groups = _groups(kind, c)
+    _, mean, rstd = _forward(kind, x, w, cl=channels_last, groups=groups)
+    dx, dw, db = _backward(kind, dy, x, mean, rstd, w, cl=channels_last, groups=groups)
+    rdx, rdw, rdb = ref_backward(dy, x, mean, rstd, kind, groups=groups, w=w, cl=channels_last)
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    assert np.max(np.abs(dx - rdx)) <= tol * (np.max(np.abs(rdx)) + 1)
+    if use_weight:
+        assert np.max(np.abs(dw - rdw)) <= tol * (np.max(np.abs(rdw)) + 1)
+        assert np.max(np.abs(db - rdb)) <= tol * (np.max(np.abs(rdb)) + 1)
+    else:
+        assert dw is None and db is None
