@@ -184,6 +184,11 @@ def test_threadpoolctl_limits_normlab(num_threads):
     assert len(entries) == 1, info
     assert entries[0]["num_threads"] == 2
     assert entries[0]["user_api"] == "openmp"
+    # normlab's OpenMP runtime itself (GNU libgomp, bundled in the wheel as libgomp-<hash>.so)
+    core = pathlib.Path(normlab._core.__file__).resolve()
+    runtimes = [e for e in info if e.get("internal_api") == "openmp"]
+    assert any(pathlib.Path(e["filepath"]).name.startswith("libgomp") for e in runtimes), info
+    assert core.exists()
     with threadpoolctl.threadpool_limits(1):
         assert normlab.get_num_threads() == 1
     assert normlab.get_num_threads() == 2
