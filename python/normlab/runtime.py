@@ -110,16 +110,21 @@ def _register_threadpoolctl() -> None:
 
 
 def _openmp_library() -> str:
-    """Path of the OpenMP runtime loaded into this process for normlab (Linux), else ''."""
+    """Path of the OpenMP runtime normlab runs on (Linux), else ''. Other packages (PyTorch)
+    may load their own copies; the one bundled with normlab's wheel, else a system one, wins."""
+    found = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.split()[-1]
-                name = path.rsplit("/", 1)[-1]
-                if name.startswith(("libgomp", "libomp", "libiomp")):
-                    return path
+                if path.rsplit("/", 1)[-1].startswith(("libgomp", "libomp", "libiomp")) and path not in found:
+                    found.append(path)
     except OSError:
-        pass
+        return ""
+    for preferred in ("normlab", "/usr/lib", ""):
+        for path in found:
+            if preferred in path:
+                return path
     return ""
 
 
