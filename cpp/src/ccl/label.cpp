@@ -709,7 +709,7 @@ struct Accumulator {
     LocalVector<int64_t>& fl = foreign[st];
     for (int64_t i = R.row_begin[std::size_t(r0)]; i < R.row_end[std::size_t(r0)]; ++i)
       if (int64_t(R.parent[i]) < own) fl.push_back(int64_t(R.parent[i]));
-    std::qsort(fl.data(), fl.size(), sizeof(int64_t), compare_int64);
+    if (fl.size() > 1) std::qsort(fl.data(), fl.size(), sizeof(int64_t), compare_int64);
     std::size_t unique = 0;
     for (std::size_t k = 0; k < fl.size(); ++k)
       if (unique == 0 || fl[k] != fl[unique - 1]) fl[unique++] = fl[k];
