@@ -32,11 +32,8 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   const std::int64_t n = a.cols;
   for (std::int64_t i = r0; i < r1; ++i) {
     const T* x = a.x + i * n;
-    if (residual) {
-      add_row(x, residual + i * n, sum + i * n, n);
-      x = sum + i * n;
-    }
-    const Moments m = row_moments(x, n);
+    const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
+    if (residual) x = sum + i * n;
     const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
     if (a.mean) a.mean[i] = T(m.mean);
     if (a.rstd) a.rstd[i] = T(rstd);

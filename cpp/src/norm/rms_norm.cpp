@@ -16,11 +16,10 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   const std::int64_t n = a.cols;
   for (std::int64_t i = r0; i < r1; ++i) {
     const T* x = a.x + i * n;
-    if (residual) {
-      add_row(x, residual + i * n, sum + i * n, n);
-      x = sum + i * n;
-    }
-    const double rstd = 1.0 / __builtin_sqrt(row_mean_square(x, n) + a.eps);
+    const double mean_square = residual ? row_mean_square(x, n, residual + i * n, sum + i * n)
+                                        : row_mean_square(x, n);
+    if (residual) x = sum + i * n;
+    const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
     if (a.rstd) a.rstd[i] = T(rstd);
     const V vr = splat<V>(T(rstd));
     map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {

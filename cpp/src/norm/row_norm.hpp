@@ -91,17 +91,26 @@ constexpr std::int64_t kPrefetchFloats = 512;
 
 inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); }
 
-Moments row_moments_f32(const float* x, std::int64_t n) {
+// With Add, the row is s = x + r, written to sum as it is read (the fused add + norm).
+template <bool Add>
+Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  const V k = splat<V>(x[0]);
+  const float first = Add ? x[0] + r[0] : x[0];
+  const V k = splat<V>(first);
   V s{}, q{};
   vwide ds{}, dq{};
   std::int64_t j = 0;
   int run = 0;
   for (; j + L <= n; j += L) {
     __builtin_prefetch(x + j + kPrefetchFloats);
-    const V d = load<V>(x + j) - k;
+    V v = load<V>(x + j);
+    if constexpr (Add) {
+      __builtin_prefetch(r + j + kPrefetchFloats);
+      v += load<V>(r + j);
+      store(sum + j, v);
+    }
+    const V d = v - k;
     s += d;
     q = fmadd(d, d, q);
     if (++run == kFlushEvery) {
@@ -115,21 +124,25 @@ Moments row_moments_f32(const float* x, std::int64_t n) {
     ds += widen_sum(s);
     dq += widen_sum(q);
   }
-  const double shift = double(x[0]);
+  const double shift = double(first);
   double ts = 0, tq = 0;
   for (; j < n; ++j) {
-    const double d = double(x[j]) - shift;
+    float v = x[j];
+    if constexpr (Add) sum[j] = v = v + r[j];
+    const double d = double(v) - shift;
     ts += d;
     tq = fmadd(d, d, tq);
   }
+  const float* row = Add ? sum : x;
   const double mean_square = (lane_sum(dq) + tq) / double(n);
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(x, n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(row, n);
   const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
   const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(row, n, m.mean) : m;
 }
 
-double row_mean_square_f32(const float* x, std::int64_t n) {
+template <bool Add>
+double row_mean_square_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
   V q{};
@@ -138,7 +151,12 @@ double row_mean_square_f32(const float* x, std::int64_t n) {
   int run = 0;
   for (; j + L <= n; j += L) {
     __builtin_prefetch(x + j + kPrefetchFloats);
-    const V v = load<V>(x + j);
+    V v = load<V>(x + j);
+    if constexpr (Add) {
+      __builtin_prefetch(r + j + kPrefetchFloats);
+      v += load<V>(r + j);
+      store(sum + j, v);
+    }
     q = fmadd(v, v, q);
     if (++run == kFlushEvery) {
       dq += widen_sum(q);
@@ -148,30 +166,17 @@ double row_mean_square_f32(const float* x, std::int64_t n) {
   }
   if (run != 0) dq += widen_sum(q);
   double tq = 0;
-  for (; j < n; ++j) tq = fmadd(double(x[j]), double(x[j]), tq);
+  for (; j < n; ++j) {
+    float v = x[j];
+    if constexpr (Add) sum[j] = v = v + r[j];
+    tq = fmadd(double(v), double(v), tq);
+  }
   const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_mean_square_wide(x, n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
+    return row_mean_square_wide(Add ? sum : x, n);
   return mean_square;
 }
 #endif
-
-// Mean and biased variance of a row: float sums where the target has them, else double.
-template <class T>
-Moments row_moments(const T* x, std::int64_t n) {
-#if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4) return row_moments_f32(x, n);
-#endif
-  return row_moments_wide(x, n);
-}
-
-// Mean of squares of a row, likewise.
-template <class T>
-double row_mean_square(const T* x, std::int64_t n) {
-#if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4) return row_mean_square_f32(x, n);
-#endif
-  return row_mean_square_wide(x, n);
-}
 
 // s[0..n) = x + r, elementwise in T (s may be x or r itself).
 template <class T>
@@ -181,6 +186,35 @@ void add_row(const T* x, const T* r, T* s, std::int64_t n) {
   std::int64_t j = 0;
   for (; j + L <= n; j += L) store(s + j, V(load<V>(x + j) + load<V>(r + j)));
   for (; j < n; ++j) s[j] = x[j] + r[j];
+}
+
+// Mean and biased variance of a row: float sums where the target has them, else double.
+// With a residual r, the row is s = x + r, written to sum first (fused into the same pass for
+// float data on SIMD targets).
+template <class T>
+Moments row_moments(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
+#if NL_VEC_BYTES
+  if constexpr (sizeof(T) == 4) return r ? row_moments_f32<true>(x, n, r, sum) : row_moments_f32<false>(x, n);
+#endif
+  if (r) {
+    add_row(x, r, sum, n);
+    x = sum;
+  }
+  return row_moments_wide(x, n);
+}
+
+// Mean of squares of a row, likewise.
+template <class T>
+double row_mean_square(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
+#if NL_VEC_BYTES
+  if constexpr (sizeof(T) == 4)
+    return r ? row_mean_square_f32<true>(x, n, r, sum) : row_mean_square_f32<false>(x, n);
+#endif
+  if (r) {
+    add_row(x, r, sum, n);
+    x = sum;
+  }
+  return row_mean_square_wide(x, n);
 }
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
