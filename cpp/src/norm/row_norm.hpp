@@ -91,25 +91,46 @@ constexpr std::int64_t kPrefetchFloats = 512;
 
 inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); }
 
-// With Add, the row is s = x + r, written to sum as it is read (the fused add + norm).
+// Reads a float row: x, or with Add s = x + r, written to sum as it is read (the fused add +
+// norm). The row must be read in order, each element once.
+template <bool Add>
+struct RowReader {
+  const float* x;
+  const float* r;
+  float* sum;
+
+  vnative<float> vector(std::int64_t j) const {
+    __builtin_prefetch(x + j + kPrefetchFloats);
+    vnative<float> v = load<vnative<float>>(x + j);
+    if constexpr (Add) {
+      __builtin_prefetch(r + j + kPrefetchFloats);
+      v += load<vnative<float>>(r + j);
+      store(sum + j, v);
+    }
+    return v;
+  }
+  float scalar(std::int64_t j) const {
+    if constexpr (!Add) return x[j];
+    return sum[j] = x[j] + r[j];
+  }
+  // The whole row, once read.
+  const float* values() const { return Add ? sum : x; }
+};
+
+// Mean and variance of a float row, as RowReader gives it.
 template <bool Add>
 Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  const float first = Add ? x[0] + r[0] : x[0];
+  const RowReader<Add> row{x, r, sum};
+  const float first = Add ? x[0] + r[0] : x[0];  // not row.scalar(0): sum may be x itself
   const V k = splat<V>(first);
   V s{}, q{};
   vwide ds{}, dq{};
   std::int64_t j = 0;
   int run = 0;
   for (; j + L <= n; j += L) {
-    __builtin_prefetch(x + j + kPrefetchFloats);
-    V v = load<V>(x + j);
-    if constexpr (Add) {
-      __builtin_prefetch(r + j + kPrefetchFloats);
-      v += load<V>(r + j);
-      store(sum + j, v);
-    }
+    const V v = row.vector(j);
     const V d = v - k;
     s += d;
     q = fmadd(d, d, q);
@@ -127,36 +148,30 @@ Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr
   const double shift = double(first);
   double ts = 0, tq = 0;
   for (; j < n; ++j) {
-    float v = x[j];
-    if constexpr (Add) sum[j] = v = v + r[j];
+    const float v = row.scalar(j);
     const double d = double(v) - shift;
     ts += d;
     tq = fmadd(d, d, tq);
   }
-  const float* row = Add ? sum : x;
+  const float* values = row.values();
   const double mean_square = (lane_sum(dq) + tq) / double(n);
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(row, n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
   const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
   const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(row, n, m.mean) : m;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
 }
 
 template <bool Add>
 double row_mean_square_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
+  const RowReader<Add> row{x, r, sum};
   V q{};
   vwide dq{};
   std::int64_t j = 0;
   int run = 0;
   for (; j + L <= n; j += L) {
-    __builtin_prefetch(x + j + kPrefetchFloats);
-    V v = load<V>(x + j);
-    if constexpr (Add) {
-      __builtin_prefetch(r + j + kPrefetchFloats);
-      v += load<V>(r + j);
-      store(sum + j, v);
-    }
+    const V v = row.vector(j);
     q = fmadd(v, v, q);
     if (++run == kFlushEvery) {
       dq += widen_sum(q);
@@ -167,13 +182,12 @@ double row_mean_square_f32(const float* x, std::int64_t n, const float* r = null
   if (run != 0) dq += widen_sum(q);
   double tq = 0;
   for (; j < n; ++j) {
-    float v = x[j];
-    if constexpr (Add) sum[j] = v = v + r[j];
+    const float v = row.scalar(j);
     tq = fmadd(double(v), double(v), tq);
   }
   const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
   if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
-    return row_mean_square_wide(Add ? sum : x, n);
+    return row_mean_square_wide(row.values(), n);
   return mean_square;
 }
 #endif
