@@ -26,6 +26,10 @@ mask = np.zeros((6, 6), bool)
 w = np.ones(8, np.float32)
 b = np.zeros(8, np.float32)
 stats1 = np.ones(4, np.float32)
+import ml_dtypes
+bf16 = ml_dtypes.bfloat16
+h = np.ones((4, 8), np.float16)
+hb = np.ones((4, 8), bf16)
 """
 
 BAD_CALLS = [
@@ -35,7 +39,22 @@ BAD_CALLS = [
     ("nl.layer_norm(np.ones((2, 3), np.int32))", TypeError, "x"),
     ("nl.layer_norm(np.ones((2, 3), np.complex64))", TypeError, "x"),
     ("nl.layer_norm(np.ones((2, 3), object))", TypeError, "x"),
-    ("nl.layer_norm(np.ones((2, 3), np.float16))", TypeError, "x"),
+    ("nl.layer_norm(np.ones((2, 3), np.int16))", TypeError, "x"),
+    ("nl.layer_norm(np.ones((2, 3), '>f2'))", TypeError, "x"),
+    # half data: weight float32 or x's dtype; stats float32; every data array x's dtype
+    ("nl.layer_norm(h, np.ones(8))", TypeError, "weight"),
+    ("nl.layer_norm(h, np.ones(8, bf16))", TypeError, "weight"),
+    ("nl.layer_norm(h, None, np.ones(8, np.float64))", TypeError, "bias"),
+    ("nl.layer_norm(h, out=np.empty((4, 8), bf16))", TypeError, "out"),
+    ("nl.layer_norm(hb, out=np.empty((4, 8), np.float16))", TypeError, "out"),
+    ("nl.layer_norm_backward(x, h, stats1, stats1)", TypeError, "dy"),
+    ("nl.layer_norm_backward(h, h, stats1.astype(np.float16), stats1)", TypeError, "mean"),
+    ("nl.rms_norm_backward(hb, hb, stats1.astype(bf16))", TypeError, "rstd"),
+    ("nl.add_layer_norm(h, hb)", TypeError, "residual"),
+    ("nl.add_rms_norm(hb, hb, sum_out=np.empty((4, 8), np.float32))", TypeError, "sum_out"),
+    ("nl.batch_norm(img.astype(bf16), running_mean=c4.astype(bf16), running_var=c4)", TypeError, "running_mean"),
+    ("nl.group_norm(img.astype(np.float16), 2, c4.astype(np.float64))", TypeError, "weight"),
+    ("nl.instance_norm_backward(img.astype(bf16), img.astype(bf16), np.ones((2, 4), bf16), np.ones((2, 4), np.float32))", TypeError, "mean"),
     ("nl.layer_norm(np.ones((2, 3), '>f4'))", TypeError, "x"),
     ("nl.layer_norm(np.float32(1.0))", TypeError, "x"),
     ("nl.layer_norm(np.array(1.0, np.float32))", ValueError, "x"),

@@ -9,6 +9,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
+
+#include "normlab/norm.hpp"
 
 namespace normlab::bindings {
 
@@ -23,20 +26,30 @@ inline void require_size(std::int64_t size, std::int64_t expected, const char* n
                           std::to_string(expected));
 }
 
+// The NumPy dtype of element type T: float32/float64, numpy.float16, ml_dtypes.bfloat16
+// (imported on first use; the Python layer only passes bfloat16 arrays when it is installed).
+template <class T>
+py::dtype dtype_of() {
+  if constexpr (std::is_same<T, float16>::value) return py::dtype("float16");
+  else if constexpr (std::is_same<T, bfloat16>::value)
+    return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+  else return py::dtype::of<T>();
+}
+
 // The data of a NumPy array argument that must already be C-contiguous, of dtype T in native
 // byte order, hold `size` elements and, for outputs, be writeable. Nothing is ever converted:
 // a mismatch raises. Reads only the array header, so a call costs nanoseconds.
 template <class T>
 T* array_data(py::handle h, const char* name, std::int64_t size, bool writeable) {
   namespace pd = py::detail;
-  static const int type_num = py::dtype::of<T>().num();
+  static const int type_num = dtype_of<T>().num();
   if (!pd::npy_api::get().PyArray_Check_(h.ptr()))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray");
   const pd::PyArray_Proxy* a = pd::array_proxy(h.ptr());
   const pd::PyArrayDescr_Proxy* d = pd::array_descriptor_proxy(a->descr);
   const bool native = d->byteorder != (__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<');
   if (d->type_num != type_num || !native)
-    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>())));
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(dtype_of<T>())));
   if (!(a->flags & pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
     throw py::value_error(std::string(name) + " must be C-contiguous");
   if (writeable && !(a->flags & pd::npy_api::NPY_ARRAY_WRITEABLE_))

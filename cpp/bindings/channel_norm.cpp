@@ -18,13 +18,13 @@ void batch_norm_py(handle x, handle weight, handle bias, handle y, handle mean, 
   BatchNormForward<T> a;
   const i64 n = batch * channels * spatial;
   a.x = input<T>(x, "x", n);
-  a.weight = optional_input<T>(weight, "weight", channels);
-  a.bias = optional_input<T>(bias, "bias", channels);
+  a.weight = optional_input<param_t<T>>(weight, "weight", channels);
+  a.bias = optional_input<param_t<T>>(bias, "bias", channels);
   a.y = output<T>(y, "out", n);
-  a.mean = optional_output<T>(mean, "mean", channels);
-  a.invstd = optional_output<T>(invstd, "invstd", channels);
-  a.running_mean = optional_output<T>(running_mean, "running_mean", channels);
-  a.running_var = optional_output<T>(running_var, "running_var", channels);
+  a.mean = optional_output<param_t<T>>(mean, "mean", channels);
+  a.invstd = optional_output<param_t<T>>(invstd, "invstd", channels);
+  a.running_mean = optional_output<param_t<T>>(running_mean, "running_mean", channels);
+  a.running_var = optional_output<param_t<T>>(running_var, "running_var", channels);
   a.batch = batch, a.channels = channels, a.spatial = spatial;
   a.channels_last = channels_last, a.training = training, a.momentum = momentum, a.eps = eps;
   std::optional<py::gil_scoped_release> release;
@@ -40,12 +40,12 @@ void batch_norm_backward_py(handle dy, handle x, handle mean, handle invstd, han
   const i64 n = batch * channels * spatial;
   a.dy = input<T>(dy, "dy", n);
   a.x = input<T>(x, "x", n);
-  a.mean = input<T>(mean, "mean", channels);
-  a.invstd = input<T>(invstd, "invstd", channels);
-  a.weight = optional_input<T>(weight, "weight", channels);
+  a.mean = input<param_t<T>>(mean, "mean", channels);
+  a.invstd = input<param_t<T>>(invstd, "invstd", channels);
+  a.weight = optional_input<param_t<T>>(weight, "weight", channels);
   a.dx = output<T>(dx, "dx", n);
-  a.dweight = optional_output<T>(dweight, "dweight", channels);
-  a.dbias = optional_output<T>(dbias, "dbias", channels);
+  a.dweight = optional_output<param_t<T>>(dweight, "dweight", channels);
+  a.dbias = optional_output<param_t<T>>(dbias, "dbias", channels);
   a.batch = batch, a.channels = channels, a.spatial = spatial;
   a.channels_last = channels_last, a.training = training;
   std::optional<py::gil_scoped_release> release;
@@ -60,11 +60,11 @@ void group_norm_py(handle x, handle weight, handle bias, handle y, handle mean, 
   const i64 n = batch * channels * spatial;
   if (groups < 1) throw py::value_error("num_groups must be >= 1");
   a.x = input<T>(x, "x", n);
-  a.weight = optional_input<T>(weight, "weight", channels);
-  a.bias = optional_input<T>(bias, "bias", channels);
+  a.weight = optional_input<param_t<T>>(weight, "weight", channels);
+  a.bias = optional_input<param_t<T>>(bias, "bias", channels);
   a.y = output<T>(y, "out", n);
-  a.mean = optional_output<T>(mean, "mean", batch * groups);
-  a.rstd = optional_output<T>(rstd, "rstd", batch * groups);
+  a.mean = optional_output<param_t<T>>(mean, "mean", batch * groups);
+  a.rstd = optional_output<param_t<T>>(rstd, "rstd", batch * groups);
   a.batch = batch, a.channels = channels, a.spatial = spatial, a.groups = groups;
   a.channels_last = channels_last, a.eps = eps;
   std::optional<py::gil_scoped_release> release;
@@ -81,12 +81,12 @@ void group_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handl
   if (groups < 1) throw py::value_error("num_groups must be >= 1");
   a.dy = input<T>(dy, "dy", n);
   a.x = input<T>(x, "x", n);
-  a.mean = input<T>(mean, "mean", batch * groups);
-  a.rstd = input<T>(rstd, "rstd", batch * groups);
-  a.weight = optional_input<T>(weight, "weight", channels);
+  a.mean = input<param_t<T>>(mean, "mean", batch * groups);
+  a.rstd = input<param_t<T>>(rstd, "rstd", batch * groups);
+  a.weight = optional_input<param_t<T>>(weight, "weight", channels);
   a.dx = output<T>(dx, "dx", n);
-  a.dweight = optional_output<T>(dweight, "dweight", channels);
-  a.dbias = optional_output<T>(dbias, "dbias", channels);
+  a.dweight = optional_output<param_t<T>>(dweight, "dweight", channels);
+  a.dbias = optional_output<param_t<T>>(dbias, "dbias", channels);
   a.batch = batch, a.channels = channels, a.spatial = spatial, a.groups = groups;
   a.channels_last = channels_last;
   std::optional<py::gil_scoped_release> release;
@@ -117,6 +117,8 @@ void bind_dtype(py::module_& m, const std::string& suffix) {
 void bind_channel_norm(py::module_& m) {
   bind_dtype<float>(m, "f32");
   bind_dtype<double>(m, "f64");
+  bind_dtype<float16>(m, "f16");
+  bind_dtype<bfloat16>(m, "bf16");
 }
 
 }  // namespace normlab::bindings

@@ -13,11 +13,11 @@ void layer_norm_py(handle x, handle weight, handle bias, handle y, handle mean, 
                    std::int64_t rows, std::int64_t cols, double eps) {
   LayerNormForward<T> a;
   a.x = input<T>(x, "x", rows * cols);
-  a.weight = optional_input<T>(weight, "weight", cols);
-  a.bias = optional_input<T>(bias, "bias", cols);
+  a.weight = optional_input<param_t<T>>(weight, "weight", cols);
+  a.bias = optional_input<param_t<T>>(bias, "bias", cols);
   a.y = output<T>(y, "out", rows * cols);
-  a.mean = optional_output<T>(mean, "mean", rows);
-  a.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.mean = optional_output<param_t<T>>(mean, "mean", rows);
+  a.rstd = optional_output<param_t<T>>(rstd, "rstd", rows);
   a.rows = rows;
   a.cols = cols;
   a.eps = eps;
@@ -32,13 +32,13 @@ void layer_norm_backward_py(handle dy, handle x, handle mean, handle rstd, handl
   LayerNormBackward<T> a;
   a.dy = input<T>(dy, "dy", rows * cols);
   a.x = input<T>(x, "x", rows * cols);
-  a.mean = input<T>(mean, "mean", rows);
-  a.rstd = input<T>(rstd, "rstd", rows);
-  a.weight = optional_input<T>(weight, "weight", cols);
+  a.mean = input<param_t<T>>(mean, "mean", rows);
+  a.rstd = input<param_t<T>>(rstd, "rstd", rows);
+  a.weight = optional_input<param_t<T>>(weight, "weight", cols);
   a.ds = optional_input<T>(ds, "ds", rows * cols);
   a.dx = output<T>(dx, "dx", rows * cols);
-  a.dweight = optional_output<T>(dweight, "dweight", cols);
-  a.dbias = optional_output<T>(dbias, "dbias", cols);
+  a.dweight = optional_output<param_t<T>>(dweight, "dweight", cols);
+  a.dbias = optional_output<param_t<T>>(dbias, "dbias", cols);
   a.rows = rows;
   a.cols = cols;
   std::optional<py::gil_scoped_release> release;
@@ -51,9 +51,9 @@ void rms_norm_py(handle x, handle weight, handle y, handle rstd, std::int64_t ro
                  std::int64_t cols, double eps) {
   RmsNormForward<T> a;
   a.x = input<T>(x, "x", rows * cols);
-  a.weight = optional_input<T>(weight, "weight", cols);
+  a.weight = optional_input<param_t<T>>(weight, "weight", cols);
   a.y = output<T>(y, "out", rows * cols);
-  a.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.rstd = optional_output<param_t<T>>(rstd, "rstd", rows);
   a.rows = rows;
   a.cols = cols;
   a.eps = eps;
@@ -68,11 +68,11 @@ void rms_norm_backward_py(handle dy, handle x, handle rstd, handle weight, handl
   RmsNormBackward<T> a;
   a.dy = input<T>(dy, "dy", rows * cols);
   a.x = input<T>(x, "x", rows * cols);
-  a.rstd = input<T>(rstd, "rstd", rows);
-  a.weight = optional_input<T>(weight, "weight", cols);
+  a.rstd = input<param_t<T>>(rstd, "rstd", rows);
+  a.weight = optional_input<param_t<T>>(weight, "weight", cols);
   a.ds = optional_input<T>(ds, "ds", rows * cols);
   a.dx = output<T>(dx, "dx", rows * cols);
-  a.dweight = optional_output<T>(dweight, "dweight", cols);
+  a.dweight = optional_output<param_t<T>>(dweight, "dweight", cols);
   a.rows = rows;
   a.cols = cols;
   std::optional<py::gil_scoped_release> release;
@@ -86,12 +86,12 @@ void add_layer_norm_py(handle x, handle residual, handle weight, handle bias, ha
   AddLayerNormForward<T> a;
   a.norm.x = input<T>(x, "x", rows * cols);
   a.residual = input<T>(residual, "residual", rows * cols);
-  a.norm.weight = optional_input<T>(weight, "weight", cols);
-  a.norm.bias = optional_input<T>(bias, "bias", cols);
+  a.norm.weight = optional_input<param_t<T>>(weight, "weight", cols);
+  a.norm.bias = optional_input<param_t<T>>(bias, "bias", cols);
   a.norm.y = output<T>(y, "out", rows * cols);
   a.sum = output<T>(sum, "sum_out", rows * cols);
-  a.norm.mean = optional_output<T>(mean, "mean", rows);
-  a.norm.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.norm.mean = optional_output<param_t<T>>(mean, "mean", rows);
+  a.norm.rstd = optional_output<param_t<T>>(rstd, "rstd", rows);
   a.norm.rows = rows;
   a.norm.cols = cols;
   a.norm.eps = eps;
@@ -106,10 +106,10 @@ void add_rms_norm_py(handle x, handle residual, handle weight, handle y, handle 
   AddRmsNormForward<T> a;
   a.norm.x = input<T>(x, "x", rows * cols);
   a.residual = input<T>(residual, "residual", rows * cols);
-  a.norm.weight = optional_input<T>(weight, "weight", cols);
+  a.norm.weight = optional_input<param_t<T>>(weight, "weight", cols);
   a.norm.y = output<T>(y, "out", rows * cols);
   a.sum = output<T>(sum, "sum_out", rows * cols);
-  a.norm.rstd = optional_output<T>(rstd, "rstd", rows);
+  a.norm.rstd = optional_output<param_t<T>>(rstd, "rstd", rows);
   a.norm.rows = rows;
   a.norm.cols = cols;
   a.norm.eps = eps;
@@ -141,6 +141,8 @@ void bind_dtype(py::module_& m, const std::string& suffix) {
 void bind_norm(py::module_& m) {
   bind_dtype<float>(m, "f32");
   bind_dtype<double>(m, "f64");
+  bind_dtype<float16>(m, "f16");
+  bind_dtype<bfloat16>(m, "bf16");
 }
 
 }  // namespace normlab::bindings

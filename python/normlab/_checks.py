@@ -12,7 +12,60 @@ import numpy as np
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
+FLOAT16 = np.dtype(np.float16)
 FLOAT_DTYPES = (FLOAT32, FLOAT64)
+DATA_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+
+# Data dtype -> (kernel suffix, dtype of weight/bias/statistics). ml_dtypes.bfloat16 joins
+# when first seen, so that importing normlab does not import ml_dtypes.
+_DATA_DTYPES = {FLOAT32: ("f32", FLOAT32), FLOAT64: ("f64", FLOAT64), FLOAT16: ("f16", FLOAT32)}
+
+
+def _known_dtype(dtype) -> bool:
+    if dtype in _DATA_DTYPES:
+        return True
+    if dtype.name == "bfloat16" and dtype.itemsize == 2:
+        import ml_dtypes
+
+        if dtype == np.dtype(ml_dtypes.bfloat16):
+            _DATA_DTYPES[dtype] = ("bf16", FLOAT32)
+            return True
+    return False
+
+
+def is_half(dtype) -> bool:
+    return dtype.itemsize == 2
+
+
+def param_dtype(dtype) -> np.dtype:
+    """The dtype of statistics and gradients of weight/bias for data of `dtype` (a validated
+    data dtype): float32 for the half types, else dtype itself."""
+    return _DATA_DTYPES[dtype][1]
+
+
+def half_eps(dtype) -> float:
+    """numpy.finfo(dtype).eps, for bfloat16 too."""
+    if dtype == FLOAT16:
+        return float(np.finfo(np.float16).eps)
+    import ml_dtypes
+
+    return float(ml_dtypes.finfo(dtype).eps)
+
+
+class KernelSet(dict):
+    """The kernels `names` of normlab._core for each data dtype: name + "_" + suffix, looked up
+    once per dtype."""
+
+    def __init__(self, core, *names):
+        super().__init__()
+        self._core = core
+        self._names = names
+
+    def __missing__(self, dtype):
+        suffix = _DATA_DTYPES[dtype][0]
+        kernels = tuple(getattr(self._core, f"{name}_{suffix}") for name in self._names)
+        self[dtype] = kernels
+        return kernels
 
 
 def _type_name(value) -> str:
@@ -20,16 +73,16 @@ def _type_name(value) -> str:
 
 
 def float_input(x, name: str) -> np.ndarray:
-    """x as a C-contiguous float32/float64 array.
+    """x as a C-contiguous array of a data dtype (float32, float64, float16, bfloat16).
 
     Strided input is copied once, visibly here, to a contiguous array; the caller never writes
     to it. Any other dtype is a TypeError: normlab never converts data silently.
     """
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {_type_name(x)}")
+        raise TypeError(f"{name} must be a numpy.ndarray of {DATA_DTYPE_NAMES}, got {_type_name(x)}")
     dtype = x.dtype
-    if dtype is not FLOAT32 and dtype is not FLOAT64 and dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if dtype is not FLOAT32 and dtype is not FLOAT64 and not _known_dtype(dtype):
+        raise TypeError(f"{name} must have dtype {DATA_DTYPE_NAMES}, got {dtype}")
     if x.flags.c_contiguous:
         if x.ndim == 0:
             raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
@@ -37,14 +90,14 @@ def float_input(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def like_input(a, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+def like_input(a, name: str, dtype: np.dtype, shape: tuple, why: str = "the dtype of x") -> np.ndarray:
     """a, which must be an array of `dtype` and `shape`, as a C-contiguous array."""
     if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape and a.flags.c_contiguous:
         return a
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, got {_type_name(a)}")
     if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype} ({why}), got {a.dtype}")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
@@ -52,6 +105,40 @@ def like_input(a, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
 
 def optional_like_input(a, name: str, dtype: np.dtype, shape: tuple):
     return None if a is None else like_input(a, name, dtype, shape)
+
+
+def stat_input(a, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A statistic (mean, rstd, invstd) for data of `dtype`: float32 for half data."""
+    pdtype = _DATA_DTYPES[dtype][1]
+    why = "the dtype of x" if pdtype is dtype else f"statistics of {dtype} data are float32"
+    return like_input(a, name, pdtype, shape, why)
+
+
+def param_input(a, name: str, dtype: np.dtype, shape: tuple):
+    """weight or bias for data of `dtype`, as the kernel takes it, or None.
+
+    float32/float64 data: an array of x's dtype. Half data (PyTorch's mixed rule): float32, or
+    x's own half dtype, which is converted here, visibly, to a float32 copy of the C values.
+    """
+    if a is None:
+        return None
+    pdtype = _DATA_DTYPES[dtype][1]
+    if pdtype is dtype or not isinstance(a, np.ndarray) or a.dtype == pdtype:
+        why = "the dtype of x" if pdtype is dtype else f"float32 or {dtype}, the dtype of x"
+        return like_input(a, name, pdtype, shape, why)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype float32 or {dtype} (the dtype of x), got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a.astype(FLOAT32)
+
+
+def gradient_like(grad, weight):
+    """dweight/dbias (computed as float32 for half data) in the dtype of the weight the caller
+    passed: converted back when that weight was half."""
+    if grad is None or weight is None or weight.dtype == grad.dtype:
+        return grad
+    return grad.astype(weight.dtype)
 
 
 def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.ndarray:

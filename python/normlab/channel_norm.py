@@ -35,8 +35,12 @@ from . import _core
 from ._checks import (
     flag,
     float_input,
+    KernelSet,
+    gradient_like,
     like_input,
-    optional_like_input,
+    param_dtype,
+    param_input,
+    stat_input,
     output,
     positive_float,
 )
@@ -50,20 +54,7 @@ __all__ = [
     "group_norm_backward",
 ]
 
-_KERNELS = {
-    np.dtype(np.float32): (
-        _core.batch_norm_f32,
-        _core.batch_norm_backward_f32,
-        _core.group_norm_f32,
-        _core.group_norm_backward_f32,
-    ),
-    np.dtype(np.float64): (
-        _core.batch_norm_f64,
-        _core.batch_norm_backward_f64,
-        _core.group_norm_f64,
-        _core.group_norm_backward_f64,
-    ),
-}
+_KERNELS = KernelSet(_core, "batch_norm", "batch_norm_backward", "group_norm", "group_norm_backward")
 
 
 def _layout(shape: tuple, channel_axis, min_ndim: int = 2):
@@ -95,8 +86,9 @@ def _channels(c: int) -> int:
 
 
 def _running(a, name: str, dtype, c: int, others: tuple) -> np.ndarray:
-    """A running statistic: (C,) of x's dtype, updated in place, so checked like an output."""
-    return output(a, name, dtype, (c,), others)
+    """A running statistic: (C,) of x's dtype (float32 for half x), updated in place, so
+    checked like an output."""
+    return output(a, name, param_dtype(dtype), (c,), others)
 
 
 def _momentum(value) -> float:
@@ -165,9 +157,9 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     eps = positive_float(eps, "eps")
     momentum = _momentum(momentum)
     if weight is not None:
-        weight = like_input(weight, "weight", dtype, (c,))
+        weight = param_input(weight, "weight", dtype, (c,))
     if bias is not None:
-        bias = like_input(bias, "bias", dtype, (c,))
+        bias = param_input(bias, "bias", dtype, (c,))
     inputs = ((x_in, "x"), (weight, "weight"), (bias, "bias"))
     if out is None:
         y = np.empty(shape, dtype)
@@ -187,8 +179,8 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
         raise ValueError("running_mean and running_var are required when training is False")
     mean = invstd = None
     if return_stats is True or flag(return_stats, "return_stats"):
-        mean = np.empty(c, dtype)
-        invstd = np.empty(c, dtype)
+        mean = np.empty(c, param_dtype(dtype))
+        invstd = np.empty(c, param_dtype(dtype))
     fwd(x, weight, bias, y, mean, invstd, running_mean, running_var, n, c, s, cl, training,
         momentum, eps)
     if mean is not None:
@@ -227,16 +219,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     bwd = _KERNELS[dtype][1]
     training = flag(training, "training")
     dy = like_input(dy, "dy", dtype, shape)
-    mean = like_input(mean, "mean", dtype, (c,))
-    invstd = like_input(invstd, "invstd", dtype, (c,))
-    weight = optional_like_input(weight, "weight", dtype, (c,))
+    mean = stat_input(mean, "mean", dtype, (c,))
+    invstd = stat_input(invstd, "invstd", dtype, (c,))
+    weight_in, weight = weight, param_input(weight, "weight", dtype, (c,))
     if training and n * s <= 1:
         raise ValueError(
             f"batch_norm in training needs more than 1 value per channel, got x of shape {shape}"
         )
-    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight is not None, originals)
+    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight, originals)
     bwd(dy, x, mean, invstd, weight, dx, dweight, dbias, n, c, s, cl, training)
-    return dx, dweight, dbias
+    return dx, gradient_like(dweight, weight_in), gradient_like(dbias, weight_in)
 
 
 def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats, instance):
@@ -257,28 +249,29 @@ def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats
         raise ValueError(f"x has zero spatial elements {shape}: nothing to normalize")
     eps = positive_float(eps, "eps")
     if weight is not None:
-        weight = like_input(weight, "weight", dtype, (c,))
+        weight = param_input(weight, "weight", dtype, (c,))
     if bias is not None:
-        bias = like_input(bias, "bias", dtype, (c,))
+        bias = param_input(bias, "bias", dtype, (c,))
     if out is None:
         y = np.empty(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
-        mean = np.empty((n, g), dtype)
-        rstd = np.empty((n, g), dtype)
+        mean = np.empty((n, g), param_dtype(dtype))
+        rstd = np.empty((n, g), param_dtype(dtype))
         fwd(x, weight, bias, y, mean, rstd, n, c, s, g, cl, eps)
         return y, mean, rstd
     fwd(x, weight, bias, y, None, None, n, c, s, g, cl, eps)
     return y
 
 
-def _gradients(out, dtype, shape, c, with_weight, originals):
-    """dx (new, or `out` checked against the caller's arrays) and, with a weight, dweight/dbias."""
+def _gradients(out, dtype, shape, c, weight, originals):
+    """dx (new, or `out` checked against the caller's arrays) and, with a weight, dweight/dbias
+    of the weight's (kernel) dtype."""
     dx = np.empty(shape, dtype) if out is None else output(out, "out", dtype, shape, originals)
-    if not with_weight:
+    if weight is None:
         return dx, None, None
-    return dx, np.empty(c, dtype), np.empty(c, dtype)
+    return dx, np.empty(c, weight.dtype), np.empty(c, weight.dtype)
 
 
 def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instance):
@@ -292,12 +285,12 @@ def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instan
     if s == 0 and n > 0:
         raise ValueError(f"x has zero spatial elements {shape}: nothing to normalize")
     dy = like_input(dy, "dy", dtype, shape)
-    mean = like_input(mean, "mean", dtype, (n, g))
-    rstd = like_input(rstd, "rstd", dtype, (n, g))
-    weight = optional_like_input(weight, "weight", dtype, (c,))
-    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight is not None, originals)
+    mean = stat_input(mean, "mean", dtype, (n, g))
+    rstd = stat_input(rstd, "rstd", dtype, (n, g))
+    weight_in, weight = weight, param_input(weight, "weight", dtype, (c,))
+    dx, dweight, dbias = _gradients(out, dtype, shape, c, weight, originals)
     bwd(dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, g, cl)
-    return dx, dweight, dbias
+    return dx, gradient_like(dweight, weight_in), gradient_like(dbias, weight_in)
 
 
 def instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None,

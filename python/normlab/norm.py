@@ -25,13 +25,18 @@ import numpy as np
 
 from . import _core
 from ._checks import (
+    KernelSet,
     flag,
     float_input,
+    gradient_like,
+    half_eps,
     like_input,
-    optional_like_input,
     output,
+    param_dtype,
+    param_input,
     positive_float,
     row_split,
+    stat_input,
 )
 
 Axis = Union[int, Tuple[int, ...]]
@@ -47,20 +52,7 @@ __all__ = [
     "add_rms_norm_backward",
 ]
 
-_KERNELS = {
-    np.dtype(np.float32): (
-        _core.layer_norm_f32,
-        _core.layer_norm_backward_f32,
-        _core.rms_norm_f32,
-        _core.rms_norm_backward_f32,
-    ),
-    np.dtype(np.float64): (
-        _core.layer_norm_f64,
-        _core.layer_norm_backward_f64,
-        _core.rms_norm_f64,
-        _core.rms_norm_backward_f64,
-    ),
-}
+_KERNELS = KernelSet(_core, "layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward")
 
 
 def layer_norm(
@@ -105,16 +97,16 @@ def layer_norm(
     eps = positive_float(eps, "eps")
     dtype = x.dtype
     if weight is not None:
-        weight = like_input(weight, "weight", dtype, normalized)
+        weight = param_input(weight, "weight", dtype, normalized)
     if bias is not None:
-        bias = like_input(bias, "bias", dtype, normalized)
+        bias = param_input(bias, "bias", dtype, normalized)
     if out is None:
         y = np.empty(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
-        mean = np.empty(lead, dtype)
-        rstd = np.empty(lead, dtype)
+        mean = np.empty(lead, param_dtype(dtype))
+        rstd = np.empty(lead, param_dtype(dtype))
         layer_fwd(x, weight, bias, y, mean, rstd, rows, cols, eps)
         return y, mean, rstd
     layer_fwd(x, weight, bias, y, None, None, rows, cols, eps)
@@ -160,20 +152,20 @@ def _layer_norm_backward(dy, x, mean, rstd, weight, ds, axis, out, x_name):
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
     dy = like_input(dy, "dy", dtype, shape)
-    mean = like_input(mean, "mean", dtype, lead)
-    rstd = like_input(rstd, "rstd", dtype, lead)
-    weight = optional_like_input(weight, "weight", dtype, normalized)
-    ds = optional_like_input(ds, "ds", dtype, shape)
+    mean = stat_input(mean, "mean", dtype, lead)
+    rstd = stat_input(rstd, "rstd", dtype, lead)
+    weight_in, weight = weight, param_input(weight, "weight", dtype, normalized)
+    ds = None if ds is None else like_input(ds, "ds", dtype, shape)
     if out is None:
         dx = np.empty(shape, dtype)
     else:
         dx = output(out, "out", dtype, shape, originals)
     dweight = dbias = None
     if weight is not None:
-        dweight = np.empty(normalized, dtype)
-        dbias = np.empty(normalized, dtype)
+        dweight = np.empty(normalized, weight.dtype)
+        dbias = np.empty(normalized, weight.dtype)
     layer_bwd(dy, x, mean, rstd, weight, ds, dx, dweight, dbias, rows, cols)
-    return dx, dweight, dbias
+    return dx, gradient_like(dweight, weight_in), gradient_like(dbias, weight_in)
 
 
 def rms_norm(
@@ -215,13 +207,13 @@ def rms_norm(
     else:
         eps = positive_float(eps, "eps")
     if weight is not None:
-        weight = like_input(weight, "weight", dtype, normalized)
+        weight = param_input(weight, "weight", dtype, normalized)
     if out is None:
         y = np.empty(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight")))
     if return_stats is True or flag(return_stats, "return_stats"):
-        rstd = np.empty(lead, dtype)
+        rstd = np.empty(lead, param_dtype(dtype))
         rms_fwd(x, weight, y, rstd, rows, cols, eps)
         return y, rstd
     rms_fwd(x, weight, y, None, rows, cols, eps)
@@ -264,16 +256,16 @@ def _rms_norm_backward(dy, x, rstd, weight, ds, axis, out, x_name):
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
     dy = like_input(dy, "dy", dtype, shape)
-    rstd = like_input(rstd, "rstd", dtype, lead)
-    weight = optional_like_input(weight, "weight", dtype, normalized)
-    ds = optional_like_input(ds, "ds", dtype, shape)
+    rstd = stat_input(rstd, "rstd", dtype, lead)
+    weight_in, weight = weight, param_input(weight, "weight", dtype, normalized)
+    ds = None if ds is None else like_input(ds, "ds", dtype, shape)
     if out is None:
         dx = np.empty(shape, dtype)
     else:
         dx = output(out, "out", dtype, shape, originals)
-    dweight = None if weight is None else np.empty(normalized, dtype)
+    dweight = None if weight is None else np.empty(normalized, weight.dtype)
     rms_bwd(dy, x, rstd, weight, ds, dx, dweight, rows, cols)
-    return dx, dweight
+    return dx, gradient_like(dweight, weight_in)
 
 
 def _residual_inputs(x, residual):
@@ -342,8 +334,8 @@ def add_layer_norm(
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
     eps = positive_float(eps, "eps")
-    weight = optional_like_input(weight, "weight", dtype, normalized)
-    bias = optional_like_input(bias, "bias", dtype, normalized)
+    weight = param_input(weight, "weight", dtype, normalized)
+    bias = param_input(bias, "bias", dtype, normalized)
     params = ((weight, "weight"), (bias, "bias"))
     s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
     if out is None:
@@ -351,8 +343,8 @@ def add_layer_norm(
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
     if flag(return_stats, "return_stats"):
-        mean = np.empty(lead, dtype)
-        rstd = np.empty(lead, dtype)
+        mean = np.empty(lead, param_dtype(dtype))
+        rstd = np.empty(lead, param_dtype(dtype))
         kernel(x, residual, weight, bias, y, s, mean, rstd, rows, cols, eps)
         return y, s, mean, rstd
     kernel(x, residual, weight, bias, y, s, None, None, rows, cols, eps)
@@ -404,7 +396,7 @@ def add_rms_norm(
     dtype, shape = x.dtype, x.shape
     rows, cols, lead, normalized = row_split(shape, axis)
     eps = _EPS[dtype] if eps is None else positive_float(eps, "eps")
-    weight = optional_like_input(weight, "weight", dtype, normalized)
+    weight = param_input(weight, "weight", dtype, normalized)
     params = ((weight, "weight"),)
     s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
     if out is None:
@@ -412,7 +404,7 @@ def add_rms_norm(
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
     if flag(return_stats, "return_stats"):
-        rstd = np.empty(lead, dtype)
+        rstd = np.empty(lead, param_dtype(dtype))
         kernel(x, residual, weight, y, s, rstd, rows, cols, eps)
         return y, s, rstd
     kernel(x, residual, weight, y, s, None, rows, cols, eps)
@@ -433,9 +425,15 @@ def add_rms_norm_backward(
     return _rms_norm_backward(dy, s, rstd, weight, ds, axis, out, "s")
 
 
-_EPS = {dtype: float(np.finfo(dtype).eps) for dtype in _KERNELS}
+class _DefaultEps(dict):
+    """rms_norm's eps=None: numpy.finfo(dtype).eps (bfloat16's from ml_dtypes), as PyTorch."""
 
-_ADD_KERNELS = {
-    np.dtype(np.float32): (_core.add_layer_norm_f32, _core.add_rms_norm_f32),
-    np.dtype(np.float64): (_core.add_layer_norm_f64, _core.add_rms_norm_f64),
-}
+    def __missing__(self, dtype):
+        eps = half_eps(dtype) if dtype.itemsize == 2 else float(np.finfo(dtype).eps)
+        self[dtype] = eps
+        return eps
+
+
+_EPS = _DefaultEps()
+
+_ADD_KERNELS = KernelSet(_core, "add_layer_norm", "add_rms_norm")

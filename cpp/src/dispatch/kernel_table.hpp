@@ -46,9 +46,13 @@ struct KernelTable {
   const char* target = "";
   RowNormKernels<float> row_f32;
   RowNormKernels<double> row_f64;
+  RowNormKernels<float16> row_f16;
+  RowNormKernels<bfloat16> row_bf16;
   RooflineKernels roofline;
   ChannelNormKernels<float> chan_f32;
   ChannelNormKernels<double> chan_f64;
+  ChannelNormKernels<float16> chan_f16;
+  ChannelNormKernels<bfloat16> chan_bf16;
   CclKernels ccl;
 
   template <class T>
@@ -63,7 +67,16 @@ template <>
 inline const RowNormKernels<double>& KernelTable::row<double>() const { return row_f64; }
 
 template <>
+inline const RowNormKernels<float16>& KernelTable::row<float16>() const { return row_f16; }
+template <>
+inline const RowNormKernels<bfloat16>& KernelTable::row<bfloat16>() const { return row_bf16; }
+
+template <>
 inline const ChannelNormKernels<float>& KernelTable::chan<float>() const { return chan_f32; }
+template <>
+inline const ChannelNormKernels<float16>& KernelTable::chan<float16>() const { return chan_f16; }
+template <>
+inline const ChannelNormKernels<bfloat16>& KernelTable::chan<bfloat16>() const { return chan_bf16; }
 template <>
 inline const ChannelNormKernels<double>& KernelTable::chan<double>() const { return chan_f64; }
 

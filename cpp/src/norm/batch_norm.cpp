@@ -9,7 +9,7 @@ namespace {
 
 template <class T>
 Geom batch_geom(std::int64_t n, std::int64_t c, std::int64_t s, bool channels_last) {
-  return make_geom(n, c, s, c, channels_last, true, kLanes<T>, int(sizeof(T)));
+  return make_geom(n, c, s, c, channels_last, true, kLanes<compute_t<T>>, int(sizeof(T)));
 }
 
 template <class T>
@@ -23,10 +23,10 @@ void batch_norm_forward(const BatchNormForward<T>& a, int nthreads) {
     const double mom = a.momentum, unbias = q.count / (q.count - 1.0);
     for (std::int64_t ch = 0; ch < c; ++ch) {
       if (a.running_mean)
-        a.running_mean[ch] = T((1.0 - mom) * double(a.running_mean[ch]) + mom * mean[std::size_t(ch)]);
+        a.running_mean[ch] = compute_t<T>((1.0 - mom) * double(a.running_mean[ch]) + mom * mean[std::size_t(ch)]);
       if (a.running_var)
         a.running_var[ch] =
-            T((1.0 - mom) * double(a.running_var[ch]) + mom * var[std::size_t(ch)] * unbias);
+            compute_t<T>((1.0 - mom) * double(a.running_var[ch]) + mom * var[std::size_t(ch)] * unbias);
     }
   } else {
     for (std::int64_t ch = 0; ch < c; ++ch) {
@@ -35,8 +35,8 @@ void batch_norm_forward(const BatchNormForward<T>& a, int nthreads) {
     }
   }
   for (std::int64_t ch = 0; ch < c; ++ch) {
-    if (a.mean) a.mean[ch] = T(mean[std::size_t(ch)]);
-    if (a.invstd) a.invstd[ch] = T(rstd[std::size_t(ch)]);
+    if (a.mean) a.mean[ch] = compute_t<T>(mean[std::size_t(ch)]);
+    if (a.invstd) a.invstd[ch] = compute_t<T>(rstd[std::size_t(ch)]);
   }
   normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
 }
@@ -48,13 +48,19 @@ void batch_norm_backward(const BatchNormBackward<T>& a, int nthreads) {
                    a.weight ? a.dbias : nullptr, a.training, nthreads);
 }
 
+template <class T>
+void fill(ChannelNormKernels<T>& k) {
+  k.batch_norm = &batch_norm_forward<T>;
+  k.batch_norm_backward = &batch_norm_backward<T>;
+}
+
 }  // namespace
 
 void register_batch_norm(KernelTable& t) {
-  t.chan_f32.batch_norm = &batch_norm_forward<float>;
-  t.chan_f64.batch_norm = &batch_norm_forward<double>;
-  t.chan_f32.batch_norm_backward = &batch_norm_backward<float>;
-  t.chan_f64.batch_norm_backward = &batch_norm_backward<double>;
+  fill(t.chan_f32);
+  fill(t.chan_f64);
+  fill(t.chan_f16);
+  fill(t.chan_bf16);
 }
 
 }  // namespace NL_TARGET

@@ -274,7 +274,7 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
   }
   double s = 0, sq = 0;
   for (; j < n; ++j) {
-    const double d = double(x[j]) - k;
+    const double d = double(to_c(x[j])) - k;
     s += d;
     sq += d * d;
   }
@@ -288,7 +288,7 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
                  double* var) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> shift(std::size_t(q.nsets));
-  for (std::int64_t st = 0; st < q.nsets; ++st) shift[std::size_t(st)] = double(x[q.set_first(st)]);
+  for (std::int64_t st = 0; st < q.nsets; ++st) shift[std::size_t(st)] = double(to_c(x[q.set_first(st)]));
   std::vector<double> psum(std::size_t(2 * np));
   plane_sums(
       q, nthreads, psum.data(),
@@ -320,8 +320,8 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
                 store(qa + j, load<vwide>(qa + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
               }
               for (; j < len; ++j) {
-                const double d0 = double(xr[j]) - k[j], d1 = double(xr[len + j]) - k[j];
-                const double d2 = double(xr[2 * len + j]) - k[j], d3 = double(xr[3 * len + j]) - k[j];
+                const double d0 = double(to_c(xr[j])) - k[j], d1 = double(to_c(xr[len + j])) - k[j];
+                const double d2 = double(to_c(xr[2 * len + j])) - k[j], d3 = double(to_c(xr[3 * len + j])) - k[j];
                 sa[j] += (d0 + d1) + (d2 + d3);
                 qa[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
               }
@@ -335,7 +335,7 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
                 store(qa + j, load<vwide>(qa + j) + d * d);
               }
               for (; j < len; ++j) {
-                const double d = double(xr[j]) - k[j];
+                const double d = double(to_c(xr[j])) - k[j];
                 sa[j] += d;
                 qa[j] += d * d;
               }
@@ -365,7 +365,7 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
             const std::int64_t j = jj;
             double sv = 0, qv = 0;
             for (std::int64_t r = 0; r < nr; ++r) {
-              const double d = double(xb[r * len + j]) - k[j];
+              const double d = double(to_c(xb[r * len + j])) - k[j];
               sv += d;
               qv += d * d;
             }
@@ -401,48 +401,48 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
 }
 
 // y = ((x - head) - tail) * scale + bias over n elements (scalar coefficients).
-template <class T>
-inline void normalize_span(const T* x, T* y, std::int64_t n, T head, T tail, T scale, T bias) {
-  using V = vnative<T>;
-  constexpr int L = kLanes<T>;
+template <class T, class C = compute_t<T>>
+inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C scale, C bias) {
+  using V = vnative<C>;
+  constexpr int L = kLanes<C>;
   const V vh = splat<V>(head), vt = splat<V>(tail), vs = splat<V>(scale), vb = splat<V>(bias);
   std::int64_t j = 0;
   for (; j + L <= n; j += L) store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
-  for (; j < n; ++j) y[j] = ((x[j] - head) - tail) * scale + bias;
+  for (; j < n; ++j) y[j] = narrow<T>(((to_c(x[j]) - head) - tail) * scale + bias);
 }
 
 // y = (x - mean) * rstd * w + b with per-set mean/rstd and per-channel w/b (either may be null).
-template <class T>
-void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const double* mean,
+template <class T, class C = compute_t<T>>
+void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const double* mean,
                const double* rstd, int nthreads) {
   const std::int64_t c = q.c;
-  auto coef = [&](std::int64_t i, std::int64_t ch, T& head, T& tail, T& scale, T& bias) {
+  auto coef = [&](std::int64_t i, std::int64_t ch, C& head, C& tail, C& scale, C& bias) {
     const std::int64_t st = q.set_of(i, ch);
-    head = T(mean[st]);
-    tail = T(mean[st] - double(head));
-    scale = T(rstd[st] * (w ? double(w[ch]) : 1.0));
-    bias = b ? b[ch] : T(0);
+    head = C(mean[st]);
+    tail = C(mean[st] - double(head));
+    scale = C(rstd[st] * (w ? double(w[ch]) : 1.0));
+    bias = b ? b[ch] : C(0);
   };
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
-        T head, tail, scale, bias;
+        C head, tail, scale, bias;
         coef(p / c, p % c, head, tail, scale, bias);
         normalize_span(x + p * q.s + j0, y + p * q.s + j0, j1 - j0, head, tail, scale, bias);
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
-        using V = vnative<T>;
-        constexpr int L = kLanes<T>;
+        using V = vnative<C>;
+        constexpr int L = kLanes<C>;
         const std::int64_t W = q.W;
         // y = (x - head) * scale + (bias - tail * scale): three coefficient loads per vector.
-        std::vector<T> buf(std::size_t(3 * W));
-        T* hd = buf.data();
-        T* sc = hd + W;
-        T* bs = sc + W;
+        std::vector<C> buf(std::size_t(3 * W));
+        C* hd = buf.data();
+        C* sc = hd + W;
+        C* bs = sc + W;
         for (std::int64_t j = 0; j < c; ++j) {
-          T tail;
+          C tail;
           coef(i, j, hd[j], tail, sc[j], bs[j]);
-          bs[j] = T(double(bs[j]) - double(tail) * double(sc[j]));
+          bs[j] = C(double(bs[j]) - double(tail) * double(sc[j]));
         }
         periodic(hd, c, W);
         periodic(sc, c, W);
@@ -467,7 +467,7 @@ void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const do
               for (; j < len; ++j)
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
-                  yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+                  yb[e] = narrow<T>((to_c(xb[e]) - hd[j]) * sc[j] + bs[j]);
                 }
             }
             for (; r < nr; ++r) {
@@ -478,7 +478,7 @@ void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const do
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
-                yb[e] = (xb[e] - hd[j]) * sc[j] + bs[j];
+                yb[e] = narrow<T>((to_c(xb[e]) - hd[j]) * sc[j] + bs[j]);
               }
             }
             return;
@@ -499,8 +499,8 @@ void normalize(const Geom& q, const T* x, const T* w, const T* b, T* y, const do
           });
           for (std::int64_t jj = j; jj < len; ++jj) {
             const std::int64_t j = jj;
-            const T h = hd[j], sv = sc[j], bv = bs[j];
-            for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = (xb[r * len + j] - h) * sv + bv;
+            const C h = hd[j], sv = sc[j], bv = bs[j];
+            for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = narrow<T>((to_c(xb[r * len + j]) - h) * sv + bv);
           }
         });
       });
@@ -528,7 +528,7 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
   vwide a0{}, a1{}, b0{}, b1{};
   std::int64_t j = 0;
   double a = 0, b = 0;
-  if constexpr (std::is_same<T, float>::value && kFloatGradPartials && kLanes<float> >= 2 * kWide) {
+  if constexpr (std::is_same<compute_t<T>, float>::value && kFloatGradPartials && kLanes<float> >= 2 * kWide) {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const float head = float(mean);
@@ -561,9 +561,9 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
     b1 += d1 * (load_wide(x + j + kWide) - vm);
   }
   for (; j < n; ++j) {
-    const double d = double(dy[j]);
+    const double d = double(to_c(dy[j]));
     a += d;
-    b += d * (double(x[j]) - mean);
+    b += d * (double(to_c(x[j])) - mean);
   }
   out[0] += a + lane_sum(a0 + a1);
   out[1] += b + lane_sum(b0 + b1);
@@ -583,25 +583,25 @@ inline GradCoef<T> grad_coef(double mean, double ka, double kb, double kc) {
   return {head, T(ka), T(kb), T(kc - (mean - double(head)) * kb)};
 }
 
-template <class T>
+template <class T, class C = compute_t<T>>
 inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
                       double kb, double kc) {
-  using V = vnative<T>;
-  constexpr int L = kLanes<T>;
-  const GradCoef<T> k = grad_coef<T>(mean, ka, kb, kc);
+  using V = vnative<C>;
+  constexpr int L = kLanes<C>;
+  const GradCoef<C> k = grad_coef<C>(mean, ka, kb, kc);
   const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
   std::int64_t j = 0;
   for (; j + L <= n; j += L)
     store(dx + j, (va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb);
-  for (; j < n; ++j) dx[j] = (k.a * dy[j] - k.c) - (x[j] - k.head) * k.b;
+  for (; j < n; ++j) dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b);
 }
 
 // The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
 // dx = rstd * (g - mean_set(g) - xhat * mean_set(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
 // without, dx = rstd * w * dy. dweight[c] = sum dy * xhat, dbias[c] = sum dy (when non-null).
-template <class T>
-void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, const T* rstd_in,
-                      const T* w, T* dx, T* dweight, T* dbias, bool training, int nthreads) {
+template <class T, class C = compute_t<T>>
+void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
+                      const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> mean(std::size_t(q.nsets)), rstd(std::size_t(q.nsets));
   for (std::int64_t st = 0; st < q.nsets; ++st) {
@@ -623,13 +623,13 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           // mean), corrected to x - mean after folding.
           const std::int64_t W = q.W;
           std::vector<double> buf(std::size_t(3 * W), 0.0);
-          std::vector<T> hbuf(static_cast<std::size_t>(W));
+          std::vector<C> hbuf(static_cast<std::size_t>(W));
           double* mv = buf.data();
           double* aa = mv + W;
           double* ba = aa + W;
-          T* hv = hbuf.data();
+          C* hv = hbuf.data();
           for (std::int64_t j = 0; j < c; ++j) {
-            hv[j] = T(mean[std::size_t(q.set_of(i, j))]);
+            hv[j] = C(mean[std::size_t(q.set_of(i, j))]);
             mv[j] = double(hv[j]);
           }
           periodic(mv, c, W);
@@ -640,7 +640,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
             if (len > 2 * kTile * kWide) {
               // Wide rows: row-major, sums in L1.
               std::int64_t r = 0;
-              if constexpr (std::is_same<T, float>::value && kFloatGradPartials &&
+              if constexpr (std::is_same<C, float>::value && kFloatGradPartials &&
                             kLanes<float> >= 2 * kWide) {
                 // Four rows in float (as grad_sums), then into the double sums.
                 using V = vnative<float>;
@@ -666,9 +666,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
                   for (; j < len; ++j) {
                     double sa = 0, sb = 0;
                     for (int t = 0; t < 4; ++t) {
-                      const double d = double(dr[t * len + j]);
+                      const double d = double(to_c(dr[t * len + j]));
                       sa += d;
-                      sb += d * (double(xr[t * len + j]) - mv[j]);
+                      sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
                     }
                     aa[j] += sa;
                     ba[j] += sb;
@@ -691,9 +691,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
                 for (; j < len; ++j) {
                   double sa = 0, sb = 0;
                   for (int t = 0; t < 4; ++t) {
-                    const double d = double(dr[t * len + j]);
+                    const double d = double(to_c(dr[t * len + j]));
                     sa += d;
-                    sb += d * (double(xr[t * len + j]) - mv[j]);
+                    sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
                   }
                   aa[j] += sa;
                   ba[j] += sb;
@@ -709,9 +709,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
                   store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
                 }
                 for (; j < len; ++j) {
-                  const double d = double(dr[j]);
+                  const double d = double(to_c(dr[j]));
                   aa[j] += d;
-                  ba[j] += d * (double(xr[j]) - mv[j]);
+                  ba[j] += d * (double(to_c(xr[j])) - mv[j]);
                 }
               }
               return;
@@ -740,9 +740,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
               const std::int64_t j = jj;
               double av = 0, bv = 0;
               for (std::int64_t r = 0; r < nr; ++r) {
-                const double d = double(db[r * len + j]);
+                const double d = double(to_c(db[r * len + j]));
                 av += d;
-                bv += d * (double(xb[r * len + j]) - mv[j]);
+                bv += d * (double(to_c(xb[r * len + j])) - mv[j]);
               }
               aa[j] += av;
               ba[j] += bv;
@@ -760,8 +760,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           sa += psum[std::size_t(i * c + ch)];
           sb += psum[std::size_t(np + i * c + ch)] * rstd[std::size_t(q.set_of(i, ch))];
         }
-        if (dbias) dbias[ch] = T(sa);
-        if (dweight) dweight[ch] = T(sb);
+        if (dbias) dbias[ch] = C(sa);
+        if (dweight) dweight[ch] = C(sb);
       }
     }
     if (training) {
@@ -792,9 +792,9 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
     kbv = kb[st];
     kcv = kc[st];
   };
-  using V = vnative<T>;
-  constexpr int L = kLanes<T>;
-  constexpr int TV = kTile;  // T vectors per register tile: four coefficients each
+  using V = vnative<C>;
+  constexpr int L = kLanes<C>;
+  constexpr int TV = kTile;  // C vectors per register tile: four coefficients each
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -805,15 +805,15 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         const std::int64_t W = q.W;
-        std::vector<T> buf(std::size_t(4 * W));
-        T* hv = buf.data();
-        T* av = hv + W;
-        T* bv = av + W;
-        T* cv = bv + W;
+        std::vector<C> buf(std::size_t(4 * W));
+        C* hv = buf.data();
+        C* av = hv + W;
+        C* bv = av + W;
+        C* cv = bv + W;
         for (std::int64_t j = 0; j < c; ++j) {
           double m, ka, kbv, kcv;
           coef(i, j, m, ka, kbv, kcv);
-          const GradCoef<T> k = grad_coef<T>(m, ka, kbv, kcv);
+          const GradCoef<C> k = grad_coef<C>(m, ka, kbv, kcv);
           hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
         }
         periodic(hv, c, W);
@@ -841,7 +841,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
               for (; j < len; ++j)
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
-                  ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
+                  ob[e] = narrow<T>((av[j] * to_c(db[e]) - cv[j]) - (to_c(xb[e]) - hv[j]) * bv[j]);
                 }
             }
             for (; r < nr; ++r) {
@@ -853,7 +853,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
-                ob[e] = (av[j] * db[e] - cv[j]) - (xb[e] - hv[j]) * bv[j];
+                ob[e] = narrow<T>((av[j] * to_c(db[e]) - cv[j]) - (to_c(xb[e]) - hv[j]) * bv[j]);
               }
             }
             return;
@@ -876,7 +876,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const T* mean_in, 
           for (std::int64_t jj = j; jj < len; ++jj)
             for (std::int64_t r = 0; r < nr; ++r) {
               const std::int64_t e = r * len + jj;
-              ob[e] = (av[jj] * db[e] - cv[jj]) - (xb[e] - hv[jj]) * bv[jj];
+              ob[e] = narrow<T>((av[jj] * to_c(db[e]) - cv[jj]) - (to_c(xb[e]) - hv[jj]) * bv[jj]);
             }
         });
       });

@@ -105,15 +105,27 @@ static GroupNormBackward<T> as_group(const InstanceNormBackward<T>& a) {
 
 void batch_norm(const BatchNormForward<float>& a) { batch_norm_impl(a); }
 void batch_norm(const BatchNormForward<double>& a) { batch_norm_impl(a); }
+void batch_norm(const BatchNormForward<float16>& a) { batch_norm_impl(a); }
+void batch_norm(const BatchNormForward<bfloat16>& a) { batch_norm_impl(a); }
 void batch_norm_backward(const BatchNormBackward<float>& a) { batch_norm_backward_impl(a); }
 void batch_norm_backward(const BatchNormBackward<double>& a) { batch_norm_backward_impl(a); }
+void batch_norm_backward(const BatchNormBackward<float16>& a) { batch_norm_backward_impl(a); }
+void batch_norm_backward(const BatchNormBackward<bfloat16>& a) { batch_norm_backward_impl(a); }
 void group_norm(const GroupNormForward<float>& a) { group_norm_impl(a); }
 void group_norm(const GroupNormForward<double>& a) { group_norm_impl(a); }
+void group_norm(const GroupNormForward<float16>& a) { group_norm_impl(a); }
+void group_norm(const GroupNormForward<bfloat16>& a) { group_norm_impl(a); }
 void group_norm_backward(const GroupNormBackward<float>& a) { group_norm_backward_impl(a); }
 void group_norm_backward(const GroupNormBackward<double>& a) { group_norm_backward_impl(a); }
+void group_norm_backward(const GroupNormBackward<float16>& a) { group_norm_backward_impl(a); }
+void group_norm_backward(const GroupNormBackward<bfloat16>& a) { group_norm_backward_impl(a); }
 void instance_norm(const InstanceNormForward<float>& a) { group_norm_impl(as_group(a)); }
 void instance_norm(const InstanceNormForward<double>& a) { group_norm_impl(as_group(a)); }
+void instance_norm(const InstanceNormForward<float16>& a) { group_norm_impl(as_group(a)); }
+void instance_norm(const InstanceNormForward<bfloat16>& a) { group_norm_impl(as_group(a)); }
 void instance_norm_backward(const InstanceNormBackward<float>& a) { group_norm_backward_impl(as_group(a)); }
 void instance_norm_backward(const InstanceNormBackward<double>& a) { group_norm_backward_impl(as_group(a)); }
+void instance_norm_backward(const InstanceNormBackward<float16>& a) { group_norm_backward_impl(as_group(a)); }
+void instance_norm_backward(const InstanceNormBackward<bfloat16>& a) { group_norm_backward_impl(as_group(a)); }
 
 }  // namespace normlab

@@ -10,7 +10,7 @@ namespace {
 
 template <class T>
 Geom group_geom(std::int64_t n, std::int64_t c, std::int64_t s, std::int64_t g, bool channels_last) {
-  return make_geom(n, c, s, g, channels_last, false, kLanes<T>, int(sizeof(T)));
+  return make_geom(n, c, s, g, channels_last, false, kLanes<compute_t<T>>, int(sizeof(T)));
 }
 
 // Channels-first groups are contiguous blocks of cg * s elements. When a block fits in cache,
@@ -31,7 +31,7 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     const T* x = a.x + st * len;
     T* y = a.y + st * len;
-    const double shift = double(x[0]);
+    const double shift = double(to_c(x[0]));
     double sum = 0, sq = 0;
     for (std::int64_t j = 0; j < q.cg; ++j) {
       double part[2] = {0.0, 0.0};
@@ -43,14 +43,15 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
     double v = sq / q.count - md * md;
     if (!(v > 0)) v = v != v ? v : 0.0;
     const double mean = shift + md, rstd = 1.0 / std::sqrt(v + a.eps);
-    if (a.mean) a.mean[st] = T(mean);
-    if (a.rstd) a.rstd[st] = T(rstd);
-    const T head = T(mean), tail = T(mean - double(head));
+    using C = compute_t<T>;
+    if (a.mean) a.mean[st] = C(mean);
+    if (a.rstd) a.rstd[st] = C(rstd);
+    const C head = C(mean), tail = C(mean - double(head));
     const std::int64_t c0 = (st % q.g) * q.cg;
     for (std::int64_t j = 0; j < q.cg; ++j) {
       const std::int64_t ch = c0 + j;
-      const T scale = T(rstd * (a.weight ? double(a.weight[ch]) : 1.0));
-      const T bias = a.bias ? a.bias[ch] : T(0);
+      const C scale = C(rstd * (a.weight ? double(a.weight[ch]) : 1.0));
+      const C bias = a.bias ? a.bias[ch] : C(0);
       normalize_span(x + j * s, y + j * s, s, head, tail, scale, bias);
     }
   });
@@ -92,8 +93,8 @@ void group_norm_backward_fused(const GroupNormBackward<T>& a, const Geom& q, int
         sa += psum[std::size_t(i * c + ch)];
         sb += psum[std::size_t(np + i * c + ch)] * double(a.rstd[q.set_of(i, ch)]);
       }
-      a.dbias[ch] = T(sa);
-      a.dweight[ch] = T(sb);
+      a.dbias[ch] = compute_t<T>(sa);
+      a.dweight[ch] = compute_t<T>(sb);
     }
   }
 }
@@ -107,8 +108,8 @@ void group_norm_forward(const GroupNormForward<T>& a, int nthreads) {
   std::vector<double> mean(ns), rstd(ns), var(ns);
   set_moments(q, a.x, a.eps, nthreads, mean.data(), rstd.data(), var.data());
   for (std::size_t st = 0; st < ns; ++st) {
-    if (a.mean) a.mean[st] = T(mean[st]);
-    if (a.rstd) a.rstd[st] = T(rstd[st]);
+    if (a.mean) a.mean[st] = compute_t<T>(mean[st]);
+    if (a.rstd) a.rstd[st] = compute_t<T>(rstd[st]);
   }
   normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
 }
@@ -121,13 +122,19 @@ void group_norm_backward(const GroupNormBackward<T>& a, int nthreads) {
                    a.weight ? a.dbias : nullptr, true, nthreads);
 }
 
+template <class T>
+void fill(ChannelNormKernels<T>& k) {
+  k.group_norm = &group_norm_forward<T>;
+  k.group_norm_backward = &group_norm_backward<T>;
+}
+
 }  // namespace
 
 void register_group_norm(KernelTable& t) {
-  t.chan_f32.group_norm = &group_norm_forward<float>;
-  t.chan_f64.group_norm = &group_norm_forward<double>;
-  t.chan_f32.group_norm_backward = &group_norm_backward<float>;
-  t.chan_f64.group_norm_backward = &group_norm_backward<double>;
+  fill(t.chan_f32);
+  fill(t.chan_f64);
+  fill(t.chan_f16);
+  fill(t.chan_bf16);
 }
 
 }  // namespace NL_TARGET

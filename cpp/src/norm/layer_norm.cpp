@@ -7,14 +7,14 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
-// y = (x - mean) * rstd * w + b over one row. mean is split into a T-sized head and tail so
-// that x - mean keeps its digits in float even when |mean| >> std.
-template <class T, bool HasW, bool HasB>
-void layer_norm_row(const T* x, const T* w, const T* b, T* y, std::int64_t n, double mean,
+// y = (x - mean) * rstd * w + b over one row, in C = compute_t<T>. mean is split into a C-sized
+// head and tail so that x - mean keeps its digits in float even when |mean| >> std.
+template <class T, bool HasW, bool HasB, class C = compute_t<T>>
+void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, double mean,
                     double rstd, bool stream) {
-  using V = vnative<T>;
-  const T head = T(mean), tail = T(mean - double(head));
-  const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(T(rstd));
+  using V = vnative<C>;
+  const C head = C(mean), tail = C(mean - double(head));
+  const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(C(rstd));
   map_row(y, n, stream, [&](std::int64_t j, int count) {
     const V d = (load_n(x + j, count) - vhead) - vtail;
     V scale = vr;
@@ -35,8 +35,8 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
     const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
     if (residual) x = sum + i * n;
     const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
-    if (a.mean) a.mean[i] = T(m.mean);
-    if (a.rstd) a.rstd[i] = T(rstd);
+    if (a.mean) a.mean[i] = compute_t<T>(m.mean);
+    if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
     layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
   }
   if (stream) stream_fence();
@@ -68,15 +68,20 @@ void layer_norm_backward(const LayerNormBackward<T>& a, int nthreads) {
                           a.cols, nthreads);
 }
 
+template <class T>
+void fill(RowNormKernels<T>& k) {
+  k.layer_norm = &layer_norm_forward<T>;
+  k.layer_norm_backward = &layer_norm_backward<T>;
+  k.add_layer_norm = &add_layer_norm_forward<T>;
+}
+
 }  // namespace
 
 void register_layer_norm(KernelTable& t) {
-  t.row_f32.layer_norm = &layer_norm_forward<float>;
-  t.row_f64.layer_norm = &layer_norm_forward<double>;
-  t.row_f32.layer_norm_backward = &layer_norm_backward<float>;
-  t.row_f64.layer_norm_backward = &layer_norm_backward<double>;
-  t.row_f32.add_layer_norm = &add_layer_norm_forward<float>;
-  t.row_f64.add_layer_norm = &add_layer_norm_forward<double>;
+  fill(t.row_f32);
+  fill(t.row_f64);
+  fill(t.row_f16);
+  fill(t.row_bf16);
 }
 
 }  // namespace NL_TARGET

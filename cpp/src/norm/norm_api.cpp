@@ -79,15 +79,27 @@ static void add_rms_norm_impl(const AddRmsNormForward<T>& a) {
 
 void layer_norm(const LayerNormForward<float>& a) { layer_norm_impl(a); }
 void layer_norm(const LayerNormForward<double>& a) { layer_norm_impl(a); }
+void layer_norm(const LayerNormForward<float16>& a) { layer_norm_impl(a); }
+void layer_norm(const LayerNormForward<bfloat16>& a) { layer_norm_impl(a); }
 void layer_norm_backward(const LayerNormBackward<float>& a) { layer_norm_backward_impl(a); }
 void layer_norm_backward(const LayerNormBackward<double>& a) { layer_norm_backward_impl(a); }
+void layer_norm_backward(const LayerNormBackward<float16>& a) { layer_norm_backward_impl(a); }
+void layer_norm_backward(const LayerNormBackward<bfloat16>& a) { layer_norm_backward_impl(a); }
 void rms_norm(const RmsNormForward<float>& a) { rms_norm_impl(a); }
 void rms_norm(const RmsNormForward<double>& a) { rms_norm_impl(a); }
+void rms_norm(const RmsNormForward<float16>& a) { rms_norm_impl(a); }
+void rms_norm(const RmsNormForward<bfloat16>& a) { rms_norm_impl(a); }
 void rms_norm_backward(const RmsNormBackward<float>& a) { rms_norm_backward_impl(a); }
 void rms_norm_backward(const RmsNormBackward<double>& a) { rms_norm_backward_impl(a); }
+void rms_norm_backward(const RmsNormBackward<float16>& a) { rms_norm_backward_impl(a); }
+void rms_norm_backward(const RmsNormBackward<bfloat16>& a) { rms_norm_backward_impl(a); }
 void add_layer_norm(const AddLayerNormForward<float>& a) { add_layer_norm_impl(a); }
 void add_layer_norm(const AddLayerNormForward<double>& a) { add_layer_norm_impl(a); }
+void add_layer_norm(const AddLayerNormForward<float16>& a) { add_layer_norm_impl(a); }
+void add_layer_norm(const AddLayerNormForward<bfloat16>& a) { add_layer_norm_impl(a); }
 void add_rms_norm(const AddRmsNormForward<float>& a) { add_rms_norm_impl(a); }
 void add_rms_norm(const AddRmsNormForward<double>& a) { add_rms_norm_impl(a); }
+void add_rms_norm(const AddRmsNormForward<float16>& a) { add_rms_norm_impl(a); }
+void add_rms_norm(const AddRmsNormForward<bfloat16>& a) { add_rms_norm_impl(a); }
 
 }  // namespace normlab

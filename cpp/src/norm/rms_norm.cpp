@@ -12,7 +12,8 @@ namespace {
 template <class T, bool HasW>
 void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                    bool stream) {
-  using V = vnative<T>;
+  using C = compute_t<T>;
+  using V = vnative<C>;
   const std::int64_t n = a.cols;
   for (std::int64_t i = r0; i < r1; ++i) {
     const T* x = a.x + i * n;
@@ -20,8 +21,8 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
                                         : row_mean_square(x, n);
     if (residual) x = sum + i * n;
     const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
-    if (a.rstd) a.rstd[i] = T(rstd);
-    const V vr = splat<V>(T(rstd));
+    if (a.rstd) a.rstd[i] = C(rstd);
+    const V vr = splat<V>(C(rstd));
     map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
       V scale = vr;
       if constexpr (HasW) scale *= load_n(a.weight + j, count);
@@ -50,19 +51,25 @@ void add_rms_norm_forward(const AddRmsNormForward<T>& a, int nthreads) {
 
 template <class T>
 void rms_norm_backward(const RmsNormBackward<T>& a, int nthreads) {
-  row_norm_backward<false>(a.dy, a.x, static_cast<const T*>(nullptr), a.rstd, a.weight, a.ds, a.dx, a.dweight,
-                           static_cast<T*>(nullptr), a.rows, a.cols, nthreads);
+  using C = compute_t<T>;
+  row_norm_backward<false>(a.dy, a.x, static_cast<const C*>(nullptr), a.rstd, a.weight, a.ds, a.dx, a.dweight,
+                           static_cast<C*>(nullptr), a.rows, a.cols, nthreads);
+}
+
+template <class T>
+void fill(RowNormKernels<T>& k) {
+  k.rms_norm = &rms_norm_forward<T>;
+  k.rms_norm_backward = &rms_norm_backward<T>;
+  k.add_rms_norm = &add_rms_norm_forward<T>;
 }
 
 }  // namespace
 
 void register_rms_norm(KernelTable& t) {
-  t.row_f32.rms_norm = &rms_norm_forward<float>;
-  t.row_f64.rms_norm = &rms_norm_forward<double>;
-  t.row_f32.rms_norm_backward = &rms_norm_backward<float>;
-  t.row_f64.rms_norm_backward = &rms_norm_backward<double>;
-  t.row_f32.add_rms_norm = &add_rms_norm_forward<float>;
-  t.row_f64.add_rms_norm = &add_rms_norm_forward<double>;
+  fill(t.row_f32);
+  fill(t.row_f64);
+  fill(t.row_f16);
+  fill(t.row_bf16);
 }
 
 }  // namespace NL_TARGET

@@ -43,7 +43,7 @@ Moments shifted_moments(const T* x, std::int64_t n, double shift) {
   }
   double s = 0, q = 0;
   for (; j < n; ++j) {
-    const double d = double(x[j]) - shift;
+    const double d = double(to_c(x[j])) - shift;
     s += d;
     q = fmadd(d, d, q);
   }
@@ -58,8 +58,9 @@ constexpr double kRecenterRatio = 4.0;
 // |mean| >> std since the shifted values are of the order of std.
 template <class T>
 Moments row_moments_wide(const T* x, std::int64_t n) {
-  const Moments m = shifted_moments(x, n, double(x[0]));
-  const double d = m.mean - double(x[0]);
+  const double first = double(to_c(x[0]));
+  const Moments m = shifted_moments(x, n, first);
+  const double d = m.mean - first;
   return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
 }
 
@@ -74,7 +75,10 @@ double row_mean_square_wide(const T* x, std::int64_t n) {
     q1 = fmadd(b, b, q1);
   }
   double q = 0;
-  for (; j < n; ++j) q = fmadd(double(x[j]), double(x[j]), q);
+  for (; j < n; ++j) {
+    const double v = double(to_c(x[j]));
+    q = fmadd(v, v, q);
+  }
   return (q + lane_sum(q0 + q1)) * (1.0 / double(n));
 }
 
@@ -91,13 +95,14 @@ constexpr std::int64_t kPrefetchFloats = 512;
 
 inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); }
 
-// Reads a float row: x, or with Add s = x + r, written to sum as it is read (the fused add +
-// norm). The row must be read in order, each element once.
-template <bool Add>
+// Reads a row of float or half data S as floats: x, or with Add s = x + r (rounded to S),
+// written to sum as it is read (the fused add + norm). The row must be read in order, each
+// element once.
+template <class S, bool Add>
 struct RowReader {
-  const float* x;
-  const float* r;
-  float* sum;
+  const S* x;
+  const S* r;
+  S* sum;
 
   vnative<float> vector(std::int64_t j) const {
     __builtin_prefetch(x + j + kPrefetchFloats);
@@ -106,24 +111,27 @@ struct RowReader {
       __builtin_prefetch(r + j + kPrefetchFloats);
       v += load<vnative<float>>(r + j);
       store(sum + j, v);
+      if constexpr (kHalf<S>) v = load<vnative<float>>(sum + j);  // the rounded sum
     }
     return v;
   }
   float scalar(std::int64_t j) const {
-    if constexpr (!Add) return x[j];
-    return sum[j] = x[j] + r[j];
+    if constexpr (!Add) return to_c(x[j]);
+    sum[j] = narrow<S>(to_c(x[j]) + to_c(r[j]));
+    return to_c(sum[j]);
   }
   // The whole row, once read.
-  const float* values() const { return Add ? sum : x; }
+  const S* values() const { return Add ? sum : x; }
 };
 
 // Mean and variance of a float row, as RowReader gives it.
-template <bool Add>
-Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
+template <class S, bool Add>
+Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  const RowReader<Add> row{x, r, sum};
-  const float first = Add ? x[0] + r[0] : x[0];  // not row.scalar(0): sum may be x itself
+  const RowReader<S, Add> row{x, r, sum};
+  // not row.scalar(0): sum may be x itself
+  const float first = Add ? to_c(narrow<S>(to_c(x[0]) + to_c(r[0]))) : to_c(x[0]);
   const V k = splat<V>(first);
   V s{}, q{};
   vwide ds{}, dq{};
@@ -153,7 +161,7 @@ Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr
     ts += d;
     tq = fmadd(d, d, tq);
   }
-  const float* values = row.values();
+  const S* values = row.values();
   const double mean_square = (lane_sum(dq) + tq) / double(n);
   if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
   const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
@@ -161,11 +169,11 @@ Moments row_moments_f32(const float* x, std::int64_t n, const float* r = nullptr
   return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
 }
 
-template <bool Add>
-double row_mean_square_f32(const float* x, std::int64_t n, const float* r = nullptr, float* sum = nullptr) {
+template <class S, bool Add>
+double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  const RowReader<Add> row{x, r, sum};
+  const RowReader<S, Add> row{x, r, sum};
   V q{};
   vwide dq{};
   std::int64_t j = 0;
@@ -192,14 +200,14 @@ double row_mean_square_f32(const float* x, std::int64_t n, const float* r = null
 }
 #endif
 
-// s[0..n) = x + r, elementwise in T (s may be x or r itself).
+// s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
 template <class T>
 void add_row(const T* x, const T* r, T* s, std::int64_t n) {
-  using V = vnative<T>;
-  constexpr int L = kLanes<T>;
+  using V = vnative<compute_t<T>>;
+  constexpr int L = kLanes<compute_t<T>>;
   std::int64_t j = 0;
   for (; j + L <= n; j += L) store(s + j, V(load<V>(x + j) + load<V>(r + j)));
-  for (; j < n; ++j) s[j] = x[j] + r[j];
+  for (; j < n; ++j) s[j] = narrow<T>(to_c(x[j]) + to_c(r[j]));
 }
 
 // Mean and biased variance of a row: float sums where the target has them, else double.
@@ -208,7 +216,8 @@ void add_row(const T* x, const T* r, T* s, std::int64_t n) {
 template <class T>
 Moments row_moments(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
 #if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4) return r ? row_moments_f32<true>(x, n, r, sum) : row_moments_f32<false>(x, n);
+  if constexpr (std::is_same<compute_t<T>, float>::value)
+    return r ? row_moments_f32<T, true>(x, n, r, sum) : row_moments_f32<T, false>(x, n);
 #endif
   if (r) {
     add_row(x, r, sum, n);
@@ -221,8 +230,8 @@ Moments row_moments(const T* x, std::int64_t n, const T* r = nullptr, T* sum = n
 template <class T>
 double row_mean_square(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
 #if NL_VEC_BYTES
-  if constexpr (sizeof(T) == 4)
-    return r ? row_mean_square_f32<true>(x, n, r, sum) : row_mean_square_f32<false>(x, n);
+  if constexpr (std::is_same<compute_t<T>, float>::value)
+    return r ? row_mean_square_f32<T, true>(x, n, r, sum) : row_mean_square_f32<T, false>(x, n);
 #endif
   if (r) {
     add_row(x, r, sum, n);
@@ -317,9 +326,10 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
 // (the fused add + norm), dx also receives the gradient that reached x + residual directly.
 template <bool Centered, bool HasW, class T>
 struct RowBackward {
+  using C = compute_t<T>;  // weight and stage values
   const T* dy;
   const T* x;
-  const T* w;
+  const C* w;
   T* dx;
   std::int64_t n;
   double mean;  // 0 for rms
@@ -342,8 +352,8 @@ struct RowBackward {
     }
     double tg = 0, tgx = 0;
     for (; j < n; ++j) {
-      const double xh = (double(x[j]) - mean) * rstd;
-      double gv = double(dy[j]);
+      const double xh = (double(to_c(x[j])) - mean) * rstd;
+      double gv = double(to_c(dy[j]));
       if constexpr (HasW) gv *= double(w[j]);
       tg += gv;
       tgx = fmadd(gv, xh, tgx);
@@ -354,7 +364,7 @@ struct RowBackward {
   }
 
   // The row in double.
-  void run_wide(T* stage) const {
+  void run_wide(C* stage) const {
     double c0, c1;
     sums(c0, c1);
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
@@ -368,13 +378,13 @@ struct RowBackward {
       vwide gv = d;
       if constexpr (HasW) {
         gv *= load_wide(w + j);
-        if constexpr (sizeof(T) == 8) {
+        if constexpr (sizeof(C) == 8) {
           store(stage + j, fmadd(d, xh, load<vwide>(stage + j)));
           if constexpr (Centered) store(stage + n + j, load<vwide>(stage + n + j) + d);
         } else {
           for (int k = 0; k < kWide; ++k) {
-            stage[j + k] += T(d[k] * xh[k]);
-            if constexpr (Centered) stage[n + j + k] += T(d[k]);
+            stage[j + k] += C(d[k] * xh[k]);
+            if constexpr (Centered) stage[n + j + k] += C(d[k]);
           }
         }
       }
@@ -384,15 +394,15 @@ struct RowBackward {
       store_narrow(dx + j, out);
     }
     for (; j < n; ++j) {
-      const double xh = (double(x[j]) - mean) * rstd;
-      const double d = double(dy[j]);
+      const double xh = (double(to_c(x[j])) - mean) * rstd;
+      const double d = double(to_c(dy[j]));
       double gv = d;
       if constexpr (HasW) {
         gv *= double(w[j]);
-        stage[j] = T(fmadd(d, xh, double(stage[j])));
-        if constexpr (Centered) stage[n + j] = T(double(stage[n + j]) + d);
+        stage[j] = C(fmadd(d, xh, double(stage[j])));
+        if constexpr (Centered) stage[n + j] = C(double(stage[n + j]) + d);
       }
-      dx[j] = T(rstd * ((gv - c0) - xh * c1) + (ds ? double(ds[j]) : 0.0));
+      dx[j] = narrow<T>(rstd * ((gv - c0) - xh * c1) + (ds ? double(to_c(ds[j])) : 0.0));
     }
   }
 
@@ -430,8 +440,8 @@ struct RowBackward {
     }
     double tg = 0, tgx = 0;
     for (std::int64_t k = j; k < n; ++k) {
-      const double xh = (double(x[k]) - mean) * rstd;
-      double gv = double(dy[k]);
+      const double xh = (double(to_c(x[k])) - mean) * rstd;
+      double gv = double(to_c(dy[k]));
       if constexpr (HasW) gv *= double(w[k]);
       tg += gv;
       tgx = fmadd(gv, xh, tgx);
@@ -469,9 +479,9 @@ struct RowBackward {
   }
 #endif
 
-  void run(T* stage) const {
+  void run(C* stage) const {
 #if NL_VEC_BYTES
-    if constexpr (sizeof(T) == 4) return run_f32(stage);
+    if constexpr (std::is_same<C, float>::value) return run_f32(stage);
 #endif
     run_wide(stage);
   }
@@ -479,12 +489,12 @@ struct RowBackward {
 
 // The backward of every row of a (rows, n) matrix, with the column sums dweight (and, for
 // layer_norm, dbias) when weight is given.
-template <bool Centered, class T>
-void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, const T* w, const T* ds,
-                       T* dx, T* dweight, T* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
-  auto run = [&](auto has_weight, int nsums, T* const* outs) {
+template <bool Centered, class T, class C = compute_t<T>>
+void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, const C* w, const T* ds,
+                       T* dx, C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
+  auto run = [&](auto has_weight, int nsums, C* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
-    rows_with_column_sums<T>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, T* stage) {
+    rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, C* stage) {
       const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n,     w,
                                                dx + i * n,      n,             Centered ? double(mean[i]) : 0.0,
                                                double(rstd[i]), ds ? ds + i * n : nullptr};
@@ -492,7 +502,7 @@ void row_norm_backward(const T* dy, const T* x, const T* mean, const T* rstd, co
     });
   };
   if (w) {
-    T* const outs[2] = {dweight, dbias};
+    C* const outs[2] = {dweight, dbias};
     run(std::true_type(), Centered ? 2 : 1, outs);
   } else {
     run(std::false_type(), 0, nullptr);

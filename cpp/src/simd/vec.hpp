@@ -5,6 +5,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#include "normlab/norm.hpp"  // float16, bfloat16, param_t
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -156,70 +159,290 @@ inline void store_narrow(float* p, vwide v) {
 }
 
 
-// The first `count` (0 < count <= lanes) elements at p; the other lanes are zero.
-template <class T>
-inline vnative<T> load_partial(const T* p, int count) {
-  using V = vnative<T>;
-#if defined(NL_TARGET_AVX512)
-  if constexpr (sizeof(T) == 4)
-    return V(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
-  else
-    return V(_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p));
-#elif defined(NL_TARGET_AVX2)
-  if constexpr (sizeof(T) == 4) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return V(_mm256_maskload_ps(reinterpret_cast<const float*>(p), mask));
-  } else {
-    const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
-    return V(_mm256_maskload_pd(reinterpret_cast<const double*>(p), mask));
+// ---- half-precision storage (float16, bfloat16) ----------------------------------------------
+// Data of a storage type S is computed in compute_t<S>: float for the half types (and float),
+// double for double. Loads widen halves to float vectors and stores round floats to nearest
+// even, with the CPU's instructions where the target has them and exact scalar code otherwise.
+
+template <class S>
+using compute_t = param_t<S>;
+template <class S>
+constexpr bool kHalf = std::is_same<S, float16>::value || std::is_same<S, bfloat16>::value;
+
+inline std::uint32_t float_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float to_c(float v) { return v; }
+inline double to_c(double v) { return v; }
+inline float to_c(bfloat16 h) { return bits_float(std::uint32_t(h.bits) << 16); }
+inline float to_c(float16 h) {
+  const std::uint32_t sign = std::uint32_t(h.bits & 0x8000u) << 16;
+  const std::uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));  // Inf, NaN
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float m = float(man) * 5.9604644775390625e-08f;
+    return sign ? -m : m;
   }
+  return bits_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// float -> half, rounded to nearest even; NaN stays a (quiet) NaN.
+inline bfloat16 to_bfloat16(float f) {
+  std::uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {std::uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {std::uint16_t(u >> 16)};
+}
+inline float16 to_float16(float f) {
+  std::uint32_t u = float_bits(f);
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  std::uint32_t h;
+  if (u >= 0x47800000u) {  // >= 65536: Inf (or NaN)
+    h = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < 0x38800000u) {  // below 2^-14: the float addition rounds to the subnormal grid
+    const float magic = 0.5f;     // 2^-1: its ulp is the half subnormal step 2^-24
+    h = float_bits(bits_float(u) + magic) - float_bits(magic);
+  } else {  // rebias the exponent and round the 13 dropped bits to nearest even
+    u += 0xc8000fffu + ((u >> 13) & 1u);  // (15 - 127) << 23, plus the rounding
+    h = u >> 13;
+  }
+  return {std::uint16_t(h | sign)};
+}
+
+// A compute value stored as S (rounded once for the half types; double -> half goes through
+// float, within one half ulp of the exact rounding).
+template <class S>
+inline S narrow(double v) {
+  if constexpr (std::is_same<S, float16>::value) return to_float16(float(v));
+  else if constexpr (std::is_same<S, bfloat16>::value) return to_bfloat16(float(v));
+  else return S(v);
+}
+template <class S>
+inline S narrow(float v) {
+  if constexpr (std::is_same<S, float16>::value) return to_float16(v);
+  else if constexpr (std::is_same<S, bfloat16>::value) return to_bfloat16(v);
+  else return S(v);
+}
+
+using vfloat = vnative<float>;
+constexpr int kFloatLanes = kLanes<float>;
+
+// kFloatLanes halves at p, as a float vector.
+template <class S>
+inline vfloat widen_half(const S* p) {
+#if defined(NL_TARGET_AVX512)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (std::is_same<S, float16>::value) return vfloat(_mm512_cvtph_ps(h));
+  else return vfloat(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#elif defined(NL_TARGET_AVX2)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same<S, float16>::value) return vfloat(_mm256_cvtph_ps(h));
+  else return vfloat(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
 #else
-  V v{};
-  for (int i = 0; i < count; ++i) v[i] = p[i];
+  vfloat v;
+  for (int i = 0; i < kFloatLanes; ++i) v[i] = to_c(p[i]);
   return v;
 #endif
 }
 
-// Stores the first `count` (0 < count <= lanes) lanes of v at p.
-template <class T>
-inline void store_partial(T* p, vnative<T> v, int count) {
+// A float vector rounded to kFloatLanes halves, as raw bits (Bits: __m256i, __m128i or an array).
 #if defined(NL_TARGET_AVX512)
-  if constexpr (sizeof(T) == 4)
-    _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
-  else
-    _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), __m512d(v));
+using half_bits = __m256i;
 #elif defined(NL_TARGET_AVX2)
-  if constexpr (sizeof(T) == 4) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_ps(reinterpret_cast<float*>(p), mask, __m256(v));
+using half_bits = __m128i;
+#else
+struct half_bits {
+  std::uint16_t b[kFloatLanes];
+};
+#endif
+
+template <class S>
+inline half_bits narrow_half(vfloat v) {
+#if defined(NL_TARGET_AVX512)
+  if constexpr (std::is_same<S, float16>::value) {
+    return _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
-    const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
-    _mm256_maskstore_pd(reinterpret_cast<double*>(p), mask, __m256d(v));
+    const __m512i u = _mm512_castps_si512(__m512(v));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(__m512(v), __m512(v), _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  }
+#elif defined(NL_TARGET_AVX2)
+  if constexpr (std::is_same<S, float16>::value) {
+    return _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m256i u = _mm256_castps_si256(__m256(v));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256 nan = _mm256_cmp_ps(__m256(v), __m256(v), _CMP_UNORD_Q);
+    r = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_or_si256(u, _mm256_set1_epi32(0x400000))), nan));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    return _mm256_castsi256_si128(packed);
   }
 #else
-  for (int i = 0; i < count; ++i) p[i] = v[i];
+  half_bits h;
+  for (int i = 0; i < kFloatLanes; ++i) h.b[i] = narrow<S>(float(v[i])).bits;
+  return h;
 #endif
+}
+
+// Vector load/store overloads for half pointers: the same calls as for float data.
+template <class V>
+inline V load(const float16* p) {
+  return widen_half(p);
+}
+template <class V>
+inline V load(const bfloat16* p) {
+  return widen_half(p);
+}
+template <class V>
+inline V load(float16* p) {
+  return widen_half(static_cast<const float16*>(p));
+}
+template <class V>
+inline V load(bfloat16* p) {
+  return widen_half(static_cast<const bfloat16*>(p));
+}
+inline void store(float16* p, vfloat v) {
+  const half_bits h = narrow_half<float16>(v);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store(bfloat16* p, vfloat v) {
+  const half_bits h = narrow_half<bfloat16>(v);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// kWide halves at p, widened to double.
+template <class S, class = std::enable_if_t<kHalf<S>>>
+inline vwide load_wide(const S* p) {
+#if defined(NL_TARGET_AVX512)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same<S, float16>::value) return _mm512_cvtps_pd(_mm256_cvtph_ps(h));
+  else return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+#elif defined(NL_TARGET_AVX2)
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same<S, float16>::value) return _mm256_cvtps_pd(_mm_cvtph_ps(h));
+  else return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+#else
+  vwide v;
+  for (int i = 0; i < kWide; ++i) v[i] = double(to_c(p[i]));
+  return v;
+#endif
+}
+template <class S, class = std::enable_if_t<kHalf<S>>>
+inline void store_narrow(S* p, vwide v) {
+  for (int i = 0; i < kWide; ++i) p[i] = narrow<S>(v[i]);
+}
+
+// The first `count` (0 < count <= lanes) elements at p; the other lanes are zero.
+template <class T>
+inline vnative<compute_t<T>> load_partial(const T* p, int count) {
+  using V = vnative<compute_t<T>>;
+  if constexpr (kHalf<T>) {
+#if defined(NL_TARGET_AVX512)
+    const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), p);
+    if constexpr (std::is_same<T, float16>::value) return V(_mm512_cvtph_ps(h));
+    else return V(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#else
+    T buf[kFloatLanes] = {};
+    std::memcpy(buf, p, sizeof(T) * std::size_t(count));
+    return widen_half(static_cast<const T*>(buf));
+#endif
+  } else {
+#if defined(NL_TARGET_AVX512)
+    if constexpr (sizeof(T) == 4)
+      return V(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
+    else
+      return V(_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p));
+#elif defined(NL_TARGET_AVX2)
+    if constexpr (sizeof(T) == 4) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return V(_mm256_maskload_ps(reinterpret_cast<const float*>(p), mask));
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+      return V(_mm256_maskload_pd(reinterpret_cast<const double*>(p), mask));
+    }
+#else
+    V v{};
+    for (int i = 0; i < count; ++i) v[i] = p[i];
+    return v;
+#endif
+  }
+}
+
+// Stores the first `count` (0 < count <= lanes) lanes of v at p.
+template <class T>
+inline void store_partial(T* p, vnative<compute_t<T>> v, int count) {
+  if constexpr (kHalf<T>) {
+    const half_bits h = narrow_half<T>(v);
+#if defined(NL_TARGET_AVX512)
+    _mm256_mask_storeu_epi16(p, __mmask16((1u << count) - 1), h);
+#else
+    std::memcpy(p, &h, sizeof(T) * std::size_t(count));
+#endif
+  } else {
+#if defined(NL_TARGET_AVX512)
+    if constexpr (sizeof(T) == 4)
+      _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
+    else
+      _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), __m512d(v));
+#elif defined(NL_TARGET_AVX2)
+    if constexpr (sizeof(T) == 4) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(reinterpret_cast<float*>(p), mask, __m256(v));
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), _mm256_setr_epi64x(0, 1, 2, 3));
+      _mm256_maskstore_pd(reinterpret_cast<double*>(p), mask, __m256d(v));
+    }
+#else
+    for (int i = 0; i < count; ++i) p[i] = v[i];
+#endif
+  }
 }
 
 // count elements at p as a vector: a plain load when count is the full width.
 template <class T>
-inline vnative<T> load_n(const T* p, int count) {
-  return count == kLanes<T> ? load<vnative<T>>(p) : load_partial(p, count);
+inline vnative<compute_t<T>> load_n(const T* p, int count) {
+  using V = vnative<compute_t<T>>;
+  return count == kLanes<compute_t<T>> ? load<V>(p) : load_partial(p, count);
 }
 
 // A store that bypasses the caches, for outputs too large to stay in them. p is aligned to
 // the vector width. stream_fence() orders these stores before the thread's later ones.
 template <class T>
-inline void store_stream(T* p, vnative<T> v) {
+inline void store_stream(T* p, vnative<compute_t<T>> v) {
+  if constexpr (kHalf<T>) {
 #if defined(NL_TARGET_AVX512)
-  if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), __m512(v));
-  else _mm512_stream_pd(reinterpret_cast<double*>(p), __m512d(v));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow_half<T>(v));
 #elif defined(NL_TARGET_AVX2)
-  if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(p), __m256(v));
-  else _mm256_stream_pd(reinterpret_cast<double*>(p), __m256d(v));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow_half<T>(v));
 #else
-  store(p, v);
+    store(p, v);
 #endif
+  } else {
+#if defined(NL_TARGET_AVX512)
+    if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), __m512(v));
+    else _mm512_stream_pd(reinterpret_cast<double*>(p), __m512d(v));
+#elif defined(NL_TARGET_AVX2)
+    if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(p), __m256(v));
+    else _mm256_stream_pd(reinterpret_cast<double*>(p), __m256d(v));
+#else
+    store(p, v);
+#endif
+  }
 }
 inline void stream_fence() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -235,7 +458,7 @@ inline void stream_fence() {
 // code. Short rows skip the alignment: a split store costs less than a partial vector there.
 template <class T, class F>
 inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<compute_t<T>>;
   std::int64_t j = 0;
   const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
   if (L > 1 && addr % sizeof(T) == 0 && n >= 16 * L) {
