@@ -1,8 +1,12 @@
 // Cross-target check for machines without Python (e.g. aarch64 under qemu): runs every row-norm
-// kernel on every target this CPU supports and compares each with the baseline (scalar) target.
-// Exit status 1 on a mismatch beyond float rounding.
+// kernel on every target this CPU supports and compares each with the baseline (scalar) target,
+// for float32 data and for float16 / bfloat16 data (layer_norm, fused add + rms_norm, batch_norm
+// channels-last). Exit status 1 on a mismatch beyond float rounding (one ulp for halves).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <type_traits>
 #include <random>
 #include <string>
 #include <vector>
@@ -49,6 +53,73 @@ double max_diff(const std::vector<float>& a, const std::vector<float>& b, double
   return m;
 }
 
+// Half-precision bit patterns as ordered integers: adjacent values differ by one.
+int ordered(std::uint16_t bits) { return bits & 0x8000 ? -int(bits & 0x7fff) : int(bits & 0x7fff); }
+
+template <class H>
+int max_ulps(const std::vector<H>& a, const std::vector<H>& b) {
+  int m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(ordered(a[i].bits) - ordered(b[i].bits)));
+  return m;
+}
+
+// Half data with values 100 + N(0, 1)-ish built from random bit patterns near 100 (any pattern is
+// a valid input): sign 0, exponent of 64..128, random mantissa.
+template <class H>
+std::vector<H> half_data(std::size_t n, std::mt19937& gen) {
+  std::vector<H> v(n);
+  const bool bf = sizeof(H) == 2 && std::is_same<H, normlab::bfloat16>::value;
+  for (H& h : v) {
+    const std::uint32_t r = gen();
+    h.bits = bf ? std::uint16_t(0x42c0 + (r & 0x3f)) : std::uint16_t(0x5600 + (r & 0x1ff));
+    if (r & 0x80000000u) h.bits ^= 0x8000;  // mixed signs: also exercises |mean| << spread
+  }
+  return v;
+}
+
+template <class H>
+std::vector<std::vector<H>> run_half(long rows, long cols, const std::vector<H>& x, const std::vector<H>& r,
+                                     const std::vector<float>& w, const std::vector<float>& b) {
+  std::vector<H> y(x.size()), sum(x.size()), ry(x.size()), by(x.size());
+  normlab::LayerNormForward<H> f;
+  f.x = x.data(), f.weight = w.data(), f.bias = b.data(), f.y = y.data(), f.rows = rows, f.cols = cols;
+  normlab::layer_norm(f);
+  normlab::AddRmsNormForward<H> a;
+  a.norm.x = x.data(), a.norm.weight = w.data(), a.norm.y = ry.data(), a.norm.rows = rows, a.norm.cols = cols;
+  a.residual = r.data(), a.sum = sum.data();
+  normlab::add_rms_norm(a);
+  normlab::BatchNormForward<H> bn;  // (rows, 1, cols) channels-last: cols channels
+  bn.x = x.data(), bn.weight = w.data(), bn.bias = b.data(), bn.y = by.data(), bn.batch = rows;
+  bn.channels = cols, bn.spatial = 1, bn.channels_last = true;
+  if (rows > 1) normlab::batch_norm(bn);
+  return {y, sum, ry, by};
+}
+
+template <class H>
+int check_half(const char* name, int& passes) {
+  int failures = 0;
+  std::mt19937 gen(11);
+  for (auto [rows, cols] : {std::pair{37L, 1L}, {19L, 7L}, {64L, 33L}, {5L, 1000L}, {300L, 129L}}) {
+    const std::vector<H> x = half_data<H>(rows * cols, gen), r = half_data<H>(rows * cols, gen);
+    std::vector<float> w(cols), b(cols);
+    for (long j = 0; j < cols; ++j) w[j] = 0.5f + float(j % 7) * 0.25f, b[j] = float(j % 5) - 2.0f;
+    normlab::set_cpu_target("baseline");
+    const auto ref = run_half(rows, cols, x, r, w, b);
+    for (const std::string& target : normlab::supported_cpu_targets()) {
+      normlab::set_cpu_target(target);
+      const auto out = run_half(rows, cols, x, r, w, b);
+      int ulps = 0;
+      for (size_t k = 0; k < out.size(); ++k) ulps = std::max(ulps, max_ulps(out[k], ref[k]));
+      const bool ok = ulps <= 1;
+      std::printf("%-8s %-8s rows=%-4ld cols=%-5ld max difference %d ulp %s\n", target.c_str(), name, rows, cols,
+                  ulps, ok ? "ok" : "MISMATCH");
+      failures += !ok;
+      passes += ok;
+    }
+  }
+  return failures;
+}
+
 }  // namespace
 
 int main() {
@@ -77,6 +148,8 @@ int main() {
       passes += ok;
     }
   }
+  failures += check_half<normlab::float16>("float16", passes);
+  failures += check_half<normlab::bfloat16>("bfloat16", passes);
   std::printf("%d passed, %d failed\n", passes, failures);
   return failures ? 1 : 0;
 }

@@ -11,9 +11,14 @@ no transposing copy, and results come back in the same layout.
 
 Data handling, common to every function here:
 
-* float32 and float64 arrays are read in place when C-contiguous. A strided input is copied
-  once to a contiguous array before the kernel (the only conversion normlab makes, and only of
-  inputs); any other dtype raises TypeError.
+* float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are read in place
+  when C-contiguous. A strided input is copied once to a contiguous array before the kernel
+  (the only conversion normlab makes of data, and only of inputs); any other dtype raises
+  TypeError.
+* Half-precision data (float16, bfloat16) is computed in float32 with float64 statistics and
+  rounded to nearest even. Its statistics (and running statistics) are float32; weight and bias
+  may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
+  dweight/dbias come back in the weight's dtype.
 * Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
   array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array itself is
   C-contiguous) that does not overlap an input. Nothing is ever written to a temporary and
@@ -123,7 +128,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
+    x : ndarray, float32, float64, float16 or bfloat16, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
     weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
     running_mean, running_var : ndarray of x's dtype and shape ``(C,)``, optional
         C-contiguous and writeable. In training, when given, updated in place as PyTorch does:
@@ -194,7 +199,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     Parameters
     ----------
     dy : ndarray, the gradient of y, x's dtype and shape
-    x : ndarray, the forward input (float32 or float64)
+    x : ndarray, the forward input (float32, float64, float16 or bfloat16)
     mean, invstd : ndarray of x's dtype and shape ``(C,)``
         As returned by ``batch_norm(..., return_stats=True)``; in inference, the running mean
         and ``1 / sqrt(running_var + eps)``.
@@ -302,7 +307,7 @@ def instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=No
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)`` with more
+    x : ndarray, float32, float64, float16 or bfloat16, ``(N, C, *spatial)`` or ``(N, *spatial, C)`` with more
         than one spatial element
     weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
     eps : float > 0
@@ -339,7 +344,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, channel_axis=
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
+    x : ndarray, float32, float64, float16 or bfloat16, ``(N, C, *spatial)`` or ``(N, *spatial, C)``
     num_groups : int > 0 dividing C
     weight, bias : ndarray of x's dtype and shape ``(C,)``, optional
     eps : float > 0

@@ -6,9 +6,14 @@ conventions: ``axis`` names the trailing axes normalized together instead of
 
 Data handling, common to every function here:
 
-* float32 and float64 arrays are read in place when C-contiguous. A strided input is copied
-  once to a contiguous array before the kernel (the only conversion normlab makes, and only of
-  inputs); any other dtype raises TypeError.
+* float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are read in place
+  when C-contiguous. A strided input is copied once to a contiguous array before the kernel
+  (the only conversion normlab makes of data, and only of inputs); any other dtype raises
+  TypeError.
+* Half-precision data (float16, bfloat16) is computed in float32 with float64 statistics and
+  rounded to nearest even. Its statistics (and running statistics) are float32; weight and bias
+  may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
+  dweight/dbias come back in the weight's dtype.
 * Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
   array of the right dtype and shape that does not overlap an input. Nothing is ever written to
   a temporary and copied back.
@@ -72,7 +77,7 @@ def layer_norm(
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, at least 1-D
+    x : ndarray, float32, float64, float16 or bfloat16, at least 1-D
     weight, bias : ndarray of x's dtype with the shape of the normalized axes, optional
     axis : int or tuple of int
         The trailing axes normalized together: -1 (the last), (-2, -1) (the last two), ...
@@ -128,7 +133,7 @@ def layer_norm_backward(
     Parameters
     ----------
     dy : ndarray, the gradient of y, x's dtype and shape
-    x : ndarray, the forward input (float32 or float64)
+    x : ndarray, the forward input (float32, float64, float16 or bfloat16)
     mean, rstd : ndarray, x's dtype, the leading shape of x
         As returned by ``layer_norm(..., return_stats=True)``.
     weight : ndarray, optional, x's dtype, the shape of the normalized axes
@@ -183,7 +188,7 @@ def rms_norm(
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, at least 1-D
+    x : ndarray, float32, float64, float16 or bfloat16, at least 1-D
     weight : ndarray of x's dtype with the shape of the normalized axes, optional
     axis : int or tuple of int, the trailing axes normalized together
     eps : float > 0, optional
@@ -234,7 +239,7 @@ def rms_norm_backward(
     Parameters
     ----------
     dy : ndarray, the gradient of y, x's dtype and shape
-    x : ndarray, the forward input (float32 or float64)
+    x : ndarray, the forward input (float32, float64, float16 or bfloat16)
     rstd : ndarray, x's dtype, the leading shape of x, as ``rms_norm(..., return_stats=True)``
     weight : ndarray, optional, x's dtype, the shape of the normalized axes
     axis : int or tuple of int, as in the forward call
@@ -314,7 +319,7 @@ def add_layer_norm(
 
     Parameters
     ----------
-    x, residual : ndarray, float32 or float64, one dtype and shape
+    x, residual : ndarray, float32, float64, float16 or bfloat16, one dtype and shape
     weight, bias, axis, eps : as in ``layer_norm``
     out : ndarray, optional
         Receives y; must not overlap any input or sum_out.
