@@ -186,6 +186,23 @@ def test_float32_large_mean(cpu_target, rng, kind, cl, offset):
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
+@pytest.mark.parametrize("kind", ["batch", "group"])
+@pytest.mark.parametrize("outlier", [1e3, 1e18])
+def test_first_element_far_from_the_mean(cpu_target, rng, kind, cl, outlier):
+    """Sums are shifted by each set's first element. An outlier there, in sets of a million
+    elements, must neither cost digits nor overflow float squares: sets whose float sums are not
+    to be trusted are summed again in double about their mean (without that: 2e-5 and 1e-3)."""
+    n, c, spatial = 4, 2, (512, 512)
+    groups = _groups(kind, c)
+    x = rng.standard_normal(_shape(n, c, spatial, cl)).astype(np.float32)
+    xc = _to_cf(x, cl)
+    xc[:, :, 0, 0] = outlier  # the first element of every channel (of every set)
+    y = _forward(kind, x, None, None, cl, groups)[0]
+    ry = ref_forward(x, kind, groups, cl=cl)[0]
+    assert (np.abs(y - ry) / np.maximum(1.0, np.abs(ry))).max() < 2e-6
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_constant_channels_give_bias(cpu_target, rng, kind, cl):
     n, c, spatial = 3, 4, (5, 6)

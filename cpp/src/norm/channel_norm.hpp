@@ -259,9 +259,9 @@ inline void fold_period(const Geom& q, const double* acc, double* out) {
 
 // ---- forward ------------------------------------------------------------------------------------
 
-// Shifted sums of x[0..n): out[0] += sum(x - k), out[1] += sum((x - k)^2).
+// Shifted sums of x[0..n) in double: out[0] += sum(x - k), out[1] += sum((x - k)^2).
 template <class T>
-inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
+inline void shifted_sums_wide(const T* x, std::int64_t n, double k, double* out) {
   const vwide vk = splat<vwide>(k);
   vwide s0{}, s1{}, q0{}, q1{};
   std::int64_t j = 0;
@@ -282,19 +282,82 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
   out[1] += sq + lane_sum(q0 + q1);
 }
 
+// The same sums; float data (and half data, as floats) on SIMD targets take the differences and
+// squares in float lanes, kFlushEvery vectors per lane at most, before adding them into double
+// (as row_moments_f32). k is an element of x's set, so float(k) is exact. The float squares
+// lose digits when k lies far from the mean, or overflow: float_sums_trusted() tells, from the
+// result, when a set must be summed again in double about its mean.
+template <class T>
+inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
+#if NL_VEC_BYTES
+  if constexpr (std::is_same<compute_t<T>, float>::value) {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    const V vk = splat<V>(float(k));
+    V s0{}, s1{}, q0{}, q1{};
+    vwide ds{}, dq{};
+    std::int64_t j = 0;
+    int run = 0;
+    for (; j + 2 * L <= n; j += 2 * L) {
+      const V a = load<V>(x + j) - vk, b = load<V>(x + j + L) - vk;
+      s0 += a;
+      s1 += b;
+      q0 = fmadd(a, a, q0);
+      q1 = fmadd(b, b, q1);
+      if (++run == kFlushEvery / 2) {
+        ds += widen_sum(s0 + s1);
+        dq += widen_sum(q0 + q1);
+        s0 = s1 = q0 = q1 = V{};
+        run = 0;
+      }
+    }
+    if (run) {
+      ds += widen_sum(s0 + s1);
+      dq += widen_sum(q0 + q1);
+    }
+    double ts = 0, tq = 0;
+    for (; j < n; ++j) {
+      const double d = double(to_c(x[j])) - k;
+      ts += d;
+      tq += d * d;
+    }
+    out[0] += ts + lane_sum(ds);
+    out[1] += tq + lane_sum(dq);
+    return;
+  }
+#endif
+  shifted_sums_wide(x, n, k, out);
+}
+
+// Whether shifted_sums() of a set with these moments (md = mean - shift, var biased) kept its
+// digits: the shift within a few standard deviations of the mean, and float squares far from
+// overflow and underflow (or all zero: a constant set, summed exactly).
+inline bool float_sums_trusted(double md, double var) {
+  const double mean_square = var + md * md;
+#if NL_VEC_BYTES
+  return md * md <= kRecenterRatio * var &&
+         (mean_square == 0 || (mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax));
+#else
+  (void)mean_square;
+  return true;  // baseline sums in double
+#endif
+}
+
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
 template <class T>
 void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
-                 double* var) {
+                 double* var, const double* recenter = nullptr) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> shift(std::size_t(q.nsets));
-  for (std::int64_t st = 0; st < q.nsets; ++st) shift[std::size_t(st)] = double(to_c(x[q.set_first(st)]));
+  for (std::int64_t st = 0; st < q.nsets; ++st)
+    shift[std::size_t(st)] = recenter ? recenter[st] : double(to_c(x[q.set_first(st)]));
   std::vector<double> psum(std::size_t(2 * np));
   plane_sums(
       q, nthreads, psum.data(),
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
         const double k = shift[std::size_t(q.set_of(p / c, p % c))];
-        shifted_sums(x + p * q.s + j0, j1 - j0, k, out);
+        if (recenter) shifted_sums_wide(x + p * q.s + j0, j1 - j0, k, out);
+        else shifted_sums(x + p * q.s + j0, j1 - j0, k, out);
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
         const std::int64_t W = q.W;
@@ -377,6 +440,7 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         fold_period(q, qa, out + c);
       });
   // Sets: planes in order (batch: n = 0.., group: its channels in order).
+  bool redo = false;
   for (std::int64_t st = 0; st < q.nsets; ++st) {
     double s = 0, sq = 0;
     if (q.batch) {
@@ -397,6 +461,13 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
     mean[st] = shift[std::size_t(st)] + md;
     var[st] = v;
     rstd[st] = 1.0 / std::sqrt(v + eps);
+    if (!recenter && !q.cl && !float_sums_trusted(md, v)) redo = true;
+  }
+  // Channels-first sums went through float lanes: a set they failed sends every set through
+  // double sums about its mean (rare, and decided by the data alone).
+  if (redo) {
+    std::vector<double> centre(mean, mean + q.nsets);
+    set_moments(q, x, eps, nthreads, mean, rstd, var, centre.data());
   }
 }
 

@@ -31,17 +31,22 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     const T* x = a.x + st * len;
     T* y = a.y + st * len;
-    const double shift = double(to_c(x[0]));
-    double sum = 0, sq = 0;
-    for (std::int64_t j = 0; j < q.cg; ++j) {
-      double part[2] = {0.0, 0.0};
-      shifted_sums(x + j * s, s, shift, part);
-      sum += part[0];
-      sq += part[1];
+    double shift = double(to_c(x[0])), md, v;
+    for (bool wide = false;; wide = true) {  // as set_moments: float sums, else double
+      double sum = 0, sq = 0;
+      for (std::int64_t j = 0; j < q.cg; ++j) {
+        double part[2] = {0.0, 0.0};
+        if (wide) shifted_sums_wide(x + j * s, s, shift, part);
+        else shifted_sums(x + j * s, s, shift, part);
+        sum += part[0];
+        sq += part[1];
+      }
+      md = sum / q.count;
+      v = sq / q.count - md * md;
+      if (!(v > 0)) v = v != v ? v : 0.0;
+      if (wide || float_sums_trusted(md, v)) break;
+      shift += md;
     }
-    const double md = sum / q.count;
-    double v = sq / q.count - md * md;
-    if (!(v > 0)) v = v != v ? v : 0.0;
     const double mean = shift + md, rstd = 1.0 / std::sqrt(v + a.eps);
     using C = compute_t<T>;
     if (a.mean) a.mean[st] = C(mean);
