@@ -3,6 +3,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <vector>
@@ -30,11 +31,45 @@ struct RowData {
   std::int64_t bytes() const { return rows * cols * std::int64_t(sizeof(float)); }
 };
 
-RowData& data(const benchmark::State& state) {
-  static std::vector<std::unique_ptr<RowData>> cache;
+// Half-precision bits of a float, mantissa truncated (the benchmark data, N(0.5, 2), lies far
+// from the half formats' limits; values below float16's smallest normal become 0).
+void store(float f, normlab::bfloat16& h) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  h.bits = std::uint16_t(u >> 16);
+}
+void store(float f, normlab::float16& h) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  const int exponent = int((u >> 23) & 0xffu) - 127 + 15;
+  h.bits = std::uint16_t(exponent <= 0 ? sign
+                         : exponent >= 31 ? sign | 0x7bffu  // the largest finite float16
+                                          : sign | (std::uint32_t(exponent) << 10) | ((u >> 13) & 0x3ffu));
+}
+
+// Rows of float16 / bfloat16 data with float32 weight and bias (param_t<T>).
+template <class T>
+struct HalfRowData {
+  std::int64_t rows, cols;
+  std::vector<T> x, y;
+  std::vector<normlab::param_t<T>> w, b;
+
+  HalfRowData(std::int64_t r, std::int64_t c) : rows(r), cols(c), x(r * c), y(r * c), w(c), b(c) {
+    std::mt19937 gen(42);
+    std::normal_distribution<float> dist(0.5f, 2.0f);
+    for (T& e : x) store(dist(gen), e);
+    for (auto* v : {&w, &b}) for (float& e : *v) e = dist(gen);
+  }
+  std::int64_t bytes() const { return rows * cols * std::int64_t(sizeof(T)); }
+};
+
+template <class D = RowData>
+D& data(const benchmark::State& state) {
+  static std::vector<std::unique_ptr<D>> cache;
   for (auto& d : cache)
     if (d->rows == state.range(0) && d->cols == state.range(1)) return *d;
-  cache.push_back(std::make_unique<RowData>(state.range(0), state.range(1)));
+  cache.push_back(std::make_unique<D>(state.range(0), state.range(1)));
   return *cache.back();
 }
 
@@ -58,6 +93,21 @@ void BM_layer_norm(benchmark::State& state) {
   for (auto _ : state) normlab::layer_norm(a);
   state.SetBytesProcessed(state.iterations() * d.bytes() * 2);
 }
+
+// Half-precision forward: reads and writes half the bytes of the float32 entry; compare its
+// bytes/s with BM_copy's (the roofline at any element size).
+template <class T>
+void layer_norm_half(benchmark::State& state) {
+  HalfRowData<T>& d = data<HalfRowData<T>>(state);
+  normlab::LayerNormForward<T> a;
+  a.x = d.x.data(), a.weight = d.w.data(), a.bias = d.b.data(), a.y = d.y.data();
+  a.rows = d.rows, a.cols = d.cols;
+  for (auto _ : state) normlab::layer_norm(a);
+  state.SetBytesProcessed(state.iterations() * d.bytes() * 2);
+}
+
+void BM_layer_norm_bf16(benchmark::State& state) { layer_norm_half<normlab::bfloat16>(state); }
+void BM_layer_norm_f16(benchmark::State& state) { layer_norm_half<normlab::float16>(state); }
 
 void BM_layer_norm_backward(benchmark::State& state) {
   RowData& d = data(state);
@@ -97,6 +147,8 @@ void row_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_copy)->Apply(row_shapes);
 BENCHMARK(BM_add)->Apply(row_shapes);
 BENCHMARK(BM_layer_norm)->Apply(row_shapes);
+BENCHMARK(BM_layer_norm_bf16)->Apply(row_shapes);
+BENCHMARK(BM_layer_norm_f16)->Apply(row_shapes);
 BENCHMARK(BM_layer_norm_backward)->Apply(row_shapes);
 BENCHMARK(BM_rms_norm)->Apply(row_shapes);
 BENCHMARK(BM_rms_norm_backward)->Apply(row_shapes);

@@ -6,7 +6,9 @@ hits all of them alike; each time is the median over rounds of the mean of a bat
 Columns: normlab's time with ``out=`` preallocated; the roofline, a parallel copy of the same
 bytes with the same threads (for backward, reading two arrays and writing one); their ratio;
 normlab's time allocating its results as NumPy and PyTorch do; NumPy's and PyTorch's times
-(PyTorch at normlab's thread count) and normlab's speed-up over each.
+(PyTorch at normlab's thread count) and normlab's speed-up over each. Suites: row_norms,
+channel_norms, half (float16 / bfloat16 forward, with normlab's float32 time on the same shape)
+and ccl; --only picks some.
 """
 
 from __future__ import annotations
@@ -190,21 +192,26 @@ def _fmt_x(ratio):
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
+def setup(quick: bool, rounds: int | None, stream, note: str = ""):
+    """What every norm suite starts with: PyTorch (or None) at normlab's thread count, the rounds
+    and per-batch budget, and the banner line. Returns (torch, threads, rounds, budget)."""
     torch = _torch()
     threads = normlab.get_num_threads()
     if torch is not None:
         torch.set_num_threads(threads)
-    rounds = rounds or (5 if quick else 9)
-    budget = 0.01 if quick else 0.03
+    print(f"normlab {normlab.__version__}  target={normlab.get_cpu_target()}  threads={threads}  "
+          f"torch={'-' if torch is None else torch.__version__}  "
+          f"machine={platform.machine()} {os.cpu_count()} cpus{note}", file=stream)
+    return torch, threads, rounds or (5 if quick else 9), 0.01 if quick else 0.03
+
+
+def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
+    torch, threads, rounds, budget = setup(quick, rounds, stream)
     rows_out = []
     header = (
         f"{'op':<22}{'shape':>14}{'normlab us':>12}{'copy us':>10}{'vs copy':>9}"
         f"{'alloc us':>10}{'numpy us':>11}{'torch us':>10}{'vs numpy':>10}{'vs torch':>10}"
     )
-    print(f"normlab {normlab.__version__}  target={normlab.get_cpu_target()}  threads={threads}  "
-          f"torch={'-' if torch is None else torch.__version__}  "
-          f"machine={platform.machine()} {os.cpu_count()} cpus", file=stream)
     print(header, file=stream)
     shapes = (QUICK_SHAPES if quick else FULL_SHAPES) + [OVERHEAD_SHAPE]
     for shape in shapes:
@@ -279,8 +286,15 @@ def _ccl_suite(quick, rounds):
     return bench_ccl.run(quick=quick, rounds=rounds)
 
 
+def _half_suite(quick, rounds):
+    from . import bench_half
+
+    return bench_half.run(quick=quick, rounds=rounds)
+
+
 SUITES = {
     "row_norms": run,
     "channel_norms": _channel_suite,
+    "half": _half_suite,
     "ccl": _ccl_suite,
 }
