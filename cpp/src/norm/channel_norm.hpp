@@ -466,7 +466,9 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
   // Channels-first sums went through float lanes: a set they failed sends every set through
   // double sums about its mean (rare, and decided by the data alone).
   if (redo) {
-    std::vector<double> centre(mean, mean + q.nsets);
+    std::vector<double> centre(std::size_t(q.nsets));
+    for (std::int64_t st = 0; st < q.nsets; ++st)  // a mean lost to float overflow: the old shift
+      centre[std::size_t(st)] = std::isfinite(mean[st]) ? mean[st] : shift[std::size_t(st)];
     set_moments(q, x, eps, nthreads, mean, rstd, var, centre.data());
   }
 }

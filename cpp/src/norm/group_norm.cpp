@@ -45,7 +45,7 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
       v = sq / q.count - md * md;
       if (!(v > 0)) v = v != v ? v : 0.0;
       if (wide || float_sums_trusted(md, v)) break;
-      shift += md;
+      if (std::isfinite(md)) shift += md;  // else float sums overflowed: keep the shift
     }
     const double mean = shift + md, rstd = 1.0 / std::sqrt(v + a.eps);
     using C = compute_t<T>;
