@@ -268,19 +268,28 @@ struct half_bits {
 template <class S>
 inline half_bits narrow_half(vfloat v) {
 #if defined(NL_TARGET_AVX512)
+  // Register forms, kept apart from the store: the compiler would otherwise fold the store into
+  // vcvtps2ph / vpmovdw with a memory operand, which are slow on AMD Zen.
   if constexpr (std::is_same<S, float16>::value) {
-    return _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i h = _mm512_cvtps_ph(__m512(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __asm__("" : "+v"(h));
+    return h;
   } else {
     const __m512i u = _mm512_castps_si512(__m512(v));
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     const __mmask16 nan = _mm512_cmp_ps_mask(__m512(v), __m512(v), _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    // The high 16 bits of each lane, packed into the low 256 bits.
+    const __m512i high_words = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23,
+                                                21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi16(high_words, r));
   }
 #elif defined(NL_TARGET_AVX2)
   if constexpr (std::is_same<S, float16>::value) {
-    return _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m128i h = _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __asm__("" : "+x"(h));  // the register form (see the AVX-512 branch)
+    return h;
   } else {
     const __m256i u = _mm256_castps_si256(__m256(v));
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
