@@ -24,7 +24,7 @@ Data handling, common to every function here:
   C-contiguous) that does not overlap an input. Nothing is ever written to a temporary and
   copied back; running statistics are updated in place and so must be C-contiguous and
   writeable.
-* Statistics are accumulated in float64 from sums shifted by an element of each set, over
+* Statistics are accumulated in float64 from sums shifted by a few elements of each set, over
   fixed blocks added in a fixed order: float32 results stay accurate when |mean| >> std, and
   results are bitwise identical for every thread count.
 * The GIL is released while a kernel runs (for all but tiny calls).

@@ -16,8 +16,9 @@
 // is whole vectors; per-column coefficients and sums are replicated over the period, kept in
 // registers over runs of up to kRunRows periods (narrow rows) or kept in L1 and applied four
 // rows per load (wide rows).
-// Sums are shifted by one element of the set (fixed), so var = E[d^2] - E[d]^2 in double keeps
-// its digits when |mean| >> std.
+// Sums are shifted by the mean of a few of the set's first elements (set_shift), so var =
+// E[d^2] - E[d]^2 keeps its digits when |mean| >> std; channels-first sums run in float lanes
+// flushed to double, and sets whose float sums cannot be trusted are summed again in double.
 #pragma once
 
 #include <cmath>
@@ -284,7 +285,7 @@ inline void shifted_sums_wide(const T* x, std::int64_t n, double k, double* out)
 
 // The same sums; float data (and half data, as floats) on SIMD targets take the differences and
 // squares in float lanes, kFlushEvery vectors per lane at most, before adding them into double
-// (as row_moments_f32). k is an element of x's set, so float(k) is exact. The float squares
+// (as row_moments_f32). k is set_shift(), so float(k) is exact. The float squares
 // lose digits when k lies far from the mean, or overflow: float_sums_trusted() tells, from the
 // result, when a set must be summed again in double about its mean.
 template <class T>
@@ -350,6 +351,20 @@ inline bool float_sums_trusted(double md, double var) {
 #endif
 }
 
+// The shift of set st's sums: the mean of up to 16 of its first elements (along one channel),
+// rounded to the compute type so that float lanes subtract it exactly. A shift near the mean
+// keeps the shifted values small: with the set's first element alone, one set in twenty of
+// normal data fails float_sums_trusted() and sends every set through double sums again.
+template <class T>
+double set_shift(const Geom& q, const T* x, std::int64_t st) {
+  const std::int64_t first = q.set_first(st), stride = q.cl ? q.c : 1;
+  const std::int64_t run = q.cl && q.batch ? q.rows : q.s;
+  const std::int64_t k = run < 16 ? run : 16;
+  double sum = 0;
+  for (std::int64_t i = 0; i < k; ++i) sum += double(to_c(x[first + i * stride]));
+  return k ? double(compute_t<T>(sum / double(k))) : 0.0;
+}
+
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
 template <class T>
 void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
@@ -357,7 +372,7 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> shift(std::size_t(q.nsets));
   for (std::int64_t st = 0; st < q.nsets; ++st)
-    shift[std::size_t(st)] = recenter ? recenter[st] : double(to_c(x[q.set_first(st)]));
+    shift[std::size_t(st)] = recenter ? recenter[st] : set_shift(q, x, st);
   std::vector<double> psum(std::size_t(2 * np));
   plane_sums(
       q, nthreads, psum.data(),

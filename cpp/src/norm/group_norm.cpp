@@ -31,7 +31,7 @@ void group_norm_forward_fused(const GroupNormForward<T>& a, const Geom& q, int n
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     const T* x = a.x + st * len;
     T* y = a.y + st * len;
-    double shift = double(to_c(x[0])), md, v;
+    double shift = set_shift(q, a.x, st), md, v;
     for (bool wide = false;; wide = true) {  // as set_moments: float sums, else double
       double sum = 0, sq = 0;
       for (std::int64_t j = 0; j < q.cg; ++j) {
