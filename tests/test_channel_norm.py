@@ -202,18 +202,19 @@ def test_first_element_far_from_the_mean(cpu_target, rng, kind, cl, outlier):
     assert (np.abs(y - ry) / np.maximum(1.0, np.abs(ry))).max() < 2e-6
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
 @pytest.mark.parametrize("size", [16, 32, 1000])
 @pytest.mark.parametrize("kind", KINDS)
-def test_values_near_float32_max(cpu_target, kind, size):
+def test_values_near_float32_max(cpu_target, kind, size, cl):
     """Float squares (and sums) of values near 3.4e38 overflow: such sets are summed in double."""
     x = np.empty((2, 2, size))
     x[0] = 1.0
     x[1] = 2.5e38
     x[:, :, ::2] *= 1.25
-    x = x.astype(np.float32)
+    x = _from_cf(x, cl).astype(np.float32)
     groups = _groups(kind, 2)
-    y, mean, rstd = _forward(kind, x, None, None, False, groups)
-    ry, rmean, rrstd, _ = ref_forward(x, kind, groups)
+    y, mean, rstd = _forward(kind, x, None, None, cl, groups)
+    ry, rmean, rrstd, _ = ref_forward(x, kind, groups, cl=cl)
     assert np.isfinite(mean).all() and np.isfinite(rstd).all()
     np.testing.assert_allclose(mean.reshape(-1), rmean, rtol=1e-6)
     np.testing.assert_allclose(rstd.reshape(-1), rrstd, rtol=1e-6)

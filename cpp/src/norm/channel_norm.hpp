@@ -351,6 +351,56 @@ inline bool float_sums_trusted(double md, double var) {
 #endif
 }
 
+// Whether T's sums go through float lanes (float and half data on SIMD targets).
+template <class T>
+constexpr bool kFloatSums = NL_VEC_BYTES > 0 && std::is_same<compute_t<T>, float>::value;
+
+// Channels-last shifted sums in float lanes: nr rows of len elements at xb (row stride len),
+// columns lined up with the float shifts kf; sa[j] += sum (x - k), qa[j] += sum (x - k)^2 for
+// j < len. Four rows at a time are summed in float and widened into the double sums. Returns
+// false (nothing done) where T's sums are not float.
+template <class T>
+inline bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const float* kf, double* sa,
+                          double* qa) {
+#if NL_VEC_BYTES
+  if constexpr (kFloatSums<T>) {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    auto add_wide = [](double* a, V v) {
+      store(a, load<vwide>(a) + widen_low(v));
+      store(a + kWide, load<vwide>(a + kWide) + widen_high(v));
+    };
+    std::int64_t r = 0;
+    for (; r < nr; r += 4) {
+      const int rows = nr - r < 4 ? int(nr - r) : 4;
+      const T* xr = xb + r * len;
+      std::int64_t j = 0;
+      for (; j + L <= len; j += L) {
+        const V k = load<V>(kf + j);
+        V sv = load<V>(xr + j) - k;
+        V qv = sv * sv;
+        for (int t = 1; t < rows; ++t) {
+          const V d = load<V>(xr + t * len + j) - k;
+          sv += d;
+          qv = fmadd(d, d, qv);
+        }
+        add_wide(sa + j, sv);
+        add_wide(qa + j, qv);
+      }
+      for (; j < len; ++j)
+        for (int t = 0; t < rows; ++t) {
+          const double d = double(to_c(xr[t * len + j])) - double(kf[j]);
+          sa[j] += d;
+          qa[j] += d * d;
+        }
+    }
+    return true;
+  }
+#endif
+  (void)xb, (void)nr, (void)len, (void)kf, (void)sa, (void)qa;
+  return false;
+}
+
 // The shift of set st's sums: the mean of up to 16 of its first elements (along one channel),
 // rounded to the compute type so that float lanes subtract it exactly. A shift near the mean
 // keeps the shifted values small: with the set's first element alone, one set in twenty of
@@ -389,8 +439,11 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         double* qa = sa + W;
         for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
         periodic(k, c, W);
+        std::vector<float> kf(kFloatSums<T> && !recenter ? std::size_t(W) : 0);
+        for (std::size_t j = 0; j < kf.size(); ++j) kf[j] = float(k[j]);  // exact: set_shift()
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
+          if (!kf.empty() && cl_float_sums(xb, nr, len, kf.data(), sa, qa)) return;
           if (len > 2 * kTile * kWide) {
             // Wide rows: row-major, sums in L1 (they take no aliasing stalls: no stores stream).
             std::int64_t r = 0;
@@ -483,10 +536,10 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
     mean[st] = shift[std::size_t(st)] + md;
     var[st] = v;
     rstd[st] = 1.0 / std::sqrt(v + eps);
-    if (!recenter && !q.cl && !float_sums_trusted(md, v)) redo = true;
+    if (kFloatSums<T> && !recenter && !float_sums_trusted(md, v)) redo = true;
   }
-  // Channels-first sums went through float lanes: a set they failed sends every set through
-  // double sums about its mean (rare, and decided by the data alone).
+  // Sums went through float lanes: a set they failed sends every set through double sums about
+  // its mean (rare, and decided by the data alone).
   if (redo) {
     std::vector<double> centre(std::size_t(q.nsets));
     for (std::int64_t st = 0; st < q.nsets; ++st)  // a mean lost to float overflow: the old shift
