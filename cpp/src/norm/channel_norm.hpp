@@ -785,11 +785,12 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
-            if (len > 2 * kTile * kWide) {
-              // Wide rows: row-major, sums in L1.
+            constexpr bool float_rows = std::is_same<C, float>::value && kFloatGradPartials &&
+                                        kLanes<float> >= 2 * kWide;
+            if (float_rows || len > 2 * kTile * kWide) {
+              // Wide rows, and float data at any width: row-major, sums in L1.
               std::int64_t r = 0;
-              if constexpr (std::is_same<C, float>::value && kFloatGradPartials &&
-                            kLanes<float> >= 2 * kWide) {
+              if constexpr (float_rows) {
                 // Four rows in float (as grad_sums), then into the double sums.
                 using V = vnative<float>;
                 constexpr int L = kLanes<float>;
