@@ -25,8 +25,10 @@ def _known_dtype(dtype) -> bool:
     if dtype in _DATA_DTYPES:
         return True
     if dtype.name == "bfloat16" and dtype.itemsize == 2:
-        import ml_dtypes
-
+        try:  # another library's "bfloat16" without ml_dtypes installed is just another dtype
+            import ml_dtypes
+        except ImportError:
+            return False
         if dtype == np.dtype(ml_dtypes.bfloat16):
             _DATA_DTYPES[dtype] = ("bf16", FLOAT32)
             return True
