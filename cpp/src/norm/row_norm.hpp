@@ -308,12 +308,13 @@ void rows_by_stats(std::int64_t r0, std::int64_t r1, std::int64_t n, const Stats
 }
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
-// thread count. Up to 64 blocks, fewer when their double partials would pass 2 MiB and a
-// sixteenth of the input.
+// thread count. Up to 64 blocks, fewer when their double partials would pass 128 KiB and a
+// sixteenth of the input: each block's partial is cleared, flushed into and added up once, so
+// partials as large as the input (341 rows of 768 under a 2 MiB floor) cost more than the rows.
 inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int nsums) {
   const double partial_bytes = double(cols) * nsums * sizeof(double);
   double budget = double(rows) * double(cols) * 4.0 / 16.0;
-  if (budget < 2.0 * 1024 * 1024) budget = 2.0 * 1024 * 1024;
+  if (budget < 128.0 * 1024) budget = 128.0 * 1024;
   std::int64_t nb = rows < 64 ? rows : 64;
   const std::int64_t cap = std::int64_t(budget / partial_bytes);
   if (nb > cap) nb = cap;
