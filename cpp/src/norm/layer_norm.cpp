@@ -30,19 +30,15 @@ template <class T, bool HasW, bool HasB>
 void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                      bool stream) {
   const std::int64_t n = a.cols;
-  rows_by_stats<Moments>(
-      r0, r1, n,
-      [&](std::int64_t i, auto rows, Moments* m) {
-        row_moments<T, decltype(rows)::value>(a.x + i * n, n, residual ? residual + i * n : nullptr,
-                                              residual ? sum + i * n : nullptr, m);
-      },
-      [&](std::int64_t i, const Moments& m) {
-        const T* x = residual ? sum + i * n : a.x + i * n;
-        const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
-        if (a.mean) a.mean[i] = compute_t<T>(m.mean);
-        if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
-        layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
-      });
+  for (std::int64_t i = r0; i < r1; ++i) {
+    const T* x = a.x + i * n;
+    const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
+    if (residual) x = sum + i * n;
+    const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
+    if (a.mean) a.mean[i] = compute_t<T>(m.mean);
+    if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
+    layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
+  }
   if (stream) stream_fence();
 }
 

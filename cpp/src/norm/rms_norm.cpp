@@ -15,23 +15,20 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   using C = compute_t<T>;
   using V = vnative<C>;
   const std::int64_t n = a.cols;
-  rows_by_stats<double>(
-      r0, r1, n,
-      [&](std::int64_t i, auto rows, double* mean_square) {
-        row_mean_square<T, decltype(rows)::value>(a.x + i * n, n, residual ? residual + i * n : nullptr,
-                                                  residual ? sum + i * n : nullptr, mean_square);
-      },
-      [&](std::int64_t i, double mean_square) {
-        const T* x = residual ? sum + i * n : a.x + i * n;
-        const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
-        if (a.rstd) a.rstd[i] = C(rstd);
-        const V vr = splat<V>(C(rstd));
-        map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
-          V scale = vr;
-          if constexpr (HasW) scale *= load_n(a.weight + j, count);
-          return V(load_n(x + j, count) * scale);
-        });
-      });
+  for (std::int64_t i = r0; i < r1; ++i) {
+    const T* x = a.x + i * n;
+    const double mean_square = residual ? row_mean_square(x, n, residual + i * n, sum + i * n)
+                                        : row_mean_square(x, n);
+    if (residual) x = sum + i * n;
+    const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
+    if (a.rstd) a.rstd[i] = C(rstd);
+    const V vr = splat<V>(C(rstd));
+    map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
+      V scale = vr;
+      if constexpr (HasW) scale *= load_n(a.weight + j, count);
+      return V(load_n(x + j, count) * scale);
+    });
+  }
   if (stream) stream_fence();
 }
 

@@ -124,109 +124,79 @@ struct RowReader {
   const S* values() const { return Add ? sum : x; }
 };
 
-// Mean and variance of R consecutive float rows (row t at x + t * n, with Add at r and sum
-// likewise), as RowReader gives them, into out[0..R). Each row's arithmetic is the same for
-// every R: R > 1 only interleaves the dependency chains of short rows.
-template <class S, bool Add, int R = 1>
-void row_moments_f32(const S* x, std::int64_t n, const S* r, S* sum, Moments* out) {
+// Mean and variance of a float row, as RowReader gives it.
+template <class S, bool Add>
+Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  RowReader<S, Add> row[R];
-  float first[R];
-  V k[R], s[R], q[R];
-  vwide ds[R], dq[R];
-  for (int t = 0; t < R; ++t) {
-    const std::int64_t o = t * n;
-    row[t] = {x + o, Add ? r + o : nullptr, Add ? sum + o : nullptr};
-    // not row.scalar(0): sum may be x itself
-    first[t] = Add ? to_c(narrow<S>(to_c(x[o]) + to_c(r[o]))) : to_c(x[o]);
-    k[t] = splat<V>(first[t]);
-    s[t] = q[t] = V{};
-    ds[t] = dq[t] = vwide{};
-  }
+  const RowReader<S, Add> row{x, r, sum};
+  // not row.scalar(0): sum may be x itself
+  const float first = Add ? to_c(narrow<S>(to_c(x[0]) + to_c(r[0]))) : to_c(x[0]);
+  const V k = splat<V>(first);
+  V s{}, q{};
+  vwide ds{}, dq{};
   std::int64_t j = 0;
   int run = 0;
   for (; j + L <= n; j += L) {
-    for (int t = 0; t < R; ++t) {
-      const V d = row[t].vector(j) - k[t];
-      s[t] += d;
-      q[t] = fmadd(d, d, q[t]);
-    }
+    const V v = row.vector(j);
+    const V d = v - k;
+    s += d;
+    q = fmadd(d, d, q);
     if (++run == kFlushEvery) {
-      for (int t = 0; t < R; ++t) {
-        ds[t] += widen_sum(s[t]);
-        dq[t] += widen_sum(q[t]);
-        s[t] = q[t] = V{};
-      }
+      ds += widen_sum(s);
+      dq += widen_sum(q);
+      s = q = V{};
       run = 0;
     }
   }
-  for (int t = 0; t < R; ++t) {
-    if (run != 0) {
-      ds[t] += widen_sum(s[t]);
-      dq[t] += widen_sum(q[t]);
-    }
-    const double shift = double(first[t]);
-    double ts = 0, tq = 0;
-    for (std::int64_t jj = j; jj < n; ++jj) {
-      const float v = row[t].scalar(jj);
-      const double d = double(v) - shift;
-      ts += d;
-      tq = fmadd(d, d, tq);
-    }
-    const S* values = row[t].values();
-    const double mean_square = (lane_sum(dq[t]) + tq) / double(n);
-    if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) {
-      out[t] = row_moments_wide(values, n);
-      continue;
-    }
-    const Moments m = moments_from_shifted(shift, lane_sum(ds[t]) + ts, lane_sum(dq[t]) + tq, n);
-    const double d = m.mean - shift;
-    out[t] = d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
+  if (run != 0) {
+    ds += widen_sum(s);
+    dq += widen_sum(q);
   }
+  const double shift = double(first);
+  double ts = 0, tq = 0;
+  for (; j < n; ++j) {
+    const float v = row.scalar(j);
+    const double d = double(v) - shift;
+    ts += d;
+    tq = fmadd(d, d, tq);
+  }
+  const S* values = row.values();
+  const double mean_square = (lane_sum(dq) + tq) / double(n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
+  const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
+  const double d = m.mean - shift;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
 }
 
-// Mean squares of R consecutive float rows, likewise.
-template <class S, bool Add, int R = 1>
-void row_mean_square_f32(const S* x, std::int64_t n, const S* r, S* sum, double* out) {
+template <class S, bool Add>
+double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  RowReader<S, Add> row[R];
-  V q[R];
-  vwide dq[R];
-  for (int t = 0; t < R; ++t) {
-    const std::int64_t o = t * n;
-    row[t] = {x + o, Add ? r + o : nullptr, Add ? sum + o : nullptr};
-    q[t] = V{};
-    dq[t] = vwide{};
-  }
+  const RowReader<S, Add> row{x, r, sum};
+  V q{};
+  vwide dq{};
   std::int64_t j = 0;
   int run = 0;
   for (; j + L <= n; j += L) {
-    for (int t = 0; t < R; ++t) {
-      const V v = row[t].vector(j);
-      q[t] = fmadd(v, v, q[t]);
-    }
+    const V v = row.vector(j);
+    q = fmadd(v, v, q);
     if (++run == kFlushEvery) {
-      for (int t = 0; t < R; ++t) {
-        dq[t] += widen_sum(q[t]);
-        q[t] = V{};
-      }
+      dq += widen_sum(q);
+      q = V{};
       run = 0;
     }
   }
-  for (int t = 0; t < R; ++t) {
-    if (run != 0) dq[t] += widen_sum(q[t]);
-    double tq = 0;
-    for (std::int64_t jj = j; jj < n; ++jj) {
-      const float v = row[t].scalar(jj);
-      tq = fmadd(double(v), double(v), tq);
-    }
-    const double mean_square = (lane_sum(dq[t]) + tq) * (1.0 / double(n));
-    out[t] = mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax
-                 ? mean_square
-                 : row_mean_square_wide(row[t].values(), n);
+  if (run != 0) dq += widen_sum(q);
+  double tq = 0;
+  for (; j < n; ++j) {
+    const float v = row.scalar(j);
+    tq = fmadd(double(v), double(v), tq);
   }
+  const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
+    return row_mean_square_wide(row.values(), n);
+  return mean_square;
 }
 #endif
 
@@ -240,71 +210,34 @@ void add_row(const T* x, const T* r, T* s, std::int64_t n) {
   for (; j < n; ++j) s[j] = narrow<T>(to_c(x[j]) + to_c(r[j]));
 }
 
-// Mean and biased variance of R consecutive rows (row t at x + t * n) into out[0..R): float
-// sums where the target has them, else double. With a residual r, the rows are s = x + r,
-// written to sum first (fused into the same pass for float data on SIMD targets).
-template <class T, int R = 1>
-void row_moments(const T* x, std::int64_t n, const T* r, T* sum, Moments* out) {
+// Mean and biased variance of a row: float sums where the target has them, else double.
+// With a residual r, the row is s = x + r, written to sum first (fused into the same pass for
+// float data on SIMD targets).
+template <class T>
+Moments row_moments(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<compute_t<T>, float>::value) {
-    if (r) row_moments_f32<T, true, R>(x, n, r, sum, out);
-    else row_moments_f32<T, false, R>(x, n, nullptr, nullptr, out);
-    return;
-  }
+  if constexpr (std::is_same<compute_t<T>, float>::value)
+    return r ? row_moments_f32<T, true>(x, n, r, sum) : row_moments_f32<T, false>(x, n);
 #endif
-  for (int t = 0; t < R; ++t) {
-    const T* xt = x + t * n;
-    if (r) {
-      add_row(xt, r + t * n, sum + t * n, n);
-      xt = sum + t * n;
-    }
-    out[t] = row_moments_wide(xt, n);
+  if (r) {
+    add_row(x, r, sum, n);
+    x = sum;
   }
+  return row_moments_wide(x, n);
 }
 
-// Mean squares of R consecutive rows, likewise.
-template <class T, int R = 1>
-void row_mean_square(const T* x, std::int64_t n, const T* r, T* sum, double* out) {
+// Mean of squares of a row, likewise.
+template <class T>
+double row_mean_square(const T* x, std::int64_t n, const T* r = nullptr, T* sum = nullptr) {
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<compute_t<T>, float>::value) {
-    if (r) row_mean_square_f32<T, true, R>(x, n, r, sum, out);
-    else row_mean_square_f32<T, false, R>(x, n, nullptr, nullptr, out);
-    return;
-  }
+  if constexpr (std::is_same<compute_t<T>, float>::value)
+    return r ? row_mean_square_f32<T, true>(x, n, r, sum) : row_mean_square_f32<T, false>(x, n);
 #endif
-  for (int t = 0; t < R; ++t) {
-    const T* xt = x + t * n;
-    if (r) {
-      add_row(xt, r + t * n, sum + t * n, n);
-      xt = sum + t * n;
-    }
-    out[t] = row_mean_square_wide(xt, n);
+  if (r) {
+    add_row(x, r, sum, n);
+    x = sum;
   }
-}
-
-// Rows of at most this many elements go R at a time through the statistics (their short
-// dependency chains interleaved); longer rows one at a time.
-constexpr std::int64_t kShortRow = 256;
-constexpr int kShortRows = 4;
-
-// Calls row(i, stats) for rows [r0, r1) of an n-column matrix, where stats(i0, R, out) computes
-// the statistics of rows i0 .. i0 + R into out: short rows kShortRows at a time on SIMD
-// targets. Every row gets the same arithmetic either way.
-template <class Stat, class StatsOf, class Row>
-void rows_by_stats(std::int64_t r0, std::int64_t r1, std::int64_t n, const StatsOf& stats_of, const Row& row) {
-  std::int64_t i = r0;
-  if (NL_VEC_BYTES && n <= kShortRow) {
-    for (; i + kShortRows <= r1; i += kShortRows) {
-      Stat st[kShortRows];
-      stats_of(i, std::integral_constant<int, kShortRows>{}, st);
-      for (int t = 0; t < kShortRows; ++t) row(i + t, st[t]);
-    }
-  }
-  for (; i < r1; ++i) {
-    Stat st[1];
-    stats_of(i, std::integral_constant<int, 1>{}, st);
-    row(i, st[0]);
-  }
+  return row_mean_square_wide(x, n);
 }
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every
