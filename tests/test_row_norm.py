@@ -1034,3 +1034,23 @@ def test_forward_arbitrary_values(cpu_target, dtype):
         check_rms_forward(x, weight)
 
     check()
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 100, 513])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_row_results_do_not_depend_on_neighbouring_rows(cpu_target, rng, n, dtype):
+    """Each row comes out bitwise as when it is normalized alone, whatever its neighbours
+    (also for the fused add)."""
+    x = (rng.standard_normal((11, n)) * 3 + 1e3 * (np.arange(11) % 2)[:, None]).astype(dtype)
+    r = rng.standard_normal((11, n)).astype(dtype)
+    w = rng.standard_normal(n).astype(np.float64 if dtype == np.float64 else np.float32)
+    for call in (
+        lambda a, b: normlab.layer_norm(a, w, return_stats=True),
+        lambda a, b: normlab.rms_norm(a, w, return_stats=True),
+        lambda a, b: normlab.add_layer_norm(a, b, w, return_stats=True),
+        lambda a, b: normlab.add_rms_norm(a, b, w, return_stats=True),
+    ):
+        together = call(x, r)
+        alone = [call(x[i : i + 1], r[i : i + 1]) for i in range(11)]
+        for k, out in enumerate(together):
+            assert out.tobytes() == np.concatenate([a[k] for a in alone]).tobytes()
