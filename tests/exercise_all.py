@@ -39,30 +39,16 @@ def _label_result(result):
     return (labels, np.array(count)) + _stats_result(stats)
 
 
-def calls(size: str = "small") -> dict:
-    rows, cols = (8, 64) if size == "small" else (512, 512)
-    rng = np.random.default_rng(42)
-    x = (rng.standard_normal((rows, cols)) * 3 + 1).astype(np.float32)
-    dy = rng.standard_normal((rows, cols)).astype(np.float32)
-    w = rng.standard_normal(cols).astype(np.float32)
-    b = rng.standard_normal(cols).astype(np.float32)
+def _norm_calls(x, dy, residual, w, b, img, img_dy, cw, cb) -> dict:
+    """One call of every normalization on this data (float32 weights and statistics)."""
     _, mean, rstd = normlab.layer_norm(x, w, b, return_stats=True)
     _, rms_rstd = normlab.rms_norm(x, w, return_stats=True)
-    residual = rng.standard_normal((rows, cols)).astype(np.float32)
     _, s, s_mean, s_rstd = normlab.add_layer_norm(x, residual, w, b, return_stats=True)
     _, _, s_rms_rstd = normlab.add_rms_norm(x, residual, w, return_stats=True)
-    n, c, hw = (2, 8, 6) if size == "small" else (8, 32, 24)
-    img = (rng.standard_normal((n, c, hw, hw)) * 2 + 1).astype(np.float32)
-    img_dy = rng.standard_normal(img.shape).astype(np.float32)
-    cw = rng.standard_normal(c).astype(np.float32)
-    cb = rng.standard_normal(c).astype(np.float32)
     _, bn_mean, bn_invstd = normlab.batch_norm(img, cw, cb, return_stats=True)
     _, in_mean, in_rstd = normlab.instance_norm(img, cw, cb, return_stats=True)
     _, gn_mean, gn_rstd = normlab.group_norm(img, 4, cw, cb, return_stats=True)
-    side = 48 if size == "small" else 1024
-    mask = rng.random((side, side)) < 0.45
-    labels, count = normlab.label(mask)
-    table = {
+    return {
         "layer_norm": lambda: normlab.layer_norm(x, w, b, return_stats=True),
         "layer_norm_backward": lambda: normlab.layer_norm_backward(dy, x, mean, rstd, w),
         "rms_norm": lambda: normlab.rms_norm(x, w, return_stats=True),
@@ -77,11 +63,39 @@ def calls(size: str = "small") -> dict:
         "instance_norm_backward": lambda: normlab.instance_norm_backward(img_dy, img, in_mean, in_rstd, cw),
         "group_norm": lambda: normlab.group_norm(img, 4, cw, cb, return_stats=True),
         "group_norm_backward": lambda: normlab.group_norm_backward(img_dy, img, gn_mean, gn_rstd, 4, cw),
-        "label": lambda: _label_result(normlab.label(mask, 8, return_stats=True)),
-        "component_stats": lambda: _stats_result(normlab.component_stats(labels, count)),
-        "largest_component": lambda: normlab.largest_component(mask, 4),
-        "remove_small_components": lambda: normlab.remove_small_components(mask, 5),
     }
+
+
+def calls(size: str = "small") -> dict:
+    rows, cols = (8, 64) if size == "small" else (512, 512)
+    rng = np.random.default_rng(42)
+    x = (rng.standard_normal((rows, cols)) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal((rows, cols)).astype(np.float32)
+    w = rng.standard_normal(cols).astype(np.float32)
+    b = rng.standard_normal(cols).astype(np.float32)
+    residual = rng.standard_normal((rows, cols)).astype(np.float32)
+    n, c, hw = (2, 8, 6) if size == "small" else (8, 32, 24)
+    img = (rng.standard_normal((n, c, hw, hw)) * 2 + 1).astype(np.float32)
+    img_dy = rng.standard_normal(img.shape).astype(np.float32)
+    cw = rng.standard_normal(c).astype(np.float32)
+    cb = rng.standard_normal(c).astype(np.float32)
+    # Each norm runs on float32 data and on float16 data (the half-precision kernels).
+    data = (x, dy, residual, img, img_dy)
+    f32 = _norm_calls(*data[:3], w, b, *data[3:], cw, cb)
+    half = [a.astype(np.float16) for a in data]
+    f16 = _norm_calls(*half[:3], w, b, *half[3:], cw, cb)
+    table = {name: (lambda f=f32[name], g=f16[name]: _as_tuple(f()) + _as_tuple(g())) for name in f32}
+    side = 48 if size == "small" else 1024
+    mask = rng.random((side, side)) < 0.45
+    labels, count = normlab.label(mask)
+    table.update(
+        {
+            "label": lambda: _label_result(normlab.label(mask, 8, return_stats=True)),
+            "component_stats": lambda: _stats_result(normlab.component_stats(labels, count)),
+            "largest_component": lambda: normlab.largest_component(mask, 4),
+            "remove_small_components": lambda: normlab.remove_small_components(mask, 5),
+        }
+    )
     return {name: (lambda fn=fn: _as_tuple(fn())) for name, fn in table.items()}
 
 
