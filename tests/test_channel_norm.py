@@ -7,6 +7,7 @@ test that runs a kernel uses the cpu_target fixture (all SIMD targets of this ma
 import numpy as np
 import pytest
 
+import channel_calls as calls
 import normlab
 
 torch = pytest.importorskip("torch")
@@ -86,26 +87,10 @@ def _groups(kind, c):
     return {"batch": None, "instance": c, "group": 2 if c % 2 == 0 else 1}[kind]
 
 
-def _forward(kind, x, w=None, b=None, cl=False, groups=None, **kw):
-    ax = -1 if cl else 1
-    if kind == "batch":
-        return normlab.batch_norm(x, w, b, channel_axis=ax, return_stats=True, **kw)
-    if kind == "instance":
-        return normlab.instance_norm(x, w, b, channel_axis=ax, return_stats=True, **kw)
-    return normlab.group_norm(x, groups, w, b, channel_axis=ax, return_stats=True, **kw)
 
 
-def _backward(kind, dy, x, mean, rstd, w=None, cl=False, groups=None, **kw):
-    ax = -1 if cl else 1
-    if kind == "batch":
-        return normlab.batch_norm_backward(dy, x, mean, rstd, w, channel_axis=ax, **kw)
-    if kind == "instance":
-        return normlab.instance_norm_backward(dy, x, mean, rstd, w, channel_axis=ax, **kw)
-    return normlab.group_norm_backward(dy, x, mean, rstd, groups, w, channel_axis=ax, **kw)
 
 
-def _stats_shape(kind, n, c, groups):
-    return {"batch": (c,), "instance": (n, c), "group": (n, groups)}[kind]
 
 
 def _torch_t(a, cl):
@@ -152,11 +137,11 @@ def test_forward_matches_reference(cpu_target, rng, kind, n, c, spatial, dtype, 
     x = (rng.standard_normal(_shape(n, c, spatial, cl)) * 3 + 2).astype(dtype)
     w = rng.standard_normal(c).astype(dtype)
     b = rng.standard_normal(c).astype(dtype)
-    y, mean, rstd = _forward(kind, x, w, b, cl, groups)
+    y, mean, rstd = calls.forward(kind, x, w, b, cl, groups)
     ry, rmean, rrstd, _ = ref_forward(x, kind, groups, w, b, cl=cl)
     tol = 2e-6 if dtype == np.float32 else 1e-12
     assert y.shape == x.shape and y.dtype == dtype and y.flags.c_contiguous
-    assert mean.shape == rstd.shape == _stats_shape(kind, n, c, groups)
+    assert mean.shape == rstd.shape == calls.stats_shape(kind, n, c, groups)
     # In units of the output's scale: |w| (normalized values) plus |b| (its rounding).
     scale = np.abs(_chan(w.astype(np.float64), _to_cf(x, cl))) + np.abs(_chan(b.astype(np.float64), _to_cf(x, cl)))
     err = np.abs(_to_cf(y - ry, cl)) / scale
@@ -164,7 +149,7 @@ def test_forward_matches_reference(cpu_target, rng, kind, n, c, spatial, dtype, 
     np.testing.assert_allclose(mean.reshape(-1), rmean, rtol=tol, atol=tol)
     np.testing.assert_allclose(rstd.reshape(-1), rrstd, rtol=tol * 4)
     # Without affine: normalized units directly.
-    y0 = _forward(kind, x, None, None, cl, groups)[0]
+    y0 = calls.forward(kind, x, None, None, cl, groups)[0]
     ry0 = ref_forward(x, kind, groups, cl=cl)[0]
     assert np.abs(y0 - ry0).max() < tol
 
@@ -180,7 +165,7 @@ def test_float32_large_mean(cpu_target, rng, kind, cl, offset):
     # Per-channel offsets up to `offset` std, with signs.
     xc = _to_cf(x, cl)
     xc += _chan(np.linspace(-offset, offset, c).astype(np.float32), xc)
-    y = _forward(kind, x, None, None, cl, groups)[0]
+    y = calls.forward(kind, x, None, None, cl, groups)[0]
     ry = ref_forward(x, kind, groups, cl=cl)[0]
     assert np.abs(y - ry).max() < 2e-6
 
@@ -197,7 +182,7 @@ def test_first_element_far_from_the_mean(cpu_target, rng, kind, cl, outlier):
     x = rng.standard_normal(_shape(n, c, spatial, cl)).astype(np.float32)
     xc = _to_cf(x, cl)
     xc[:, :, 0, 0] = outlier  # the first element of every channel (of every set)
-    y = _forward(kind, x, None, None, cl, groups)[0]
+    y = calls.forward(kind, x, None, None, cl, groups)[0]
     ry = ref_forward(x, kind, groups, cl=cl)[0]
     assert (np.abs(y - ry) / np.maximum(1.0, np.abs(ry))).max() < 2e-6
 
@@ -213,7 +198,7 @@ def test_values_near_float32_max(cpu_target, kind, size, cl):
     x[:, :, ::2] *= 1.25
     x = _from_cf(x, cl).astype(np.float32)
     groups = _groups(kind, 2)
-    y, mean, rstd = _forward(kind, x, None, None, cl, groups)
+    y, mean, rstd = calls.forward(kind, x, None, None, cl, groups)
     ry, rmean, rrstd, _ = ref_forward(x, kind, groups, cl=cl)
     assert np.isfinite(mean).all() and np.isfinite(rstd).all()
     np.testing.assert_allclose(mean.reshape(-1), rmean, rtol=1e-6)
@@ -230,7 +215,7 @@ def test_constant_channels_give_bias(cpu_target, rng, kind, cl):
     _to_cf(x, cl)[...] = _chan(np.array(values, np.float32), _to_cf(x, cl))
     w = rng.standard_normal(c).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
-    y = _forward(kind, x, w, b, cl, 2 if kind == "group" else None)[0]
+    y = calls.forward(kind, x, w, b, cl, 2 if kind == "group" else None)[0]
     expect = np.broadcast_to(_chan(b, _to_cf(y, cl)), _to_cf(y, cl).shape)
     assert np.array_equal(_to_cf(y, cl), expect)
 
@@ -274,15 +259,15 @@ def test_backward_matches_reference(cpu_target, rng, kind, n, c, spatial, dtype,
     x = (rng.standard_normal(shape) * 2 - 1).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal(c).astype(dtype)
-    _, mean, rstd = _forward(kind, x, w, None, cl, groups)
-    dx, dw, db = _backward(kind, dy, x, mean, rstd, w, cl, groups)
+    _, mean, rstd = calls.forward(kind, x, w, None, cl, groups)
+    dx, dw, db = calls.backward(kind, dy, x, mean, rstd, w, cl, groups)
     rdx, rdw, rdb = ref_backward(dy, x, mean, rstd, kind, groups, w, cl)
     tol = 2e-5 if dtype == np.float32 else 1e-11
     scale = np.abs(rdx).max() + 1
     assert np.abs(dx - rdx).max() < tol * scale
     assert np.abs(dw - rdw).max() < tol * (np.abs(rdw).max() + 1)
     assert np.abs(db - rdb).max() < tol * (np.abs(rdb).max() + 1)
-    dx0, dw0, db0 = _backward(kind, dy, x, mean, rstd, None, cl, groups)
+    dx0, dw0, db0 = calls.backward(kind, dy, x, mean, rstd, None, cl, groups)
     assert dw0 is None and db0 is None
     assert np.abs(dx0 - ref_backward(dy, x, mean, rstd, kind, groups, None, cl)[0]).max() < tol * scale
 
@@ -380,10 +365,10 @@ def test_finite_differences(cpu_target, rng, kind, n, c, spatial, groups, cl):
     w, b = rng.standard_normal(c), rng.standard_normal(c)
 
     def loss(x_, w_, b_):
-        return float((_forward(kind, x_, w_, b_, cl, groups)[0] * dy).sum())
+        return float((calls.forward(kind, x_, w_, b_, cl, groups)[0] * dy).sum())
 
-    _, mean, rstd = _forward(kind, x, w, b, cl, groups)
-    dx, dw, db = _backward(kind, dy, x, mean, rstd, w, cl, groups)
+    _, mean, rstd = calls.forward(kind, x, w, b, cl, groups)
+    dx, dw, db = calls.backward(kind, dy, x, mean, rstd, w, cl, groups)
     h = 1e-6
     for _ in range(3):
         v = rng.standard_normal(shape)
@@ -412,8 +397,8 @@ def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, 
         res = []
         for kind in ("batch", "group"):
             g = None if kind == "batch" else (c // 4 if c >= 4 else 1)
-            y, mean, rstd = _forward(kind, x, w, w, cl, g)
-            res += [y, mean, rstd, *_backward(kind, dy, x, mean, rstd, w, cl, g)]
+            y, mean, rstd = calls.forward(kind, x, w, w, cl, g)
+            res += [y, mean, rstd, *calls.backward(kind, dy, x, mean, rstd, w, cl, g)]
         results.append(res)
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -428,12 +413,12 @@ def test_channels_last_equals_channels_first(cpu_target, rng, kind):
     g = _groups(kind, 6)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     dyl = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
-    y, m, r = _forward(kind, x, w, w, False, g)
-    yl, ml, rl = _forward(kind, xl, w, w, True, g)
+    y, m, r = calls.forward(kind, x, w, w, False, g)
+    yl, ml, rl = calls.forward(kind, xl, w, w, True, g)
     np.testing.assert_allclose(np.moveaxis(yl, -1, 1), y, atol=2e-6)
     np.testing.assert_allclose(ml, m, rtol=1e-6, atol=1e-7)
-    dx = _backward(kind, dy, x, m, r, w, False, g)[0]
-    dxl = _backward(kind, dyl, xl, m, r, w, True, g)[0]
+    dx = calls.backward(kind, dy, x, m, r, w, False, g)[0]
+    dxl = calls.backward(kind, dyl, xl, m, r, w, True, g)[0]
     np.testing.assert_allclose(np.moveaxis(dxl, -1, 1), dx, atol=1e-5)
 
 
@@ -442,20 +427,20 @@ def test_out_and_strided_input(cpu_target, rng, kind):
     base = rng.standard_normal((3, 4, 10, 6))
     x = base[:, :, ::2, :]  # strided: copied once
     g = _groups(kind, 4)
-    expect = _forward(kind, np.ascontiguousarray(x), None, None, False, g)[0]
+    expect = calls.forward(kind, np.ascontiguousarray(x), None, None, False, g)[0]
     out = np.empty(x.shape)
-    y = _forward(kind, x, None, None, False, g, out=out)[0]
+    y = calls.forward(kind, x, None, None, False, g, out=out)[0]
     assert y is out
     np.testing.assert_array_equal(out, expect)
     dx_out = np.empty(x.shape)
-    _, m, r = _forward(kind, x, None, None, False, g)
-    dx = _backward(kind, x * 0 + 1, x, m, r, None, False, g, out=dx_out)[0]
+    _, m, r = calls.forward(kind, x, None, None, False, g)
+    dx = calls.backward(kind, x * 0 + 1, x, m, r, None, False, g, out=dx_out)[0]
     assert dx is dx_out
     # channels-last out must itself be C-contiguous: a transposed view is refused.
     xl = np.ascontiguousarray(np.moveaxis(base, 1, -1))
     bad = np.empty(base.shape)
     with pytest.raises(ValueError, match="out must be C-contiguous"):
-        _forward(kind, xl, None, None, True, g, out=np.moveaxis(bad, 1, -1))
+        calls.forward(kind, xl, None, None, True, g, out=np.moveaxis(bad, 1, -1))
 
 
 def test_batch_norm_running_stats_update(cpu_target, rng):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import channel_calls as calls
 import normlab
 import reference as ref
 
@@ -418,26 +419,10 @@ def chan_shape(n, c, spatial, cl):
     return (n, *spatial, c) if cl else (n, c, *spatial)
 
 
-def chan_forward(kind, x, w=None, b=None, cl=False, groups=None, **kw):
-    ax = -1 if cl else 1
-    if kind == "batch":
-        return normlab.batch_norm(x, w, b, channel_axis=ax, return_stats=True, **kw)
-    if kind == "instance":
-        return normlab.instance_norm(x, w, b, channel_axis=ax, return_stats=True, **kw)
-    return normlab.group_norm(x, groups, w, b, channel_axis=ax, return_stats=True, **kw)
 
 
-def chan_backward(kind, dy, x, mean, rstd, w=None, cl=False, groups=None, **kw):
-    ax = -1 if cl else 1
-    if kind == "batch":
-        return normlab.batch_norm_backward(dy, x, mean, rstd, w, channel_axis=ax, **kw)
-    if kind == "instance":
-        return normlab.instance_norm_backward(dy, x, mean, rstd, w, channel_axis=ax, **kw)
-    return normlab.group_norm_backward(dy, x, mean, rstd, groups, w, channel_axis=ax, **kw)
 
 
-def stats_shape(kind, n, c, groups):
-    return {"batch": (c,), "instance": (n, c), "group": (n, groups)}[kind]
 
 
 def chan_vec(v, ndim, cl):
@@ -454,15 +439,15 @@ def test_channel_norm_forward(cpu_target, rng, kind, n, c, spatial, groups, dtyp
     x = make_x(rng, chan_shape(n, c, spatial, cl), dtype, offset=1.0)
     w, b = make_affine(rng, (c,), param_dtype(dtype, wkind))
     ax = -1 if cl else 1
-    y, mean, rstd = chan_forward(kind, x, w, b, cl, groups)
+    y, mean, rstd = calls.forward(kind, x, w, b, cl, groups)
     y_ref, m_ref, r_ref, _ = ref.channel_norm(x, kind, groups, w, b, channel_axis=ax)
     yw_ref = ref.channel_norm(x, kind, groups, w, None, channel_axis=ax)[0]
     check_half(y, y_ref, dtype, "y", slack=fwd_slack(yw_ref, chan_vec(b, x.ndim, cl)))
-    shape = stats_shape(kind, n, c, groups)
+    shape = calls.stats_shape(kind, n, c, groups)
     assert mean.shape == rstd.shape == shape
     check_f32(mean.reshape(-1), m_ref, "mean", rtol=1e-7, atol=1e-6 / r_ref)
     check_f32(rstd.reshape(-1), r_ref, "rstd", rtol=1e-6)
-    y0 = chan_forward(kind, x, None, None, cl, groups)[0]
+    y0 = calls.forward(kind, x, None, None, cl, groups)[0]
     y0_ref = ref.channel_norm(x, kind, groups, channel_axis=ax)[0]
     check_half(y0, y0_ref, dtype, "y (no affine)", slack=fwd_slack(y0_ref))
 
@@ -476,8 +461,8 @@ def test_channel_norm_backward(cpu_target, rng, kind, n, c, spatial, groups, dty
     dy = make_x(rng, x.shape, dtype, scale=1.0)
     w = None if wkind == "none" else make_affine(rng, (c,), param_dtype(dtype, wkind))[0]
     ax = -1 if cl else 1
-    _, mean, rstd = chan_forward(kind, x, w, None, cl, groups)
-    dx, dw, db = chan_backward(kind, dy, x, mean, rstd, w, cl, groups)
+    _, mean, rstd = calls.forward(kind, x, w, None, cl, groups)
+    dx, dw, db = calls.backward(kind, dy, x, mean, rstd, w, cl, groups)
     dx_ref, dw_ref, db_ref, term = ref.channel_norm_backward(dy, x, mean, rstd, kind, groups, w,
                                                              channel_axis=ax)
     check_half(dx, dx_ref, dtype, "dx", slack=BWD_REL * term.max())
@@ -585,9 +570,9 @@ def test_constant_rows_and_sets_give_exactly_bias(cpu_target, rng, dtype, wkind)
     wc, bc = make_affine(rng, (c,), pd)
     expect_c = np.ascontiguousarray(np.broadcast_to(ref.round_half(f64(bc), dtype)[None, :, None, None], img.shape))
     for kind, g in (("batch", None), ("instance", None), ("group", 5)):
-        y = chan_forward(kind, img, wc, bc, False, g)[0]
+        y = calls.forward(kind, img, wc, bc, False, g)[0]
         assert same_bits(y, expect_c), kind
-        yl = chan_forward(kind, np.ascontiguousarray(np.moveaxis(img, 1, -1)), wc, bc, True, g)[0]
+        yl = calls.forward(kind, np.ascontiguousarray(np.moveaxis(img, 1, -1)), wc, bc, True, g)[0]
         assert same_bits(np.ascontiguousarray(np.moveaxis(yl, -1, 1)), expect_c), kind + " channels-last"
 
 
@@ -627,8 +612,8 @@ def test_nan_affects_only_its_row_or_set(cpu_target, rng, dtype):
             ("group", 4, (slice(1, 2), slice(4, 6))),
             ("batch", None, (slice(None), slice(5, 6))),
         ):
-            clean = chan_forward(kind, a, None, None, cl, g)[0]
-            dirty = chan_forward(kind, a_bad, None, None, cl, g)[0]
+            clean = calls.forward(kind, a, None, None, cl, g)[0]
+            dirty = calls.forward(kind, a_bad, None, None, cl, g)[0]
             if cl:
                 clean, dirty = np.moveaxis(clean, -1, 1), np.moveaxis(dirty, -1, 1)
             mask = np.ones(img.shape, bool)
@@ -682,7 +667,7 @@ def test_large_magnitudes_do_not_overflow(cpu_target, rng, dtype):
     # channel norms on the same values: one set per (sample, group) and per channel
     img = x.reshape(3, 4, 25)
     for kind, g in (("group", 2), ("batch", None), ("instance", None)):
-        yc = chan_forward(kind, img, None, None, False, g)[0]
+        yc = calls.forward(kind, img, None, None, False, g)[0]
         check_half(yc, ref.channel_norm(img, kind, g)[0], dtype, kind,
                    slack=fwd_slack(ref.channel_norm(img, kind, g)[0]))
 
@@ -707,7 +692,7 @@ def test_large_mean_rows(cpu_target, rng, dtype, sigma):
         a = np.ascontiguousarray(np.moveaxis(img, 1, -1)) if cl else img
         ax = -1 if cl else 1
         for kind, g in (("group", 5), ("batch", None), ("instance", None)):
-            y = chan_forward(kind, a, None, None, cl, g)[0]
+            y = calls.forward(kind, a, None, None, cl, g)[0]
             y_ref = ref.channel_norm(a, kind, g, channel_axis=ax)[0]
             check_half(y, y_ref, dtype, f"{kind} y", slack=fwd_slack(y_ref))
 
@@ -872,9 +857,9 @@ def _everything(dtype, rng_seed=3):
         da = np.ascontiguousarray(np.moveaxis(dimg, 1, -1)) if cl else dimg
         for kind, g in (("batch", None), ("instance", None), ("group", 3)):
             wc, bc = (w32[:12], b32[:12]) if kind != "group" else (wh[:12], b32[:12].astype(dtype))
-            y, m, rr = chan_forward(kind, a, wc, bc, cl, g)
+            y, m, rr = calls.forward(kind, a, wc, bc, cl, g)
             out += [(f"{kind} {cl} y", y), (f"{kind} {cl} mean", m), (f"{kind} {cl} rstd", rr)]
-            grads = chan_backward(kind, da, a, m, rr, wc, cl, g)
+            grads = calls.backward(kind, da, a, m, rr, wc, cl, g)
             out += list(zip((f"{kind} {cl} dx", f"{kind} {cl} dw", f"{kind} {cl} db"), grads))
     rm, rv = np.zeros(12, F32), np.ones(12, F32)
     out += [("bn train y", normlab.batch_norm(img, w32[:12], None, rm, rv)), ("rm", rm), ("rv", rv)]
@@ -958,9 +943,9 @@ def test_result_dtypes(rng, dtype):
         img = x.reshape(2, 4, 5)
         dimg = dy.reshape(2, 4, 5)
         for kind, g, sshape in (("batch", None, (4,)), ("instance", None, (2, 4)), ("group", 2, (2, 2))):
-            y, m, r = chan_forward(kind, img, w[:4], b[:4], False, g)
+            y, m, r = calls.forward(kind, img, w[:4], b[:4], False, g)
             assert (y.dtype, m.dtype, r.dtype) == (dtype, F32, F32) and m.shape == sshape
-            dx, dw, db = chan_backward(kind, dimg, img, m, r, w[:4], False, g)
+            dx, dw, db = calls.backward(kind, dimg, img, m, r, w[:4], False, g)
             assert (dx.dtype, dw.dtype, db.dtype) == (dtype, wd, wd)
 
 
