@@ -308,29 +308,15 @@ inline half_bits narrow_half(vfloat v) {
 #endif
 }
 
-// Vector load/store overloads for half pointers: the same calls as for float data.
-template <class V>
-inline V load(const float16* p) {
-  return widen_half(p);
+// Vector load/store overloads for half pointers (const or not): the same calls as for float
+// data. They match half pointers exactly, so they win over load/store(void*).
+template <class V, class S, class = std::enable_if_t<kHalf<std::remove_const_t<S>>>>
+inline V load(S* p) {
+  return widen_half(static_cast<const std::remove_const_t<S>*>(p));
 }
-template <class V>
-inline V load(const bfloat16* p) {
-  return widen_half(p);
-}
-template <class V>
-inline V load(float16* p) {
-  return widen_half(static_cast<const float16*>(p));
-}
-template <class V>
-inline V load(bfloat16* p) {
-  return widen_half(static_cast<const bfloat16*>(p));
-}
-inline void store(float16* p, vfloat v) {
-  const half_bits h = narrow_half<float16>(v);
-  std::memcpy(p, &h, sizeof h);
-}
-inline void store(bfloat16* p, vfloat v) {
-  const half_bits h = narrow_half<bfloat16>(v);
+template <class S, class = std::enable_if_t<kHalf<S>>>
+inline void store(S* p, vfloat v) {
+  const half_bits h = narrow_half<S>(v);
   std::memcpy(p, &h, sizeof h);
 }
 
