@@ -243,7 +243,8 @@ def test_row_norm_backwards_match_the_float64_reference(x, seed, use_weight, wit
 )
 def test_channel_norm_backwards_match_the_float64_reference(kind, n, c, spatial, channels_last, dtype, seed,
                                                             use_weight):
-    from test_channel_norm import _backward, _forward, _groups, _shape, ref_backward
+    from channel_calls import backward, forward
+    from test_channel_norm import _groups, _shape, ref_backward
 
     rng = np.random.default_rng(seed)
     shape = _shape(n, c, spatial, channels_last)
@@ -251,8 +252,8 @@ def test_channel_norm_backwards_match_the_float64_reference(kind, n, c, spatial,
     dy = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal(c).astype(dtype) if use_weight else None
     groups = _groups(kind, c)
-    _, mean, rstd = _forward(kind, x, w, cl=channels_last, groups=groups)
-    dx, dw, db = _backward(kind, dy, x, mean, rstd, w, cl=channels_last, groups=groups)
+    _, mean, rstd = forward(kind, x, w, cl=channels_last, groups=groups)
+    dx, dw, db = backward(kind, dy, x, mean, rstd, w, cl=channels_last, groups=groups)
     rdx, rdw, rdb = ref_backward(dy, x, mean, rstd, kind, groups=groups, w=w, cl=channels_last)
     tol = 1e-4 if dtype == np.float32 else 1e-9
     assert np.max(np.abs(dx - rdx)) <= tol * (np.max(np.abs(rdx)) + 1)
