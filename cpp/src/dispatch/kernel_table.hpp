@@ -80,6 +80,17 @@ inline const ChannelNormKernels<bfloat16>& KernelTable::chan<bfloat16>() const {
 template <>
 inline const ChannelNormKernels<double>& KernelTable::chan<double>() const { return chan_f64; }
 
+// Calls f on the row-norm / channel-norm kernels of every data dtype: the one list a new data
+// dtype joins. (Instantiated with each target file's own lambda, so copies never merge.)
+template <class F>
+void for_each_row_dtype(KernelTable& t, const F& f) {
+  f(t.row_f32), f(t.row_f64), f(t.row_f16), f(t.row_bf16);
+}
+template <class F>
+void for_each_channel_dtype(KernelTable& t, const F& f) {
+  f(t.chan_f32), f(t.chan_f64), f(t.chan_f16), f(t.chan_bf16);
+}
+
 // The per-target kernel files, each defining register_<name>(KernelTable&) in its target namespace.
 #define NL_KERNEL_FILES(X) \
   X(layer_norm)            \

@@ -136,10 +136,7 @@ void fill(ChannelNormKernels<T>& k) {
 }  // namespace
 
 void register_group_norm(KernelTable& t) {
-  fill(t.chan_f32);
-  fill(t.chan_f64);
-  fill(t.chan_f16);
-  fill(t.chan_bf16);
+  for_each_channel_dtype(t, [](auto& kernels) { fill(kernels); });
 }
 
 }  // namespace NL_TARGET

@@ -66,10 +66,7 @@ void fill(RowNormKernels<T>& k) {
 }  // namespace
 
 void register_rms_norm(KernelTable& t) {
-  fill(t.row_f32);
-  fill(t.row_f64);
-  fill(t.row_f16);
-  fill(t.row_bf16);
+  for_each_row_dtype(t, [](auto& kernels) { fill(kernels); });
 }
 
 }  // namespace NL_TARGET
