@@ -787,6 +787,19 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
             const T* db = dy + base;
             constexpr bool float_rows = std::is_same<C, float>::value && kFloatGradPartials &&
                                         kLanes<float> >= 2 * kWide;
+            // Columns [j, len) of four rows, in double.
+            auto four_rows_scalar = [&](const T* xr, const T* dr, std::int64_t j) {
+              for (; j < len; ++j) {
+                double sa = 0, sb = 0;
+                for (int t = 0; t < 4; ++t) {
+                  const double d = double(to_c(dr[t * len + j]));
+                  sa += d;
+                  sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
+                }
+                aa[j] += sa;
+                ba[j] += sb;
+              }
+            };
             if (float_rows || len > 2 * kTile * kWide) {
               // Wide rows, and float data at any width: row-major, sums in L1.
               std::int64_t r = 0;
@@ -812,16 +825,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                     store(ba + j, load<vwide>(ba + j) + lo);
                     store(ba + j + kWide, load<vwide>(ba + j + kWide) + hi);
                   }
-                  for (; j < len; ++j) {
-                    double sa = 0, sb = 0;
-                    for (int t = 0; t < 4; ++t) {
-                      const double d = double(to_c(dr[t * len + j]));
-                      sa += d;
-                      sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
-                    }
-                    aa[j] += sa;
-                    ba[j] += sb;
-                  }
+                  four_rows_scalar(xr, dr, j);
                 }
               }
               for (; r + 4 <= nr; r += 4) {
@@ -837,16 +841,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                   store(aa + j, load<vwide>(aa + j) + ((d0 + d1) + (d2 + d3)));
                   store(ba + j, load<vwide>(ba + j) + ((d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)));
                 }
-                for (; j < len; ++j) {
-                  double sa = 0, sb = 0;
-                  for (int t = 0; t < 4; ++t) {
-                    const double d = double(to_c(dr[t * len + j]));
-                    sa += d;
-                    sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
-                  }
-                  aa[j] += sa;
-                  ba[j] += sb;
-                }
+                four_rows_scalar(xr, dr, j);
               }
               for (; r < nr; ++r) {
                 const T* xr = xb + r * len;
