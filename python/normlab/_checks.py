@@ -112,7 +112,7 @@ def optional_like_input(a, name: str, dtype: np.dtype, shape: tuple):
 def stat_input(a, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
     """A statistic (mean, rstd, invstd) for data of `dtype`: float32 for half data."""
     pdtype = _DATA_DTYPES[dtype][1]
-    why = "the dtype of x" if pdtype is dtype else f"statistics of {dtype} data are float32"
+    why = "the dtype of x" if pdtype is dtype else "statistics of half-precision data are float32"
     return like_input(a, name, pdtype, shape, why)
 
 
@@ -126,7 +126,7 @@ def param_input(a, name: str, dtype: np.dtype, shape: tuple):
         return None
     pdtype = _DATA_DTYPES[dtype][1]
     if pdtype is dtype or not isinstance(a, np.ndarray) or a.dtype == pdtype:
-        why = "the dtype of x" if pdtype is dtype else f"float32 or {dtype}, the dtype of x"
+        why = "the dtype of x" if pdtype is dtype else "or x's half-precision dtype"
         return like_input(a, name, pdtype, shape, why)
     if a.dtype != dtype:
         raise TypeError(f"{name} must have dtype float32 or {dtype} (the dtype of x), got {a.dtype}")
