@@ -85,20 +85,12 @@ void BM_add(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * d.bytes() * 3);
 }
 
-void BM_layer_norm(benchmark::State& state) {
-  RowData& d = data(state);
-  normlab::LayerNormForward<float> a;
-  a.x = d.x.data(), a.weight = d.w.data(), a.bias = d.b.data(), a.y = d.y.data();
-  a.rows = d.rows, a.cols = d.cols;
-  for (auto _ : state) normlab::layer_norm(a);
-  state.SetBytesProcessed(state.iterations() * d.bytes() * 2);
-}
-
-// Half-precision forward: reads and writes half the bytes of the float32 entry; compare its
-// bytes/s with BM_copy's (the roofline at any element size).
-template <class T>
-void layer_norm_half(benchmark::State& state) {
-  HalfRowData<T>& d = data<HalfRowData<T>>(state);
+// layer_norm forward on data D of element type T. The half-precision entries read and write
+// half the bytes of the float32 one; compare their bytes/s with BM_copy's (the roofline at any
+// element size).
+template <class T, class D>
+void layer_norm_forward(benchmark::State& state) {
+  D& d = data<D>(state);
   normlab::LayerNormForward<T> a;
   a.x = d.x.data(), a.weight = d.w.data(), a.bias = d.b.data(), a.y = d.y.data();
   a.rows = d.rows, a.cols = d.cols;
@@ -106,8 +98,13 @@ void layer_norm_half(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * d.bytes() * 2);
 }
 
-void BM_layer_norm_bf16(benchmark::State& state) { layer_norm_half<normlab::bfloat16>(state); }
-void BM_layer_norm_f16(benchmark::State& state) { layer_norm_half<normlab::float16>(state); }
+void BM_layer_norm(benchmark::State& state) { layer_norm_forward<float, RowData>(state); }
+void BM_layer_norm_bf16(benchmark::State& state) {
+  layer_norm_forward<normlab::bfloat16, HalfRowData<normlab::bfloat16>>(state);
+}
+void BM_layer_norm_f16(benchmark::State& state) {
+  layer_norm_forward<normlab::float16, HalfRowData<normlab::float16>>(state);
+}
 
 void BM_layer_norm_backward(benchmark::State& state) {
   RowData& d = data(state);
