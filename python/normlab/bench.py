@@ -184,6 +184,20 @@ def _row_norm_cases(shape, torch):
     return cases
 
 
+def measured_row(t: dict, roofline_s: float, **fields) -> dict:
+    """A suite's JSON row: `fields` plus the columns every norm suite has, from measure()'s
+    times `t` and the roofline time."""
+    return dict(
+        fields,
+        normlab_out_s=t["normlab_out"],
+        normlab_s=t["normlab"],
+        roofline_s=roofline_s,
+        vs_roofline=t["normlab_out"] / roofline_s,
+        torch_s=t.get("torch"),
+        speedup_vs_torch=t["torch"] / t["normlab"] if "torch" in t else None,
+    )
+
+
 def _fmt_us(seconds):
     return "-" if seconds is None else f"{seconds * 1e6:.1f}"
 
@@ -219,21 +233,17 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
             if shape == OVERHEAD_SHAPE and (op.endswith("backward") or op.startswith("add_")):
                 continue
             t = measure(cand, rounds, budget)
-            row = dict(
+            row = measured_row(
+                t,
+                t["roofline"],
                 op=op,
                 shape=list(shape),
                 dtype="float32",
                 threads=threads,
-                normlab_out_s=t["normlab_out"],
-                normlab_s=t["normlab"],
-                roofline_s=t["roofline"],
                 roofline_kind=("read 2, write 2" if op.startswith("add_") else
                                "read 2, write 1" if op.endswith("backward") else "copy"),
-                vs_roofline=t["normlab_out"] / t["roofline"],
                 numpy_s=t["numpy"],
-                torch_s=t.get("torch"),
                 speedup_vs_numpy=t["numpy"] / t["normlab"],
-                speedup_vs_torch=t["torch"] / t["normlab"] if "torch" in t else None,
             )
             rows_out.append(row)
             print(

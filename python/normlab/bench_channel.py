@@ -13,14 +13,12 @@ normlab / roofline (1.00 = at the memory roofline).
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 
 import numpy as np
 
 import normlab
-from normlab.bench import _fmt_us, _fmt_x, _torch, measure
+from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, setup
 
 FULL_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 3, 224, 224)]
 QUICK_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]
@@ -99,15 +97,7 @@ def _cases(shape, channels_last, torch, ops):
 
 
 def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
-    torch = _torch()
-    threads = normlab.get_num_threads()
-    if torch is not None:
-        torch.set_num_threads(threads)
-    rounds = rounds or (5 if quick else 9)
-    budget = 0.01 if quick else 0.03
-    print(f"normlab {normlab.__version__}  target={normlab.get_cpu_target()}  threads={threads}  "
-          f"torch={'-' if torch is None else torch.__version__}  "
-          f"machine={platform.machine()} {os.cpu_count()} cpus  (float32)", file=stream)
+    torch, threads, rounds, budget = setup(quick, rounds, stream, "  (float32)")
     print(f"{'op':<24}{'shape':>20}{'layout':>7}{'normlab us':>12}{'roof us':>10}{'vs roof':>9}"
           f"{'alloc us':>10}{'torch us':>10}{'vs torch':>10}", file=stream)
     plan = [(s, ("batch_norm",)) for s in (QUICK_SHAPES if quick else FULL_SHAPES)]
@@ -119,14 +109,10 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
                 scale = cand.pop("scale")
                 t = measure(cand, rounds, budget)
                 roof = t["roofline"] * scale
-                row = dict(
-                    op=op, shape=list(shape), layout="NSC" if channels_last else "NCS",
+                row = measured_row(
+                    t, roof, op=op, shape=list(shape), layout="NSC" if channels_last else "NCS",
                     dtype="float32", threads=threads,
-                    normlab_out_s=t["normlab_out"], normlab_s=t["normlab"], roofline_s=roof,
                     roofline_kind="1.5x copy" if scale == 1.5 else "5/3 x add (read 2, write 1)",
-                    vs_roofline=t["normlab_out"] / roof,
-                    torch_s=t.get("torch"),
-                    speedup_vs_torch=t["torch"] / t["normlab"] if "torch" in t else None,
                 )
                 rows.append(row)
                 print(f"{op:<24}{str(tuple(shape)):>20}{row['layout']:>7}"

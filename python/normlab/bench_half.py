@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 import normlab
-from normlab.bench import _fmt_us, _fmt_x, measure, setup
+from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, setup
 
 ROW_SHAPES = [(8192, 768), (2048, 4096), (256, 65536)]
 QUICK_ROW_SHAPES = [(8192, 768), (2048, 4096)]
@@ -134,13 +134,9 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
         cand, kind, scale = _cases(op, shape, dtypes[name], torch)
         t = measure(cand, rounds, budget)
         roof = t["roofline"] * scale
-        row = dict(
-            op=op, shape=list(shape), dtype=name, threads=threads,
-            normlab_out_s=t["normlab_out"], normlab_s=t["normlab"],
-            roofline_s=roof, roofline_kind=kind, vs_roofline=t["normlab_out"] / roof,
+        row = measured_row(
+            t, roof, op=op, shape=list(shape), dtype=name, threads=threads, roofline_kind=kind,
             float32_out_s=t["float32_out"], vs_float32=t["normlab_out"] / t["float32_out"],
-            torch_s=t.get("torch"),
-            speedup_vs_torch=t["torch"] / t["normlab"] if "torch" in t else None,
         )
         rows.append(row)
         print(f"{op:<16}{name:>9}{str(tuple(shape)):>18}{_fmt_us(row['normlab_out_s']):>12}"
