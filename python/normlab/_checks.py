@@ -13,7 +13,6 @@ import numpy as np
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 FLOAT16 = np.dtype(np.float16)
-FLOAT_DTYPES = (FLOAT32, FLOAT64)
 DATA_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 
 # Data dtype -> (kernel suffix, dtype of weight/bias/statistics). ml_dtypes.bfloat16 joins
@@ -33,10 +32,6 @@ def _known_dtype(dtype) -> bool:
             _DATA_DTYPES[dtype] = ("bf16", FLOAT32)
             return True
     return False
-
-
-def is_half(dtype) -> bool:
-    return dtype.itemsize == 2
 
 
 def param_dtype(dtype) -> np.dtype:
