@@ -669,6 +669,9 @@ inline void widen(vnative<float> v, vwide& lo, vwide& hi) {
 // error of a few 2^-24 per four terms, far below what float32 gradients carry, for half the
 // work of converting every element. Set to false to sum every element in double.
 constexpr bool kFloatGradPartials = true;
+// Whether T's gradient sums take those float partials (float and half data on SIMD targets).
+template <class T>
+constexpr bool kFloatGradSums = kFloatSums<T> && kFloatGradPartials && kLanes<float> >= 2 * kWide;
 
 // out[0] += sum(dy), out[1] += sum(dy * (x - mean)) over n elements.
 template <class T>
@@ -676,7 +679,7 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
   vwide a0{}, a1{}, b0{}, b1{};
   std::int64_t j = 0;
   double a = 0, b = 0;
-  if constexpr (std::is_same<compute_t<T>, float>::value && kFloatGradPartials && kLanes<float> >= 2 * kWide) {
+  if constexpr (kFloatGradSums<T>) {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const float head = float(mean);
@@ -785,8 +788,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
-            constexpr bool float_rows = std::is_same<C, float>::value && kFloatGradPartials &&
-                                        kLanes<float> >= 2 * kWide;
+            constexpr bool float_rows = kFloatGradSums<T>;
             // Columns [j, len) of four rows, in double.
             auto four_rows_scalar = [&](const T* xr, const T* dr, std::int64_t j) {
               for (; j < len; ++j) {
