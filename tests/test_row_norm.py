@@ -694,6 +694,23 @@ def test_out_overlapping_a_strided_input_raises_value_error(rng):
         normlab.layer_norm_backward(x, xc, mean, rstd, out=out)  # dy = strided view of base
 
 
+def test_overlap_check_agrees_with_numpy_bounds_test(rng):
+    """The out= overlap check (_core.first_overlap) is numpy.may_share_memory's bounds test:
+    compare them over views with negative, zero and large strides, empty views and non-arrays."""
+    from normlab._core import first_overlap
+
+    base = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
+    views = [base, base[1:3], base[::-1], base[:, ::-2, 1:], base[2, :, 3], base[3:, 2:],
+             base[:0], base[::3, ::5, ::4], np.broadcast_to(base[0, 0], (7, 5)), base[..., ::-1],
+             np.zeros(5, np.float32), base.reshape(-1)[7:8]]
+    outs = [base[0], base[3], base.reshape(-1)[60:90], base[:, 5], base[1:2, 1:2], base[:0]]
+    for out in outs:
+        for view in views:
+            expected = "v" if np.may_share_memory(out, view) else None
+            assert first_overlap(out, ((None, "none"), ([1.0], "list"), (view, "v"))) == expected
+        assert first_overlap(out, ()) is None
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks: each error names the argument
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 #include <omp.h>
 
+#include <cstdint>
+#include <utility>
+
 #include "bindings.hpp"
 #include "normlab/runtime.hpp"
 
@@ -12,6 +15,23 @@ extern "C" __attribute__((visibility("default"))) void normlab_set_num_threads(i
 }
 
 namespace normlab::bindings {
+
+namespace {
+
+// The bytes [lo, hi) an array's elements can touch, as numpy.may_share_memory bounds them;
+// lo == hi for an empty array.
+std::pair<std::uintptr_t, std::uintptr_t> memory_extent(const py::array& a) {
+  std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(a.data());
+  std::uintptr_t hi = lo;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.shape(i) == 0) return {lo, lo};
+    const py::ssize_t reach = (a.shape(i) - 1) * a.strides(i);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  return {lo, hi + std::uintptr_t(a.itemsize())};
+}
+
+}  // namespace
 
 void bind_runtime(py::module_& m) {
   m.def("compiled_cpu_targets", &compiled_cpu_targets);
@@ -63,6 +83,22 @@ void bind_runtime(py::module_& m) {
         parallel_add_twice(pa, pb, p1, p2, std::size_t(n));
       },
       py::arg("a"), py::arg("b"), py::arg("out1"), py::arg("out2"));
+
+  // The name of the first (array, name) pair in `inputs` whose memory may overlap `out`, else
+  // None: numpy.may_share_memory's bounds test in one call for all of a call's inputs.
+  m.def(
+      "first_overlap",
+      [](const py::array& out, const py::tuple& inputs) -> py::object {
+        const auto [out_lo, out_hi] = memory_extent(out);
+        for (py::handle pair : inputs) {
+          const py::handle arr = pair[py::int_(0)];
+          if (!py::isinstance<py::array>(arr)) continue;
+          const auto [lo, hi] = memory_extent(py::reinterpret_borrow<py::array>(arr));
+          if (lo < out_hi && out_lo < hi) return pair[py::int_(1)];
+        }
+        return py::none();
+      },
+      py::arg("out"), py::arg("inputs"));
 
   m.attr("__version__") = NORMLAB_VERSION;
   m.attr("compiler") = NORMLAB_COMPILER;

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from ._core import first_overlap
+
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 FLOAT16 = np.dtype(np.float16)
@@ -119,6 +121,9 @@ def param_input(a, name: str, dtype: np.dtype, shape: tuple):
     """
     if a is None:
         return None
+    if (dtype is FLOAT32 or dtype is FLOAT64) and type(a) is np.ndarray and a.dtype is dtype \
+            and a.shape == shape and a.flags.c_contiguous:
+        return a  # the common case, checked first
     pdtype = _DATA_DTYPES[dtype][1]
     if pdtype is dtype or not isinstance(a, np.ndarray) or a.dtype == pdtype:
         why = "the dtype of x" if pdtype is dtype else "or x's half-precision dtype"
@@ -146,13 +151,15 @@ def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.n
         raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if not out.flags.c_contiguous:
+    flags = out.flags
+    if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (results are never written to a hidden copy)")
-    if not out.flags.writeable:
+    if not flags.writeable:
         raise ValueError(f"{name} is read-only")
-    for arr, arr_name in inputs:
-        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
-            raise ValueError(f"{name} must not overlap {arr_name}")
+    if inputs:
+        overlapped = first_overlap(out, inputs)
+        if overlapped is not None:
+            raise ValueError(f"{name} must not overlap {overlapped}")
     return out
 
 
