@@ -355,10 +355,64 @@ inline bool float_sums_trusted(double md, double var) {
 template <class T>
 constexpr bool kFloatSums = NL_VEC_BYTES > 0 && std::is_same<compute_t<T>, float>::value;
 
+// cl_float_sums() of rows that fit one register tile: the double sums stay in registers for
+// the whole run and the rows are read in order.
+template <class T>
+__attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, std::int64_t len, const float* kf, double* sa,
+                                                  double* qa) {
+#if NL_VEC_BYTES
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  const std::int64_t j = for_tiles<kTile, L>(len, [&](auto nv, std::int64_t j0) {
+    constexpr int NV = decltype(nv)::value;
+    V kv[NV];
+    vwide ds[2 * NV], dq[2 * NV];
+    for (int t = 0; t < NV; ++t) {
+      kv[t] = load<V>(kf + j0 + t * L);
+      ds[2 * t] = ds[2 * t + 1] = dq[2 * t] = dq[2 * t + 1] = vwide{};
+    }
+    for (std::int64_t r = 0; r < nr; r += 4) {
+      const int rows = nr - r < 4 ? int(nr - r) : 4;
+      const T* xr = xb + r * len + j0;
+      V sv[NV], qv[NV];
+      for (int t = 0; t < NV; ++t) {
+        sv[t] = load<V>(xr + t * L) - kv[t];
+        qv[t] = sv[t] * sv[t];
+      }
+      for (int u = 1; u < rows; ++u)
+        for (int t = 0; t < NV; ++t) {
+          const V d = load<V>(xr + u * len + t * L) - kv[t];
+          sv[t] += d;
+          qv[t] = fmadd(d, d, qv[t]);
+        }
+      for (int t = 0; t < NV; ++t) {
+        ds[2 * t] += widen_low(sv[t]);
+        ds[2 * t + 1] += widen_high(sv[t]);
+        dq[2 * t] += widen_low(qv[t]);
+        dq[2 * t + 1] += widen_high(qv[t]);
+      }
+    }
+    for (int t = 0; t < 2 * NV; ++t) {
+      store(sa + j0 + t * kWide, load<vwide>(sa + j0 + t * kWide) + ds[t]);
+      store(qa + j0 + t * kWide, load<vwide>(qa + j0 + t * kWide) + dq[t]);
+    }
+  });
+  for (std::int64_t jj = j; jj < len; ++jj)
+    for (std::int64_t r = 0; r < nr; ++r) {
+      const double d = double(to_c(xb[r * len + jj])) - double(kf[jj]);
+      sa[jj] += d;
+      qa[jj] += d * d;
+    }
+#else
+  (void)xb, (void)nr, (void)len, (void)kf, (void)sa, (void)qa;
+#endif
+}
+
 // Channels-last shifted sums in float lanes: nr rows of len elements at xb (row stride len),
 // columns lined up with the float shifts kf; sa[j] += sum (x - k), qa[j] += sum (x - k)^2 for
-// j < len. Four rows at a time are summed in float and widened into the double sums. Returns
-// false (nothing done) where T's sums are not float.
+// j < len. Four rows at a time are summed in float and widened into the double sums (rows that
+// fit one register tile: see cl_float_sums_tile). Returns false (nothing done) where T's sums
+// are not float.
 template <class T>
 inline bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const float* kf, double* sa,
                           double* qa) {
@@ -366,6 +420,10 @@ inline bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const 
   if constexpr (kFloatSums<T>) {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
+    if (len <= kTile * L) {
+      cl_float_sums_tile(xb, nr, len, kf, sa, qa);
+      return true;
+    }
     auto add_wide = [](double* a, V v) {
       store(a, load<vwide>(a) + widen_low(v));
       store(a + kWide, load<vwide>(a + kWide) + widen_high(v));
