@@ -358,8 +358,8 @@ constexpr bool kFloatSums = NL_VEC_BYTES > 0 && std::is_same<compute_t<T>, float
 // cl_float_sums() of rows that fit one register tile: the double sums stay in registers for
 // the whole run and the rows are read in order.
 template <class T>
-__attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, std::int64_t len, const float* kf, double* sa,
-                                                  double* qa) {
+__attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, std::int64_t len,
+                                                  const float* kf, double* sa, double* qa) {
 #if NL_VEC_BYTES
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
@@ -412,10 +412,10 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
 // columns lined up with the float shifts kf; sa[j] += sum (x - k), qa[j] += sum (x - k)^2 for
 // j < len. Four rows at a time are summed in float and widened into the double sums (rows that
 // fit one register tile: see cl_float_sums_tile). Returns false (nothing done) where T's sums
-// are not float.
+// are not float. Not inlined: inlined into set_moments, it slowed the row-major loop by 5-8%.
 template <class T>
-inline bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const float* kf, double* sa,
-                          double* qa) {
+__attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const float* kf,
+                                             double* sa, double* qa) {
 #if NL_VEC_BYTES
   if constexpr (kFloatSums<T>) {
     using V = vnative<float>;
