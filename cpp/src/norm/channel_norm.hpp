@@ -778,6 +778,90 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
   out[1] += b + lane_sum(b0 + b1);
 }
 
+// Channels-last gradient sums of float data on SIMD targets (kFloatGradSums): aa[j] += sum dy
+// and ba[j] += sum dy * (x - h[j]) over nr rows of len elements (row stride len), four rows at a
+// time in float, then widened into double sums: kept in registers for the whole run when the
+// row fits one register tile (the rows are then read in order), else added into aa/ba every
+// four rows. Out of line, as cl_float_sums.
+template <class T>
+__attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std::int64_t nr, std::int64_t len,
+                                                  const float* h, double* aa, double* ba) {
+#if NL_VEC_BYTES
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  // Rows [r0, r1) of column j, in double.
+  auto scalar_column = [&](std::int64_t j, std::int64_t r0, std::int64_t r1) {
+    double sa = 0, sb = 0;
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const double d = double(to_c(db[r * len + j]));
+      sa += d;
+      sb += d * (double(to_c(xb[r * len + j])) - double(h[j]));
+    }
+    aa[j] += sa;
+    ba[j] += sb;
+  };
+  // Float sums of `rows` rows from element e0 of the NV vectors of columns at h0.
+  auto four_rows = [&](auto nv, std::int64_t e0, int rows, const V* hv, V* sa, V* sb) {
+    constexpr int NV = decltype(nv)::value;
+    for (int t = 0; t < NV; ++t) {
+      const V g = load<V>(db + e0 + t * L);
+      sa[t] = g;
+      sb[t] = g * (load<V>(xb + e0 + t * L) - hv[t]);
+    }
+    for (int u = 1; u < rows; ++u)
+      for (int t = 0; t < NV; ++t) {
+        const std::int64_t e = e0 + u * len + t * L;
+        const V g = load<V>(db + e);
+        sa[t] += g;
+        sb[t] = fmadd(g, load<V>(xb + e) - hv[t], sb[t]);
+      }
+  };
+  if (len <= kTile * L) {
+    const std::int64_t j = for_tiles<kTile, L>(len, [&](auto nv, std::int64_t j0) {
+      constexpr int NV = decltype(nv)::value;
+      V hv[NV];
+      vwide ta[2 * NV], tb[2 * NV];
+      for (int t = 0; t < NV; ++t) {
+        hv[t] = load<V>(h + j0 + t * L);
+        ta[2 * t] = ta[2 * t + 1] = tb[2 * t] = tb[2 * t + 1] = vwide{};
+      }
+      for (std::int64_t r = 0; r < nr; r += 4) {
+        V sa[NV], sb[NV];
+        four_rows(nv, r * len + j0, nr - r < 4 ? int(nr - r) : 4, hv, sa, sb);
+        for (int t = 0; t < NV; ++t) {
+          ta[2 * t] += widen_low(sa[t]);
+          ta[2 * t + 1] += widen_high(sa[t]);
+          tb[2 * t] += widen_low(sb[t]);
+          tb[2 * t + 1] += widen_high(sb[t]);
+        }
+      }
+      for (int t = 0; t < 2 * NV; ++t) {
+        store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + ta[t]);
+        store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + tb[t]);
+      }
+    });
+    for (std::int64_t jj = j; jj < len; ++jj) scalar_column(jj, 0, nr);
+    return;
+  }
+  for (std::int64_t r = 0; r < nr; r += 4) {
+    const int rows = nr - r < 4 ? int(nr - r) : 4;
+    std::int64_t j = 0;
+    for (; j + L <= len; j += L) {
+      const V hv = load<V>(h + j);
+      V sa, sb;
+      four_rows(nv_t<1>{}, r * len + j, rows, &hv, &sa, &sb);
+      store(aa + j, load<vwide>(aa + j) + widen_low(sa));
+      store(aa + j + kWide, load<vwide>(aa + j + kWide) + widen_high(sa));
+      store(ba + j, load<vwide>(ba + j) + widen_low(sb));
+      store(ba + j + kWide, load<vwide>(ba + j + kWide) + widen_high(sb));
+    }
+    for (; j < len; ++j) scalar_column(j, r, r + rows);
+  }
+#else
+  (void)xb, (void)db, (void)nr, (void)len, (void)h, (void)aa, (void)ba;
+#endif
+}
+
 // dx = ka * dy - kc - (x - mean) * kb, evaluated in T as (a * dy - c) - (x - head) * b with
 // head = T(mean) and c = kc - (mean - head) * kb, so that x - head keeps its digits when
 // |mean| >> std (as the forward does).
@@ -846,7 +930,6 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
-            constexpr bool float_rows = kFloatGradSums<T>;
             // Columns [j, len) of four rows, in double.
             auto four_rows_scalar = [&](const T* xr, const T* dr, std::int64_t j) {
               for (; j < len; ++j) {
@@ -860,34 +943,13 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                 ba[j] += sb;
               }
             };
-            if (float_rows || len > 2 * kTile * kWide) {
-              // Wide rows, and float data at any width: row-major, sums in L1.
+            if constexpr (kFloatGradSums<T>) {
+              cl_float_grad_sums(xb, db, nr, len, hv, aa, ba);
+              return;
+            }
+            if (len > 2 * kTile * kWide) {
+              // Wide rows: row-major, sums in L1.
               std::int64_t r = 0;
-              if constexpr (float_rows) {
-                // Four rows in float (as grad_sums), then into the double sums.
-                using V = vnative<float>;
-                constexpr int L = kLanes<float>;
-                for (; r + 4 <= nr; r += 4) {
-                  const T* xr = xb + r * len;
-                  const T* dr = db + r * len;
-                  std::int64_t j = 0;
-                  for (; j + L <= len; j += L) {
-                    const V h = load<V>(hv + j);
-                    const V g0 = load<V>(dr + j), g1 = load<V>(dr + len + j);
-                    const V g2 = load<V>(dr + 2 * len + j), g3 = load<V>(dr + 3 * len + j);
-                    const V d0 = load<V>(xr + j) - h, d1 = load<V>(xr + len + j) - h;
-                    const V d2 = load<V>(xr + 2 * len + j) - h, d3 = load<V>(xr + 3 * len + j) - h;
-                    vwide lo, hi;
-                    widen((g0 + g1) + (g2 + g3), lo, hi);
-                    store(aa + j, load<vwide>(aa + j) + lo);
-                    store(aa + j + kWide, load<vwide>(aa + j + kWide) + hi);
-                    widen((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3), lo, hi);
-                    store(ba + j, load<vwide>(ba + j) + lo);
-                    store(ba + j + kWide, load<vwide>(ba + j + kWide) + hi);
-                  }
-                  four_rows_scalar(xr, dr, j);
-                }
-              }
               for (; r + 4 <= nr; r += 4) {
                 const T* xr = xb + r * len;
                 const T* dr = db + r * len;
