@@ -30,15 +30,23 @@ template <class T, bool HasW, bool HasB>
 void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                      bool stream) {
   const std::int64_t n = a.cols;
-  for (std::int64_t i = r0; i < r1; ++i) {
-    const T* x = a.x + i * n;
-    const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
-    if (residual) x = sum + i * n;
-    const double rstd = 1.0 / __builtin_sqrt(m.var + a.eps);
-    if (a.mean) a.mean[i] = compute_t<T>(m.mean);
-    if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
-    layer_norm_row<T, HasW, HasB>(x, a.weight, a.bias, a.y + i * n, n, m.mean, rstd, stream);
-  }
+  const T* rows = residual ? sum : a.x;  // what is normalized
+  struct RowStats {
+    double mean, rstd;
+  };
+  blocked_rows<T, RowStats>(
+      r0, r1, n,
+      [&](std::int64_t i) {
+        const T* x = a.x + i * n;
+        const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
+        const RowStats st{m.mean, 1.0 / __builtin_sqrt(m.var + a.eps)};
+        if (a.mean) a.mean[i] = compute_t<T>(st.mean);
+        if (a.rstd) a.rstd[i] = compute_t<T>(st.rstd);
+        return st;
+      },
+      [&](std::int64_t i, const RowStats& st) {
+        layer_norm_row<T, HasW, HasB>(rows + i * n, a.weight, a.bias, a.y + i * n, n, st.mean, st.rstd, stream);
+      });
   if (stream) stream_fence();
 }
 

@@ -15,20 +15,26 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   using C = compute_t<T>;
   using V = vnative<C>;
   const std::int64_t n = a.cols;
-  for (std::int64_t i = r0; i < r1; ++i) {
-    const T* x = a.x + i * n;
-    const double mean_square = residual ? row_mean_square(x, n, residual + i * n, sum + i * n)
-                                        : row_mean_square(x, n);
-    if (residual) x = sum + i * n;
-    const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
-    if (a.rstd) a.rstd[i] = C(rstd);
-    const V vr = splat<V>(C(rstd));
-    map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
-      V scale = vr;
-      if constexpr (HasW) scale *= load_n(a.weight + j, count);
-      return V(load_n(x + j, count) * scale);
-    });
-  }
+  const T* rows = residual ? sum : a.x;  // what is normalized
+  blocked_rows<T, double>(
+      r0, r1, n,
+      [&](std::int64_t i) {
+        const T* x = a.x + i * n;
+        const double mean_square = residual ? row_mean_square(x, n, residual + i * n, sum + i * n)
+                                            : row_mean_square(x, n);
+        const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
+        if (a.rstd) a.rstd[i] = C(rstd);
+        return rstd;
+      },
+      [&](std::int64_t i, double rstd) {
+        const T* x = rows + i * n;
+        const V vr = splat<V>(C(rstd));
+        map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
+          V scale = vr;
+          if constexpr (HasW) scale *= load_n(a.weight + j, count);
+          return V(load_n(x + j, count) * scale);
+        });
+      });
   if (stream) stream_fence();
 }
 

@@ -200,6 +200,30 @@ double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* 
 }
 #endif
 
+// Rows [r0, r1) as stat(i) -> Stat then apply(i, stat). Short rows of half data, whose
+// statistics cost more than moving them, go in blocks of kRowBlock (at most 16 KiB, still in L1
+// when applied): the statistics of a block (a reduction, a square root and a division per row)
+// then overlap in the pipeline instead of each waiting behind the previous row's normalization.
+// Float rows go one at a time: blocked, streamed ones ran 8-14% slower, and the code of the
+// blocked loop beside the plain one slowed those too.
+constexpr std::int64_t kRowBlock = 8;
+
+template <class T, class Stat, class StatFn, class ApplyFn>
+void blocked_rows(std::int64_t r0, std::int64_t r1, std::int64_t n, const StatFn& stat, const ApplyFn& apply) {
+  if constexpr (kHalf<T>) {
+    if (n * std::int64_t(sizeof(T)) * kRowBlock <= 16384) {
+      Stat st[kRowBlock];
+      for (std::int64_t i = r0; i < r1; i += kRowBlock) {
+        const std::int64_t nb = r1 - i < kRowBlock ? r1 - i : kRowBlock;
+        for (std::int64_t b = 0; b < nb; ++b) st[b] = stat(i + b);
+        for (std::int64_t b = 0; b < nb; ++b) apply(i + b, st[b]);
+      }
+      return;
+    }
+  }
+  for (std::int64_t i = r0; i < r1; ++i) apply(i, stat(i));
+}
+
 // s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
 template <class T>
 void add_row(const T* x, const T* r, T* s, std::int64_t n) {
