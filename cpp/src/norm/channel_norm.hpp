@@ -355,36 +355,28 @@ inline bool float_sums_trusted(double md, double var) {
 template <class T>
 constexpr bool kFloatSums = NL_VEC_BYTES > 0 && std::is_same<compute_t<T>, float>::value;
 
-// cl_float_sums() of rows that fit one register tile: the double sums stay in registers for
-// the whole run and the rows are read in order.
-template <class T>
-__attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, std::int64_t len,
-                                                  const float* kf, double* sa, double* qa) {
 #if NL_VEC_BYTES
+// The register tiles of channels-last float sums over nr rows of len columns (row stride len)
+// that fit one tile: for each tile of NV float vectors at column j0, group(nv, e0, rows, c, s, q)
+// gives the float sums s, q of up to four rows from element e0, c being the tile's per-column
+// constants from k; they are widened into double sums kept in registers for the whole run,
+// then added into sa/qa. Returns the first column left for scalar code.
+template <class Group>
+__attribute__((always_inline)) inline std::int64_t cl_tile_sums(std::int64_t nr, std::int64_t len, const float* k,
+                                                                double* sa, double* qa, const Group& group) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  const std::int64_t j = for_tiles<kTile, L>(len, [&](auto nv, std::int64_t j0) {
+  return for_tiles<kTile, L>(len, [&](auto nv, std::int64_t j0) {
     constexpr int NV = decltype(nv)::value;
-    V kv[NV];
+    V c[NV];
     vwide ds[2 * NV], dq[2 * NV];
     for (int t = 0; t < NV; ++t) {
-      kv[t] = load<V>(kf + j0 + t * L);
+      c[t] = load<V>(k + j0 + t * L);
       ds[2 * t] = ds[2 * t + 1] = dq[2 * t] = dq[2 * t + 1] = vwide{};
     }
     for (std::int64_t r = 0; r < nr; r += 4) {
-      const int rows = nr - r < 4 ? int(nr - r) : 4;
-      const T* xr = xb + r * len + j0;
       V sv[NV], qv[NV];
-      for (int t = 0; t < NV; ++t) {
-        sv[t] = load<V>(xr + t * L) - kv[t];
-        qv[t] = sv[t] * sv[t];
-      }
-      for (int u = 1; u < rows; ++u)
-        for (int t = 0; t < NV; ++t) {
-          const V d = load<V>(xr + u * len + t * L) - kv[t];
-          sv[t] += d;
-          qv[t] = fmadd(d, d, qv[t]);
-        }
+      group(nv, r * len + j0, nr - r < 4 ? int(nr - r) : 4, c, sv, qv);
       for (int t = 0; t < NV; ++t) {
         ds[2 * t] += widen_low(sv[t]);
         ds[2 * t + 1] += widen_high(sv[t]);
@@ -397,6 +389,32 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
       store(qa + j0 + t * kWide, load<vwide>(qa + j0 + t * kWide) + dq[t]);
     }
   });
+}
+#endif
+
+// cl_float_sums() of rows that fit one register tile: the double sums stay in registers for
+// the whole run and the rows are read in order.
+template <class T>
+__attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, std::int64_t len,
+                                                  const float* kf, double* sa, double* qa) {
+#if NL_VEC_BYTES
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  // sum (x - k) and sum (x - k)^2 of `rows` rows from element e0
+  auto group = [&](auto nv, std::int64_t e0, int rows, const V* kv, V* sv, V* qv) {
+    constexpr int NV = decltype(nv)::value;
+    for (int t = 0; t < NV; ++t) {
+      sv[t] = load<V>(xb + e0 + t * L) - kv[t];
+      qv[t] = sv[t] * sv[t];
+    }
+    for (int u = 1; u < rows; ++u)
+      for (int t = 0; t < NV; ++t) {
+        const V d = load<V>(xb + e0 + u * len + t * L) - kv[t];
+        sv[t] += d;
+        qv[t] = fmadd(d, d, qv[t]);
+      }
+  };
+  const std::int64_t j = cl_tile_sums(nr, len, kf, sa, qa, group);
   for (std::int64_t jj = j; jj < len; ++jj)
     for (std::int64_t r = 0; r < nr; ++r) {
       const double d = double(to_c(xb[r * len + jj])) - double(kf[jj]);
@@ -800,7 +818,7 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
     aa[j] += sa;
     ba[j] += sb;
   };
-  // Float sums of `rows` rows from element e0 of the NV vectors of columns at h0.
+  // sum dy and sum dy * (x - h) of `rows` rows from element e0, over NV vectors of columns.
   auto four_rows = [&](auto nv, std::int64_t e0, int rows, const V* hv, V* sa, V* sb) {
     constexpr int NV = decltype(nv)::value;
     for (int t = 0; t < NV; ++t) {
@@ -817,29 +835,7 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
       }
   };
   if (len <= kTile * L) {
-    const std::int64_t j = for_tiles<kTile, L>(len, [&](auto nv, std::int64_t j0) {
-      constexpr int NV = decltype(nv)::value;
-      V hv[NV];
-      vwide ta[2 * NV], tb[2 * NV];
-      for (int t = 0; t < NV; ++t) {
-        hv[t] = load<V>(h + j0 + t * L);
-        ta[2 * t] = ta[2 * t + 1] = tb[2 * t] = tb[2 * t + 1] = vwide{};
-      }
-      for (std::int64_t r = 0; r < nr; r += 4) {
-        V sa[NV], sb[NV];
-        four_rows(nv, r * len + j0, nr - r < 4 ? int(nr - r) : 4, hv, sa, sb);
-        for (int t = 0; t < NV; ++t) {
-          ta[2 * t] += widen_low(sa[t]);
-          ta[2 * t + 1] += widen_high(sa[t]);
-          tb[2 * t] += widen_low(sb[t]);
-          tb[2 * t + 1] += widen_high(sb[t]);
-        }
-      }
-      for (int t = 0; t < 2 * NV; ++t) {
-        store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + ta[t]);
-        store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + tb[t]);
-      }
-    });
+    const std::int64_t j = cl_tile_sums(nr, len, h, aa, ba, four_rows);
     for (std::int64_t jj = j; jj < len; ++jj) scalar_column(jj, 0, nr);
     return;
   }
