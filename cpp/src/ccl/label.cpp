@@ -12,6 +12,7 @@
 //    order across stripes); the rows at stripe borders are then united serially.
 // 4. Flattening in index order gives each root the next label and each other run its parent's
 //    label (parents always have smaller indices): scipy.ndimage.label's numbering, no sort.
+//    Stripes flatten in parallel from their first label (their roots counted first).
 // 5. The output (labels, a mask or the filtered image) is written in parallel from the runs;
 //    statistics come from the runs too, in the same pass, never from a second pass over the
 //    image.
@@ -504,6 +505,73 @@ void label_stripe(const CclRequest& q, Runs<Index>& R, std::size_t stripe) {
   R.stripe_end[stripe] = cur;
 }
 
+// Replaces every run's parent by its final label, the stripes in parallel, each with the
+// labels from R.first_label[s]. Parents precede their children, so one pass in index order
+// over a stripe resolves every run whose parent lies in the stripe: roots take the next label,
+// the others their parent's. A run whose parent lies in an earlier stripe (a "head": it was
+// looked up when the stripe borders were united) gets its label beforehand, while P is still
+// read-only: the rank of its root among the roots of the root's stripe, counted per block.
+template <class Index>
+void flatten(Runs<Index>& R) {
+  constexpr int64_t kBlock = 1024;
+  const std::size_t ns = R.stripe_row.size() - 1;
+  Index* P = R.parent.get();
+  LocalVector<LocalVector<int64_t>> before(ns);  // roots of stripe s before its block k
+  LocalVector<LocalVector<int64_t>> heads(ns);   // in index order
+  for_stripes(std::int64_t(ns), [&](std::size_t s) {
+    const int64_t sb = R.stripe_begin(s), e = R.stripe_end[s];
+    LocalVector<int64_t>& counts = before[s];
+    counts.resize(std::size_t((e - sb + kBlock - 1) / kBlock + 1));
+    int64_t n = 0;
+    std::size_t k = 0;
+    for (int64_t b = sb; b < e; b += kBlock, ++k) {
+      counts[k] = n;
+      const int64_t be = min_of(b + kBlock, e);
+      Index lowest = Index(sb);
+      for (int64_t i = b; i < be; ++i) {
+        n += P[i] == Index(i);
+        lowest = min_of(lowest, P[i]);
+      }
+      if (lowest < Index(sb))
+        for (int64_t i = b; i < be; ++i)
+          if (P[i] < Index(sb)) heads[s].push_back(i);
+    }
+    counts[k] = n;
+  });
+  R.first_label.assign(ns + 1, 0);
+  int64_t count = 0;
+  for (std::size_t s = 0; s <= ns; ++s) {
+    R.first_label[s] = count + 1;
+    if (s < ns) count += before[s][before[s].size() - 1];
+  }
+  R.count = count;
+  LocalVector<LocalVector<Index>> head_labels(ns);
+  for_stripes(std::int64_t(ns), [&](std::size_t s) {
+    head_labels[s].resize(heads[s].size());
+    for (std::size_t h = 0; h < heads[s].size(); ++h) {
+      int64_t g = int64_t(P[heads[s][h]]);
+      while (int64_t(P[g]) != g) g = int64_t(P[g]);
+      std::size_t t = s;
+      while (R.stripe_begin(t) > g) --t;
+      const int64_t sb = R.stripe_begin(t), k = (g - sb) / kBlock;
+      int64_t rank = before[t][std::size_t(k)];
+      for (int64_t i = sb + k * kBlock; i < g; ++i) rank += P[i] == Index(i);
+      head_labels[s][h] = Index(R.first_label[t] + rank);
+    }
+  });
+  for_stripes(std::int64_t(ns), [&](std::size_t s) {
+    const int64_t sb = R.stripe_begin(s), e = R.stripe_end[s];
+    Index label = Index(R.first_label[s] - 1);
+    const Index* head_label = head_labels[s].data();
+    for (int64_t i = sb; i < e; ++i) {
+      const Index p = P[i];
+      if (p == Index(i)) P[i] = ++label;
+      else if (int64_t(p) >= sb) P[i] = P[p];
+      else P[i] = *head_label++;
+    }
+  });
+}
+
 // Runs every stripe in parallel, unites the borders, flattens to final labels (R.count).
 template <class Index, bool Conn8>
 void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
@@ -516,19 +584,7 @@ void label_runs(const CclRequest& q, Runs<Index>& R, int nthreads) {
     unite_rows<Index, Conn8>(R.edge.get(), P, R.row_begin[r - 1], R.row_end[r - 1],
                              R.row_begin[r], R.row_end[r]);
   }
-  // Parents precede their children, so one pass in index order resolves every label.
-  Index count = 0;
-  R.first_label.assign(ns + 1, 0);
-  for (std::size_t s = 0; s < ns; ++s) {
-    R.first_label[s] = int64_t(count) + 1;
-    const int64_t e = R.stripe_end[s];
-    for (int64_t i = R.stripe_begin(s); i < e; ++i) {
-      const Index p = P[i];
-      P[i] = p == Index(i) ? ++count : P[p];
-    }
-  }
-  R.count = count;
-  R.first_label[ns] = int64_t(count) + 1;
+  flatten(R);
 }
 
 template <class Index>
