@@ -319,6 +319,43 @@ def test_identical_for_1_2_3_threads(cpu_target, num_threads, rng):
                 np.testing.assert_array_equal(normlab.remove_small_components(img, 5, conn) != 0, kept)
 
 
+def test_large_images_in_turn_and_concurrently(num_threads, rng):
+    # Images of a million pixels or more keep their run arrays in mappings reused by later calls
+    # (whatever those calls left in them), also from several Python threads at once.
+    images = [
+        rng.random((1100, 1000)) < 0.5,
+        np.kron(rng.random((300, 350)) < 0.6, np.ones((4, 4), bool)),
+        rng.random((1024, 1030)) < 0.3,
+        np.asfortranarray(rng.random((1200, 900)) < 0.55),
+    ]
+    refs = {(k, conn): scipy_label(img, conn) for k, img in enumerate(images) for conn in CONNS}
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0, 0, 2]):
+        for k in order:
+            for conn in CONNS:
+                labels, count = normlab.label(images[k], conn)
+                ref, n = refs[(k, conn)]
+                assert count == n
+                np.testing.assert_array_equal(labels, ref)
+    import threading
+
+    failures = []
+
+    def work(start):
+        for step in range(6):
+            k, conn = (start + step) % len(images), CONNS[step % 2]
+            labels, count = normlab.label(images[k], conn)
+            ref, n = refs[(k, conn)]
+            if count != n or not np.array_equal(labels, ref):
+                failures.append((k, conn))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 # ---- statistics: as OpenCV ------------------------------------------------------------------
 
 
