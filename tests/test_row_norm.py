@@ -1,7 +1,7 @@
 """layer_norm and rms_norm, forward and backward, against float64 references.
 
 Every kernel test takes the ``cpu_target`` fixture, so it runs once per SIMD target this CPU
-supports (baseline, avx2, avx512 on x86-64). Tolerances are in normalized units: an error of
+supports (baseline, avx2, avx512, avx512bf16 on x86-64). Tolerances are in normalized units: an error of
 2e-6 in y means 2e-6 standard deviations of the row, whatever the row's scale or offset.
 """
 

@@ -99,7 +99,7 @@ def test_env_selects_baseline():
     assert "Warning" not in err
 
 
-@pytest.mark.parametrize("target", ["avx2", "avx512"])
+@pytest.mark.parametrize("target", ["avx2", "avx512", "avx512bf16"])
 def test_env_caps_at_a_supported_target(target):
     """A compiled target the CPU lacks caps to the best supported one below it."""
     code = """

@@ -8,7 +8,7 @@ build=${1:?build directory}
 objects=$(find "$build/CMakeFiles" -path '*normlab_kernels_*' -name '*.o')
 [ -n "$objects" ] || { echo "no kernel objects under $build"; exit 1; }
 shared=$(for o in $objects; do nm -C "$o" | grep -E ' [WVu] ' | sed "s|^|$o: |"; done |
-  grep -v -E 'normlab::(baseline|avx2|avx512|neon)::|DW\.ref\.__gxx_personality_v0' || true)
+  grep -v -E 'normlab::(baseline|avx2|avx512|avx512bf16|neon)::|DW\.ref\.__gxx_personality_v0' || true)
 if [ -n "$shared" ]; then
   echo "per-target objects define shared weak symbols:"; echo "$shared"; exit 1
 fi

@@ -1,8 +1,8 @@
 """SIMD target selection and threads.
 
-normlab compiles every kernel once per SIMD target (x86-64: baseline, avx2, avx512; aarch64:
-baseline, neon) and picks the best one the CPU supports at import. The environment variable
-``NORMLAB_CPU_TARGET`` caps that choice (e.g. ``NORMLAB_CPU_TARGET=avx2``).
+normlab compiles every kernel once per SIMD target (x86-64: baseline, avx2, avx512, avx512bf16;
+aarch64: baseline, neon) and picks the best one the CPU supports at import. The environment
+variable ``NORMLAB_CPU_TARGET`` caps that choice (e.g. ``NORMLAB_CPU_TARGET=avx2``).
 
 Threads: one global count shared by every calling thread, from ``OMP_NUM_THREADS`` or else the
 CPUs the process may use. Small calls run on the calling thread. ``threadpoolctl``'s

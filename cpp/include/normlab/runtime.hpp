@@ -7,7 +7,7 @@
 
 namespace normlab {
 
-// SIMD targets this build was compiled for, best last ("baseline", "avx2", "avx512", "neon").
+// SIMD targets this build was compiled for, best last ("baseline", "avx2", "avx512", "avx512bf16", "neon").
 std::vector<std::string> compiled_cpu_targets();
 // Compiled targets this CPU can run, best last.
 std::vector<std::string> supported_cpu_targets();

@@ -37,6 +37,9 @@ NL_TARGET_FILLER(avx2)
 #ifdef NL_HAVE_TARGET_AVX512
 NL_TARGET_FILLER(avx512)
 #endif
+#ifdef NL_HAVE_TARGET_AVX512BF16
+NL_TARGET_FILLER(avx512bf16)
+#endif
 #ifdef NL_HAVE_TARGET_NEON
 NL_TARGET_FILLER(neon)
 #endif
@@ -56,6 +59,9 @@ const TargetEntry kTargets[] = {
 #endif
 #ifdef NL_HAVE_TARGET_AVX512
     {"avx512", &avx512::fill},
+#endif
+#ifdef NL_HAVE_TARGET_AVX512BF16
+    {"avx512bf16", &avx512bf16::fill},
 #endif
 #ifdef NL_HAVE_TARGET_NEON
     {"neon", &neon::fill},

@@ -275,6 +275,15 @@ inline half_bits narrow_half(vfloat v) {
     __asm__("" : "+v"(h));
     return h;
   } else {
+#if defined(NL_TARGET_AVX512BF16)
+    // vcvtneps2bf16 rounds to nearest even and quiets NaN as below, but reads subnormal floats
+    // as zero: vectors holding one take the integer rounding instead.
+    if (!_mm512_fpclass_ps_mask(__m512(v), 0x20)) {
+      __m256i h = __m256i(_mm512_cvtneps_pbh(__m512(v)));
+      __asm__("" : "+v"(h));
+      return h;
+    }
+#endif
     const __m512i u = _mm512_castps_si512(__m512(v));
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
