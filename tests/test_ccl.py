@@ -319,6 +319,21 @@ def test_identical_for_1_2_3_threads(cpu_target, num_threads, rng):
                 np.testing.assert_array_equal(normlab.remove_small_components(img, 5, conn) != 0, kept)
 
 
+def test_dense_and_sparse_rows_mixed(cpu_target, num_threads, rng):
+    """Rows of many short runs (noise) and rows of few long ones (blobs) are united by different
+    code for 4-connectivity: images switching between them, down the rows and across them."""
+    for h, w in ((300, 257), (517, 130), (64, 1000)):
+        blobs = np.kron(rng.random((h // 8 + 1, w // 8 + 1)) < 0.5, np.ones((8, 8), bool))[:h, :w]
+        noise = rng.random((h, w)) < 0.5
+        down = np.where((rng.random(h) < 0.5)[:, None], noise, blobs)
+        across = np.where((np.arange(w) < w // 3)[None, :], noise, blobs)
+        for img in (down, across, np.asfortranarray(down)):
+            for threads in (1, 3):
+                normlab.set_num_threads(threads)
+                for conn in CONNS:
+                    assert_same_as_scipy(img, conn)
+
+
 def test_large_images_in_turn_and_concurrently(num_threads, rng):
     # Images of a million pixels or more keep their run arrays in mappings reused by later calls
     # (whatever those calls left in them), also from several Python threads at once.
