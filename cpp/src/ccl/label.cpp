@@ -7,6 +7,7 @@
 //    order.
 // 2. Runs touching runs of the row above (4- or 8-connectivity) are united; the root of a set is
 //    always its smallest index, i.e. the run holding the component's first pixel in raster order.
+//    Dense 4-connected rows find the touching pairs from the two rows' bits (connect_rows4).
 // 3. Row stripes do steps 1-2 in parallel, each in its own index range (the runs of a stripe
 //    starting at row r0 start at index r0 * ((cols + 1) / 2), so indices increase in raster
 //    order across stripes); the rows at stripe borders are then united serially.
