@@ -515,16 +515,16 @@ void connect_rows(const int32_t* E, Index* P, int64_t pb, int64_t pe,
   }
 }
 
+// Rows with at least this many runs per 64 columns (noise) take connect_rows4; rows of longer
+// runs cost less through connect_rows, whose branches then predict well.
+constexpr int64_t kDenseRuns = 6;
+
 // 4-connectivity from the rows' foreground bits: a run of the row and a run of the row above
 // touch exactly where both have a pixel, and each maximal stretch of columns set in both rows
 // lies in one run of each. So the pairs to unite are the starts of those stretches, found a word
 // at a time with count-trailing-zeros, each run's index being the run starts up to that column:
 // no loop whose length depends on the runs, whose branches noise mispredicts. Gives the runs
 // [cb, ...) of the row (bits) their parents, the runs of the row above (above) starting at pb.
-// Rows with at least this many runs per 64 columns (noise) take connect_rows4; rows of longer
-// runs cost less through connect_rows, whose branches then predict well.
-constexpr int64_t kDenseRuns = 6;
-
 template <class Index>
 void connect_rows4(const uint64_t* above, const uint64_t* bits, int64_t nwords, Index* P, int64_t pb,
                    int64_t cb, int64_t ce) {
