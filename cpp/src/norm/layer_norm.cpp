@@ -31,21 +31,16 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
                      bool stream) {
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
-  struct RowStats {
-    double mean, rstd;
-  };
-  blocked_rows<T, RowStats>(
-      r0, r1, n,
+  normalize_rows<T>(
+      r0, r1, n, stream, a.eps,
       [&](std::int64_t i) {
         const T* x = a.x + i * n;
-        const Moments m = residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
-        const RowStats st{m.mean, 1.0 / __builtin_sqrt(m.var + a.eps)};
-        if (a.mean) a.mean[i] = compute_t<T>(st.mean);
-        if (a.rstd) a.rstd[i] = compute_t<T>(st.rstd);
-        return st;
+        return residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
       },
-      [&](std::int64_t i, const RowStats& st) {
-        layer_norm_row<T, HasW, HasB>(rows + i * n, a.weight, a.bias, a.y + i * n, n, st.mean, st.rstd, stream);
+      [&](std::int64_t i, double mean, double rstd) {
+        if (a.mean) a.mean[i] = compute_t<T>(mean);
+        if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
+        layer_norm_row<T, HasW, HasB>(rows + i * n, a.weight, a.bias, a.y + i * n, n, mean, rstd, stream);
       });
   if (stream) stream_fence();
 }

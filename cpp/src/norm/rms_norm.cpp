@@ -16,17 +16,14 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   using V = vnative<C>;
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
-  blocked_rows<T, double>(
-      r0, r1, n,
+  normalize_rows<T>(
+      r0, r1, n, stream, a.eps,
       [&](std::int64_t i) {
         const T* x = a.x + i * n;
-        const double mean_square = residual ? row_mean_square(x, n, residual + i * n, sum + i * n)
-                                            : row_mean_square(x, n);
-        const double rstd = 1.0 / __builtin_sqrt(mean_square + a.eps);
-        if (a.rstd) a.rstd[i] = C(rstd);
-        return rstd;
+        return Moments{0.0, residual ? row_mean_square(x, n, residual + i * n, sum + i * n) : row_mean_square(x, n)};
       },
-      [&](std::int64_t i, double rstd) {
+      [&](std::int64_t i, double, double rstd) {
+        if (a.rstd) a.rstd[i] = C(rstd);
         const T* x = rows + i * n;
         const V vr = splat<V>(C(rstd));
         map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
