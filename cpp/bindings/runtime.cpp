@@ -18,18 +18,21 @@ namespace normlab::bindings {
 
 namespace {
 
-// The bytes [lo, hi) an array's elements can touch, as numpy.may_share_memory bounds them;
-// lo == hi for an empty array.
-std::pair<std::uintptr_t, std::uintptr_t> memory_extent(const py::array& a) {
-  std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(a.data());
+// The bytes [lo, hi) the elements of the NumPy array `h` can touch, as numpy.may_share_memory
+// bounds them; lo == hi for an empty array. Reads the array header only.
+std::pair<std::uintptr_t, std::uintptr_t> memory_extent(py::handle h) {
+  const py::detail::PyArray_Proxy* a = py::detail::array_proxy(h.ptr());
+  std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(a->data);
   std::uintptr_t hi = lo;
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (a.shape(i) == 0) return {lo, lo};
-    const py::ssize_t reach = (a.shape(i) - 1) * a.strides(i);
+  for (int i = 0; i < a->nd; ++i) {
+    if (a->dimensions[i] == 0) return {lo, lo};
+    const py::ssize_t reach = (a->dimensions[i] - 1) * a->strides[i];
     (reach < 0 ? lo : hi) += reach;
   }
-  return {lo, hi + std::uintptr_t(a.itemsize())};
+  return {lo, hi + std::uintptr_t(py::reinterpret_borrow<py::dtype>(a->descr).itemsize())};
 }
+
+bool is_ndarray(py::handle h) { return py::detail::npy_api::get().PyArray_Check_(h.ptr()); }
 
 }  // namespace
 
@@ -88,13 +91,17 @@ void bind_runtime(py::module_& m) {
   // None: numpy.may_share_memory's bounds test in one call for all of a call's inputs.
   m.def(
       "first_overlap",
-      [](const py::array& out, const py::tuple& inputs) -> py::object {
+      [](py::handle out, py::handle inputs) -> py::object {
+        if (!is_ndarray(out) || !PyTuple_Check(inputs.ptr()))
+          throw py::type_error("first_overlap takes an array and a tuple of (array, name) pairs");
         const auto [out_lo, out_hi] = memory_extent(out);
-        for (py::handle pair : inputs) {
-          const py::handle arr = pair[py::int_(0)];
-          if (!py::isinstance<py::array>(arr)) continue;
-          const auto [lo, hi] = memory_extent(py::reinterpret_borrow<py::array>(arr));
-          if (lo < out_hi && out_lo < hi) return pair[py::int_(1)];
+        for (py::handle pair : py::reinterpret_borrow<py::tuple>(inputs)) {
+          if (!PyTuple_Check(pair.ptr()) || PyTuple_GET_SIZE(pair.ptr()) != 2)
+            throw py::type_error("first_overlap takes (array, name) pairs");
+          const py::handle arr = PyTuple_GET_ITEM(pair.ptr(), 0);
+          if (!is_ndarray(arr)) continue;
+          const auto [lo, hi] = memory_extent(arr);
+          if (lo < out_hi && out_lo < hi) return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(pair.ptr(), 1));
         }
         return py::none();
       },
