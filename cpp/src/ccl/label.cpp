@@ -30,13 +30,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <pthread.h>
-#include <sys/mman.h>
-#endif
-
 #include "ccl/ccl_request.hpp"
 #include "dispatch/kernel_table.hpp"
+#include "memory/mappings.hpp"
 #include "parallel/parallel.hpp"
 #include "simd/vec.hpp"
 
@@ -343,66 +339,6 @@ class LocalVector {
   std::size_t size_ = 0, capacity_ = 0;
 };
 
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-// The last few run mappings, kept for the next call: labelling images in a loop would otherwise
-// fault in and clear the same pages on every call (a fifth of the time on a 4096x4096 image).
-// Their pages go back to the kernel lazily (MADV_FREE) when memory runs short. A mapping is
-// reused for any request it can hold, up to 4x its size; reservations over 1 GiB are not kept.
-class MappingCache {
- public:
-  // A kept mapping of at least `bytes` (and at most 4x), its size in `bytes`; null if none.
-  void* take(std::size_t& bytes) {
-    std::lock_guard<std::mutex> hold(lock_);
-    int best = -1;
-    for (int k = 0; k < kSlots; ++k)
-      if (ptr_[k] && size_[k] >= bytes && size_[k] / 4 <= bytes && (best < 0 || size_[k] < size_[best]))
-        best = k;
-    if (best < 0) return nullptr;
-    void* p = ptr_[best];
-    bytes = size_[best];
-    ptr_[best] = nullptr;
-    return p;
-  }
-  // Keeps p (a mapping of `bytes`) in place of the smallest kept one, or unmaps it.
-  void put(void* p, std::size_t bytes) {
-    std::lock_guard<std::mutex> hold(lock_);
-    int slot = -1;
-    for (int k = 0; k < kSlots; ++k)
-      if (slot < 0 || !ptr_[k] || (ptr_[slot] && size_[k] < size_[slot])) slot = k;
-    if (bytes > kMaxBytes || (ptr_[slot] && size_[slot] >= bytes)) {
-      munmap(p, bytes);
-      return;
-    }
-#if defined(MADV_FREE)
-    madvise(p, bytes, MADV_FREE);
-#endif
-    if (ptr_[slot]) munmap(ptr_[slot], size_[slot]);
-    ptr_[slot] = p;
-    size_[slot] = bytes;
-  }
-
- private:
-  static constexpr int kSlots = 4;
-  static constexpr std::size_t kMaxBytes = std::size_t(1) << 30;
-  std::mutex lock_;
-  void* ptr_[kSlots] = {};
-  std::size_t size_[kSlots] = {};
-};
-
-// Never destroyed: a labelling thread may still return a mapping while the process exits. A
-// fork()ed child starts a cache of its own: another thread may have held the lock at the fork.
-MappingCache* cache_instance = nullptr;
-inline MappingCache& mapping_cache() {
-  static const bool once = [] {
-    cache_instance = new MappingCache;
-    pthread_atfork(nullptr, nullptr, [] { cache_instance = new MappingCache; });
-    return true;
-  }();
-  (void)once;
-  return *cache_instance;
-}
-#endif
-
 template <class T>
 class Buffer {
  public:
@@ -414,24 +350,14 @@ class Buffer {
   void allocate(std::size_t n) {
     release();
     bytes_ = n * sizeof(T);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes_ >= kMapBytes) {
-      if (void* p = mapping_cache().take(bytes_)) {  // bytes_ becomes the mapping's size
-        data_ = static_cast<T*>(p);
-        mapped_ = true;
-        return;
-      }
-      // MAP_NORESERVE: the reservation is sized for the worst case (a run every other pixel);
-      // only the pages the runs fill are committed.
-      void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (p == MAP_FAILED) throw std::bad_alloc();
-      madvise(p, bytes_, MADV_HUGEPAGE);  // advice only: failure is harmless
-      data_ = static_cast<T*>(p);
+    if (kHaveMappings && bytes_ >= kMapBytes) {
+      // Kept from an earlier call (bytes_ becomes the mapping's size), else reserved for the
+      // worst case (a run every other pixel), only the pages the runs fill committed.
+      void* p = run_mappings().take(bytes_);
+      data_ = static_cast<T*>(p ? p : map_pages(bytes_, true));
       mapped_ = true;
       return;
     }
-#endif
     data_ = static_cast<T*>(::operator new(bytes_ ? bytes_ : 1));
   }
   T* get() const { return data_; }
@@ -441,14 +367,12 @@ class Buffer {
   static constexpr std::size_t kMapBytes = std::size_t(4) << 20;
   void release() {
     if (!data_) return;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (mapped_) {
-      mapping_cache().put(data_, bytes_);
+      run_mappings().put(data_, bytes_);
       data_ = nullptr;
       mapped_ = false;
       return;
     }
-#endif
     ::operator delete(data_);
     data_ = nullptr;
   }

@@ -1,0 +1,95 @@
+#include "memory/mappings.hpp"
+
+#include <new>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sys/mman.h>
+#endif
+
+namespace normlab {
+
+#if defined(__linux__)
+
+void* MappingCache::take(std::size_t& bytes) {
+  std::lock_guard<std::mutex> hold(lock_);
+  int best = -1;
+  for (int k = 0; k < kSlots; ++k)
+    if (ptr_[k] && size_[k] >= bytes && size_[k] / 4 <= bytes && (best < 0 || size_[k] < size_[best])) best = k;
+  if (best < 0) return nullptr;
+  void* p = ptr_[best];
+  bytes = size_[best];
+  ptr_[best] = nullptr;
+  return p;
+}
+
+void MappingCache::put(void* p, std::size_t bytes) {
+  std::lock_guard<std::mutex> hold(lock_);
+  int slot = -1;
+  for (int k = 0; k < kSlots; ++k)
+    if (slot < 0 || !ptr_[k] || (ptr_[slot] && size_[k] < size_[slot])) slot = k;
+  if (bytes > kMaxBytes || (ptr_[slot] && size_[slot] >= bytes)) {
+    munmap(p, bytes);
+    return;
+  }
+#if defined(MADV_FREE)
+  madvise(p, bytes, MADV_FREE);
+#endif
+  if (ptr_[slot]) munmap(ptr_[slot], size_[slot]);
+  ptr_[slot] = p;
+  size_[slot] = bytes;
+}
+
+namespace {
+MappingCache* run_cache = nullptr;
+MappingCache* output_cache = nullptr;
+
+void make_caches() {
+  run_cache = new MappingCache;
+  output_cache = new MappingCache;
+}
+
+void ensure_caches() {
+  static const bool once = [] {
+    make_caches();
+    pthread_atfork(nullptr, nullptr, make_caches);
+    return true;
+  }();
+  (void)once;
+}
+}  // namespace
+
+MappingCache& run_mappings() {
+  ensure_caches();
+  return *run_cache;
+}
+
+MappingCache& output_mappings() {
+  ensure_caches();
+  return *output_cache;
+}
+
+void* map_pages(std::size_t bytes, bool noreserve) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (noreserve ? MAP_NORESERVE : 0),
+                 -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  return p;
+}
+
+#else
+
+void* MappingCache::take(std::size_t&) { return nullptr; }
+void MappingCache::put(void*, std::size_t) {}
+MappingCache& run_mappings() {
+  static MappingCache* cache = new MappingCache;
+  return *cache;
+}
+MappingCache& output_mappings() { return run_mappings(); }
+void* map_pages(std::size_t, bool) { throw std::bad_alloc(); }
+
+#endif
+
+}  // namespace normlab

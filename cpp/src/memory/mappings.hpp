@@ -1,0 +1,43 @@
+// Anonymous page mappings for large arrays, and the last few of them kept for the next call:
+// a loop that allocates the same large array every call would otherwise fault in and clear
+// the same pages every time. Kept mappings go back to the kernel lazily (MADV_FREE) when
+// memory runs short. Linux only (kHaveMappings); elsewhere callers use plain allocations.
+#pragma once
+
+#include <cstddef>
+#include <mutex>
+
+namespace normlab {
+
+#if defined(__linux__)
+constexpr bool kHaveMappings = true;
+#else
+constexpr bool kHaveMappings = false;
+#endif
+
+class MappingCache {
+ public:
+  // A kept mapping of at least `bytes` (and at most 4x), its size in `bytes`; null if none.
+  void* take(std::size_t& bytes);
+  // Keeps p (a mapping of `bytes`) in place of the smallest kept one, or unmaps it.
+  void put(void* p, std::size_t bytes);
+
+ private:
+  static constexpr int kSlots = 4;
+  static constexpr std::size_t kMaxBytes = std::size_t(1) << 30;  // larger ones are not kept
+  std::mutex lock_;
+  void* ptr_[kSlots] = {};
+  std::size_t size_[kSlots] = {};
+};
+
+// The caches of labelling's run arrays and of the arrays normlab returns to Python. Never
+// destroyed: a thread may still return a mapping while the process exits. A fork()ed child
+// starts caches of its own: another thread may have held a lock at the fork.
+MappingCache& run_mappings();
+MappingCache& output_mappings();
+
+// A fresh anonymous mapping of `bytes` with huge pages advised (advice only); with noreserve,
+// only the pages written are committed. Throws std::bad_alloc when the kernel refuses.
+void* map_pages(std::size_t bytes, bool noreserve);
+
+}  // namespace normlab
