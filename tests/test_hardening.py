@@ -12,6 +12,7 @@ import pytest
 
 import normlab
 from exercise_all import calls, public_functions
+from together import run_together
 
 FORK_TIMEOUT_S = 120
 
@@ -84,24 +85,15 @@ def test_eight_python_threads_match_serial_calls_and_thread_count_stays_bounded(
     normlab.set_num_threads(2)
     expected = {size: _results(size) for size in ("small", "large")}
     before = _os_threads()
-    results, errors, peak = [], [], [0]
-    start = threading.Barrier(8)
+    results, peak = [], [0]
 
     def work():
-        try:
-            start.wait()
-            for _ in range(3):
-                for size in ("large", "small"):
-                    results.append((size, _results(size)))
-                    peak[0] = max(peak[0], _os_threads())
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for _ in range(3):
+            for size in ("large", "small"):
+                results.append((size, _results(size)))
+                peak[0] = max(peak[0], _os_threads())
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    errors = run_together(work, 8)
     assert not errors, errors
     assert len(results) == 8 * 3 * 2
     for size, got in results:

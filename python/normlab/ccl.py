@@ -151,7 +151,7 @@ def label(image, connectivity=8, *, background=0, dtype=None, out=None, return_s
     want_stats = _flag(return_stats, "return_stats")
     dt = _label_dtype(dtype, image, out)
     if out is None:
-        labels = np.empty(image.shape, dt)
+        labels = _core.empty_result(image.shape, dt)
     else:
         labels = _output(out, "out", dt, image.shape, image)
     count, stats = _core.ccl_label(image, bits, conn, labels, want_stats)
@@ -215,7 +215,7 @@ def largest_component(image, connectivity=8, *, background=0, out=None):
     conn = _connectivity(connectivity)
     bits = _background_bits(image, background)
     dt = np.dtype(bool)
-    mask = np.empty(image.shape, dt) if out is None else _output(out, "out", dt, image.shape, image)
+    mask = _core.empty_result(image.shape, dt) if out is None else _output(out, "out", dt, image.shape, image)
     _core.ccl_largest_component(image, bits, conn, mask)
     return mask
 
@@ -240,7 +240,7 @@ def remove_small_components(image, min_size, connectivity=8, *, background=0, ou
     conn = _connectivity(connectivity)
     bits = _background_bits(image, background)
     if out is None:
-        result = np.empty(image.shape, image.dtype)
+        result = _core.empty_result(image.shape, image.dtype)
     else:
         result = _output(out, "out", image.dtype, image.shape, image, allow_same=True)
     _core.ccl_remove_small_components(image, bits, min_size, conn, result)

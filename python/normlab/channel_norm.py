@@ -167,7 +167,7 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
         bias = param_input(bias, "bias", dtype, (c,))
     inputs = ((x_in, "x"), (weight, "weight"), (bias, "bias"))
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, inputs)
     if running_mean is not None:
@@ -258,7 +258,7 @@ def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats
     if bias is not None:
         bias = param_input(bias, "bias", dtype, (c,))
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
@@ -273,7 +273,7 @@ def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats
 def _gradients(out, dtype, shape, c, weight, originals):
     """dx (new, or `out` checked against the caller's arrays) and, with a weight, dweight/dbias
     of the weight's (kernel) dtype."""
-    dx = np.empty(shape, dtype) if out is None else output(out, "out", dtype, shape, originals)
+    dx = _core.empty_result(shape, dtype) if out is None else output(out, "out", dtype, shape, originals)
     if weight is None:
         return dx, None, None
     return dx, np.empty(c, weight.dtype), np.empty(c, weight.dtype)

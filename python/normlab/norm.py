@@ -16,7 +16,8 @@ Data handling, common to every function here:
   dweight/dbias come back in the weight's dtype.
 * Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
   array of the right dtype and shape that does not overlap an input. Nothing is ever written to
-  a temporary and copied back.
+  a temporary and copied back. New results of 32 MiB or more are pages normlab maps itself and
+  reuses once the result is freed (the array's ``base`` owns them).
 * Statistics are accumulated in float64 with shifted sums, so float32 results stay accurate
   when |mean| >> std. Results are bitwise identical for every thread count.
 * The GIL is released while a kernel runs (for all but tiny calls).
@@ -106,7 +107,7 @@ def layer_norm(
     if bias is not None:
         bias = param_input(bias, "bias", dtype, normalized)
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight"), (bias, "bias")))
     if return_stats is True or flag(return_stats, "return_stats"):
@@ -162,7 +163,7 @@ def _layer_norm_backward(dy, x, mean, rstd, weight, ds, axis, out, x_name):
     weight_in, weight = weight, param_input(weight, "weight", dtype, normalized)
     ds = None if ds is None else like_input(ds, "ds", dtype, shape)
     if out is None:
-        dx = np.empty(shape, dtype)
+        dx = _core.empty_result(shape, dtype)
     else:
         dx = output(out, "out", dtype, shape, originals)
     dweight = dbias = None
@@ -214,7 +215,7 @@ def rms_norm(
     if weight is not None:
         weight = param_input(weight, "weight", dtype, normalized)
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (weight, "weight")))
     if return_stats is True or flag(return_stats, "return_stats"):
@@ -265,7 +266,7 @@ def _rms_norm_backward(dy, x, rstd, weight, ds, axis, out, x_name):
     weight_in, weight = weight, param_input(weight, "weight", dtype, normalized)
     ds = None if ds is None else like_input(ds, "ds", dtype, shape)
     if out is None:
-        dx = np.empty(shape, dtype)
+        dx = _core.empty_result(shape, dtype)
     else:
         dx = output(out, "out", dtype, shape, originals)
     dweight = None if weight is None else np.empty(normalized, weight.dtype)
@@ -284,7 +285,7 @@ def _sum_output(sum_out, x_in, residual_in, shape, dtype, others):
     """A new array for x + residual, or sum_out: x or residual itself (updated in place), or an
     array that overlaps no input."""
     if sum_out is None:
-        return np.empty(shape, dtype)
+        return _core.empty_result(shape, dtype)
     in_place = any(
         sum_out is a
         or (
@@ -344,7 +345,7 @@ def add_layer_norm(
     params = ((weight, "weight"), (bias, "bias"))
     s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
     if flag(return_stats, "return_stats"):
@@ -405,7 +406,7 @@ def add_rms_norm(
     params = ((weight, "weight"),)
     s = _sum_output(sum_out, x_in, residual_in, shape, dtype, params)
     if out is None:
-        y = np.empty(shape, dtype)
+        y = _core.empty_result(shape, dtype)
     else:
         y = output(out, "out", dtype, shape, ((x_in, "x"), (residual_in, "residual"), (s, "sum_out")) + params)
     if flag(return_stats, "return_stats"):
