@@ -64,8 +64,7 @@ py::array empty_result(const std::vector<py::ssize_t>& shape, const py::dtype& d
   }
   if (!kHaveMappings || bytes < kMappedResultBytes) return py::array(dtype, shape);
   std::size_t mapped = bytes;
-  void* data = output_mappings().take(mapped);
-  if (!data) data = map_pages(mapped, false);
+  void* data = output_mappings().get(mapped, false);
   ResultPages* pages = new ResultPages{data, mapped};
   py::capsule owner(pages, [](void* p) {
     const ResultPages* pages = static_cast<const ResultPages*>(p);

@@ -353,8 +353,7 @@ class Buffer {
     if (kHaveMappings && bytes_ >= kMapBytes) {
       // Kept from an earlier call (bytes_ becomes the mapping's size), else reserved for the
       // worst case (a run every other pixel), only the pages the runs fill committed.
-      void* p = run_mappings().take(bytes_);
-      data_ = static_cast<T*>(p ? p : map_pages(bytes_, true));
+      data_ = static_cast<T*>(run_mappings().get(bytes_, true));
       mapped_ = true;
       return;
     }

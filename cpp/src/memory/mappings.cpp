@@ -92,4 +92,9 @@ void* map_pages(std::size_t, bool) { throw std::bad_alloc(); }
 
 #endif
 
+void* MappingCache::get(std::size_t& bytes, bool noreserve) {
+  void* p = take(bytes);
+  return p ? p : map_pages(bytes, noreserve);
+}
+
 }  // namespace normlab

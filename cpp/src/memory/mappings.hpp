@@ -17,12 +17,14 @@ constexpr bool kHaveMappings = false;
 
 class MappingCache {
  public:
-  // A kept mapping of at least `bytes` (and at most 4x), its size in `bytes`; null if none.
-  void* take(std::size_t& bytes);
+  // A kept mapping of at least `bytes` (and at most 4x; `bytes` becomes its size), else a fresh
+  // one from map_pages(bytes, noreserve).
+  void* get(std::size_t& bytes, bool noreserve);
   // Keeps p (a mapping of `bytes`) in place of the smallest kept one, or unmaps it.
   void put(void* p, std::size_t bytes);
 
  private:
+  void* take(std::size_t& bytes);  // the kept part of get(); null if none fits
   static constexpr int kSlots = 4;
   static constexpr std::size_t kMaxBytes = std::size_t(1) << 30;  // larger ones are not kept
   std::mutex lock_;
