@@ -32,7 +32,7 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
   normalize_rows<T>(
-      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), stream, a.eps,
+      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
       [&](std::int64_t i) {
         const T* x = a.x + i * n;
         return residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);

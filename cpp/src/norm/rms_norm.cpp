@@ -17,7 +17,7 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
   normalize_rows<T>(
-      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), stream, a.eps,
+      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
       [&](std::int64_t i) {
         const T* x = a.x + i * n;
         return Moments{0.0, residual ? row_mean_square(x, n, residual + i * n, sum + i * n) : row_mean_square(x, n)};

@@ -8,6 +8,7 @@
 #include <new>
 #include <type_traits>
 
+#include "parallel/parallel.hpp"
 #include "parallel/parallel_for.hpp"
 #include "simd/vec.hpp"
 
@@ -213,10 +214,11 @@ constexpr std::int64_t kRowBlock = 8;
 constexpr std::int64_t kBlockedFloatBytes = std::int64_t(16) << 20;
 
 template <class T, class MomentsFn, class ApplyFn>
-void normalize_rows(std::int64_t r0, std::int64_t r1, std::int64_t n, std::int64_t data_bytes, bool stream,
-                    double eps, const MomentsFn& moments, const ApplyFn& apply) {
+void normalize_rows(std::int64_t r0, std::int64_t r1, std::int64_t n, std::int64_t data_bytes, double eps,
+                    const MomentsFn& moments, const ApplyFn& apply) {
   const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
-  if (kHalf<T> ? block_bytes <= 16384 : !stream && data_bytes <= kBlockedFloatBytes && block_bytes <= 8192) {
+  const bool streamed = data_bytes >= stream_min_bytes();
+  if (kHalf<T> ? block_bytes <= 16384 : !streamed && data_bytes <= kBlockedFloatBytes && block_bytes <= 8192) {
     double mean[kRowBlock], rstd[kRowBlock];
     for (std::int64_t i = r0; i < r1; i += kRowBlock) {
       const std::int64_t nb = r1 - i < kRowBlock ? r1 - i : kRowBlock;
