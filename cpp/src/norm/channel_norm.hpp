@@ -356,9 +356,13 @@ template <class T>
 constexpr bool kFloatSums = NL_VEC_BYTES > 0 && std::is_same<compute_t<T>, float>::value;
 
 #if NL_VEC_BYTES
+// Channels-last float sums add this many rows per lane in float before widening them into
+// double: the widening (conversions and double additions) cost as much as the float sums at 4.
+constexpr std::int64_t kFloatRows = 8;
+
 // The register tiles of channels-last float sums over nr rows of len columns (row stride len)
 // that fit one tile: for each tile of NV float vectors at column j0, group(nv, e0, rows, c, s, q)
-// gives the float sums s, q of up to four rows from element e0, c being the tile's per-column
+// gives the float sums s, q of up to kFloatRows rows from element e0, c being the tile's per-column
 // constants from k; they are widened into double sums kept in registers for the whole run,
 // then added into sa/qa. Returns the first column left for scalar code.
 template <class Group>
@@ -374,9 +378,9 @@ __attribute__((always_inline)) inline std::int64_t cl_tile_sums(std::int64_t nr,
       c[t] = load<V>(k + j0 + t * L);
       ds[2 * t] = ds[2 * t + 1] = dq[2 * t] = dq[2 * t + 1] = vwide{};
     }
-    for (std::int64_t r = 0; r < nr; r += 4) {
+    for (std::int64_t r = 0; r < nr; r += kFloatRows) {
       V sv[NV], qv[NV];
-      group(nv, r * len + j0, nr - r < 4 ? int(nr - r) : 4, c, sv, qv);
+      group(nv, r * len + j0, nr - r < kFloatRows ? int(nr - r) : int(kFloatRows), c, sv, qv);
       for (int t = 0; t < NV; ++t) {
         ds[2 * t] += widen_low(sv[t]);
         ds[2 * t + 1] += widen_high(sv[t]);
@@ -428,7 +432,7 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
 
 // Channels-last shifted sums in float lanes: nr rows of len elements at xb (row stride len),
 // columns lined up with the float shifts kf; sa[j] += sum (x - k), qa[j] += sum (x - k)^2 for
-// j < len. Four rows at a time are summed in float and widened into the double sums (rows that
+// j < len. kFloatRows rows at a time are summed in float and widened into the double sums (rows that
 // fit one register tile: see cl_float_sums_tile). Returns false (nothing done) where T's sums
 // are not float. Not inlined: inlined into set_moments, it slowed the row-major loop by 5-8%.
 template <class T>
@@ -447,8 +451,8 @@ __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::
       store(a + kWide, load<vwide>(a + kWide) + widen_high(v));
     };
     std::int64_t r = 0;
-    for (; r < nr; r += 4) {
-      const int rows = nr - r < 4 ? int(nr - r) : 4;
+    for (; r < nr; r += kFloatRows) {
+      const int rows = nr - r < kFloatRows ? int(nr - r) : int(kFloatRows);
       const T* xr = xb + r * len;
       std::int64_t j = 0;
       for (; j + L <= len; j += L) {
@@ -797,10 +801,10 @@ inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, doub
 }
 
 // Channels-last gradient sums of float data on SIMD targets (kFloatGradSums): aa[j] += sum dy
-// and ba[j] += sum dy * (x - h[j]) over nr rows of len elements (row stride len), four rows at a
-// time in float, then widened into double sums: kept in registers for the whole run when the
-// row fits one register tile (the rows are then read in order), else added into aa/ba every
-// four rows. Out of line, as cl_float_sums.
+// and ba[j] += sum dy * (x - h[j]) over nr rows of len elements (row stride len), kFloatRows
+// rows at a time in float, then widened into double sums: kept in registers for the whole run
+// when the row fits one register tile (the rows are then read in order), else added into aa/ba
+// every kFloatRows rows. Out of line, as cl_float_sums.
 template <class T>
 __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std::int64_t nr, std::int64_t len,
                                                   const float* h, double* aa, double* ba) {
@@ -819,7 +823,7 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
     ba[j] += sb;
   };
   // sum dy and sum dy * (x - h) of `rows` rows from element e0, over NV vectors of columns.
-  auto four_rows = [&](auto nv, std::int64_t e0, int rows, const V* hv, V* sa, V* sb) {
+  auto float_rows = [&](auto nv, std::int64_t e0, int rows, const V* hv, V* sa, V* sb) {
     constexpr int NV = decltype(nv)::value;
     for (int t = 0; t < NV; ++t) {
       const V g = load<V>(db + e0 + t * L);
@@ -835,17 +839,17 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
       }
   };
   if (len <= kTile * L) {
-    const std::int64_t j = cl_tile_sums(nr, len, h, aa, ba, four_rows);
+    const std::int64_t j = cl_tile_sums(nr, len, h, aa, ba, float_rows);
     for (std::int64_t jj = j; jj < len; ++jj) scalar_column(jj, 0, nr);
     return;
   }
-  for (std::int64_t r = 0; r < nr; r += 4) {
-    const int rows = nr - r < 4 ? int(nr - r) : 4;
+  for (std::int64_t r = 0; r < nr; r += kFloatRows) {
+    const int rows = nr - r < kFloatRows ? int(nr - r) : int(kFloatRows);
     std::int64_t j = 0;
     for (; j + L <= len; j += L) {
       const V hv = load<V>(h + j);
       V sa, sb;
-      four_rows(nv_t<1>{}, r * len + j, rows, &hv, &sa, &sb);
+      float_rows(nv_t<1>{}, r * len + j, rows, &hv, &sa, &sb);
       store(aa + j, load<vwide>(aa + j) + widen_low(sa));
       store(aa + j + kWide, load<vwide>(aa + j + kWide) + widen_high(sa));
       store(ba + j, load<vwide>(ba + j) + widen_low(sb));
