@@ -366,6 +366,11 @@ BACKWARD_CASES = [
     ((2, 3, 5), (-2, -1)),
     ((4, 6, 17), -1),
     ((9,), -1),
+    # rows of 1-4 whole vectors with weight keep their column sums in registers, 8 rows a stage
+    ((600, 64), -1),
+    ((530, 48), -1),
+    ((520, 32), -1),
+    ((515, 24), -1),
 ]
 
 
@@ -545,7 +550,7 @@ def _all_results(norm, x, dy, weight, bias):
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096)])
+@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 64), (1000, 32)])
 def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, norm, dtype, shape):
     x = make_x(rng, shape, dtype, offset=3.0)
     dy = make_x(rng, shape, dtype)

@@ -16,6 +16,17 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
+// lane_sum() inlined: a call in a loop that keeps vectors in registers spills them all.
+template <class V>
+__attribute__((always_inline)) inline double lane_sum_inline(V v) {
+  constexpr int n = int(sizeof(V) / sizeof(v[0]));
+  double a[n];
+  for (int i = 0; i < n; ++i) a[i] = v[i];
+  for (int w = n / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+
 struct Moments {
   double mean;
   double var;  // biased
@@ -301,10 +312,11 @@ constexpr std::int64_t kStageRows = 8;
 // adds its column contributions to (null when nsums == 0), then stores the column sums in
 // outs[0..nsums). With sums, rows go in blocks fixed by the shape, each block's rows in order
 // into its own stage and double partial, and blocks are added in order: no result depends on
-// the thread count.
-template <class T, class Row>
-void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* const* outs,
-                           int nthreads, const Row& row) {
+// the thread count. With a stage_rows(i0, i1, stage) callable, that runs the rows of each
+// stage (up to kStageRows, in order) instead of row.
+template <class T, class Row, class StageRows = std::nullptr_t>
+void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* const* outs, int nthreads,
+                           const Row& row, const StageRows& stage_rows = nullptr) {
   if (nsums == 0 || rows == 0) {
     parallel_ranges(rows, nthreads, [&](std::int64_t r0, std::int64_t r1) {
       for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<T*>(nullptr));
@@ -329,13 +341,21 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
       stage[j] = T(0);
     }
     const std::int64_t r0 = rows * b / nb, r1 = rows * (b + 1) / nb;
-    for (std::int64_t i = r0; i < r1; ++i) {
-      row(i, stage);
-      if ((i - r0) % kStageRows == kStageRows - 1 || i == r1 - 1) {
-        for (std::int64_t j = 0; j < stride; ++j) {
-          partial[j] += double(stage[j]);
-          stage[j] = T(0);
-        }
+    auto flush = [&] {
+      for (std::int64_t j = 0; j < stride; ++j) {
+        partial[j] += double(stage[j]);
+        stage[j] = T(0);
+      }
+    };
+    if constexpr (!std::is_same<StageRows, std::nullptr_t>::value) {
+      for (std::int64_t i = r0; i < r1; i += kStageRows) {
+        stage_rows(i, r1 - i < kStageRows ? r1 : i + kStageRows, stage);
+        flush();
+      }
+    } else {
+      for (std::int64_t i = r0; i < r1; ++i) {
+        row(i, stage);
+        if ((i - r0) % kStageRows == kStageRows - 1 || i == r1 - 1) flush();
       }
     }
   });
@@ -516,6 +536,48 @@ struct RowBackward {
       }
     }
   }
+
+  // run_f32 of a row of NV whole vectors (n == NV * lanes, NV <= kFlushEvery) with weight, its
+  // stage in registers s0 (dweight) and s1 (dbias) across rows; x * rstd and dy * w are kept
+  // from the sums to the output. The same arithmetic as run_f32, so the same results.
+  template <int NV>
+  __attribute__((always_inline)) void run_f32_narrow(const vnative<float> (&wv)[NV], vnative<float> (&s0)[NV],
+                                                     vnative<float> (&s1)[NV]) const {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    static_assert(NV <= kFlushEvery, "one flush of the float sums per row");
+    const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
+    V xh[NV], d[NV], g[NV];
+    V sg{}, sgx{};
+    for (int t = 0; t < NV; ++t) {
+      __builtin_prefetch(x + t * L + kPrefetchFloats);
+      __builtin_prefetch(dy + t * L + kPrefetchFloats);
+      xh[t] = load<V>(x + t * L);
+      if constexpr (Centered) xh[t] -= vm;
+      xh[t] *= vr;
+      d[t] = load<V>(dy + t * L);
+      g[t] = d[t] * wv[t];
+      if constexpr (Centered) sg += g[t];
+      sgx = fmadd(g[t], xh[t], sgx);
+    }
+    vwide dsg{}, dsgx{};
+    if constexpr (Centered) dsg += widen_sum(sg);
+    dsgx += widen_sum(sgx);
+    const double tg = 0, tgx = 0, inv_n = 1.0 / double(n);  // run_f32's scalar tail sums: none here
+    double c0 = Centered ? (lane_sum_inline(dsg) + tg) * inv_n : 0.0;
+    double c1 = (lane_sum_inline(dsgx) + tgx) * inv_n;
+    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);
+    const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
+    for (int t = 0; t < NV; ++t) {
+      V gv = g[t];
+      if constexpr (Centered) gv -= vc0;
+      V out = vr * gv - vk1 * xh[t];
+      if (ds) out += load<V>(ds + t * L);
+      store(dx + t * L, out);
+      s0[t] = fmadd(d[t], xh[t], s0[t]);
+      if constexpr (Centered) s1[t] += d[t];
+    }
+  }
 #endif
 
   void run(C* stage) const {
@@ -533,12 +595,44 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
                        T* dx, C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
   auto run = [&](auto has_weight, int nsums, C* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
-    rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, [&](std::int64_t i, C* stage) {
-      const RowBackward<Centered, HasW, T> row{dy + i * n,      x + i * n,     w,
-                                               dx + i * n,      n,             Centered ? double(mean[i]) : 0.0,
-                                               double(rstd[i]), ds ? ds + i * n : nullptr};
-      row.run(stage);
-    });
+    using Row = RowBackward<Centered, HasW, T>;
+    auto row_at = [&](std::int64_t i) __attribute__((always_inline)) {
+      return Row{dy + i * n,      x + i * n, w, dx + i * n, n, Centered ? double(mean[i]) : 0.0,
+                 double(rstd[i]), ds ? ds + i * n : nullptr};
+    };
+    auto row = [&](std::int64_t i, C* stage) { row_at(i).run(stage); };
+#if NL_VEC_BYTES
+    // Float rows of up to kFlushEvery whole vectors keep weight and stage in registers.
+    if constexpr (HasW && std::is_same<T, float>::value) {
+      constexpr int L = kLanes<float>;
+      bool done = false;
+      auto narrow_rows = [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        if (done || n != NV * L) return;
+        done = true;
+        rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row, [&](std::int64_t i0, std::int64_t i1, C* stage) {
+          using V = vnative<float>;
+          V wv[NV], s0[NV], s1[NV];
+          for (int t = 0; t < NV; ++t) {
+            wv[t] = load<V>(w + t * L);
+            s0[t] = load<V>(stage + t * L);
+            s1[t] = Centered ? load<V>(stage + n + t * L) : V{};
+          }
+          for (std::int64_t i = i0; i < i1; ++i) row_at(i).template run_f32_narrow<NV>(wv, s0, s1);
+          for (int t = 0; t < NV; ++t) {
+            store(stage + t * L, s0[t]);
+            if constexpr (Centered) store(stage + n + t * L, s1[t]);
+          }
+        });
+      };
+      narrow_rows(std::integral_constant<int, 1>());
+      narrow_rows(std::integral_constant<int, 2>());
+      narrow_rows(std::integral_constant<int, 3>());
+      narrow_rows(std::integral_constant<int, 4>());
+      if (done) return;
+    }
+#endif
+    rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row);
   };
   if (w) {
     C* const outs[2] = {dweight, dbias};
