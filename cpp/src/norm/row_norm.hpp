@@ -537,9 +537,9 @@ struct RowBackward {
     }
   }
 
-  // run_f32 of a row of NV whole vectors (n == NV * lanes, NV <= kFlushEvery) with weight, its
-  // stage in registers s0 (dweight) and s1 (dbias) across rows; x * rstd and dy * w are kept
-  // from the sums to the output. The same arithmetic as run_f32, so the same results.
+  // run_f32 of a row of NV whole vectors (n == NV * lanes, NV <= kFlushEvery), with weight wv
+  // its stage in registers s0 (dweight) and s1 (dbias) across rows; x * rstd and dy * w are
+  // kept from the sums to the output. The same arithmetic as run_f32, so the same results.
   template <int NV>
   __attribute__((always_inline)) void run_f32_narrow(const vnative<float> (&wv)[NV], vnative<float> (&s0)[NV],
                                                      vnative<float> (&s1)[NV]) const {
@@ -556,7 +556,8 @@ struct RowBackward {
       if constexpr (Centered) xh[t] -= vm;
       xh[t] *= vr;
       d[t] = load<V>(dy + t * L);
-      g[t] = d[t] * wv[t];
+      g[t] = d[t];
+      if constexpr (HasW) g[t] *= wv[t];
       if constexpr (Centered) sg += g[t];
       sgx = fmadd(g[t], xh[t], sgx);
     }
@@ -574,8 +575,10 @@ struct RowBackward {
       V out = vr * gv - vk1 * xh[t];
       if (ds) out += load<V>(ds + t * L);
       store(dx + t * L, out);
-      s0[t] = fmadd(d[t], xh[t], s0[t]);
-      if constexpr (Centered) s1[t] += d[t];
+      if constexpr (HasW) {
+        s0[t] = fmadd(d[t], xh[t], s0[t]);
+        if constexpr (Centered) s1[t] += d[t];
+      }
     }
   }
 #endif
@@ -602,16 +605,25 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
     };
     auto row = [&](std::int64_t i, C* stage) { row_at(i).run(stage); };
 #if NL_VEC_BYTES
-    // Float rows of up to kFlushEvery whole vectors keep weight and stage in registers.
-    if constexpr (HasW && std::is_same<T, float>::value) {
+    // Float rows of up to kFlushEvery whole vectors keep them in registers between the passes,
+    // with weight also the weight and the stage.
+    if constexpr (std::is_same<T, float>::value) {
       constexpr int L = kLanes<float>;
       bool done = false;
       auto narrow_rows = [&](auto nv) {
         constexpr int NV = decltype(nv)::value;
         if (done || n != NV * L) return;
         done = true;
+        using V = vnative<float>;
+        if constexpr (!HasW) {
+          rows_with_column_sums<C>(rows, n, 0, outs, nthreads, [&](std::int64_t i, C*) {
+            const V none[NV] = {};
+            V unused0[NV], unused1[NV];
+            row_at(i).template run_f32_narrow<NV>(none, unused0, unused1);
+          });
+          return;
+        }
         rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row, [&](std::int64_t i0, std::int64_t i1, C* stage) {
-          using V = vnative<float>;
           V wv[NV], s0[NV], s1[NV];
           for (int t = 0; t < NV; ++t) {
             wv[t] = load<V>(w + t * L);
