@@ -366,7 +366,8 @@ BACKWARD_CASES = [
     ((2, 3, 5), (-2, -1)),
     ((4, 6, 17), -1),
     ((9,), -1),
-    # rows of 1-4 whole vectors with weight keep their column sums in registers, 8 rows a stage
+    # rows of 1-4 whole vectors stay in registers between the passes (with weight, so do the
+    # column sums over each stage of 8 rows)
     ((600, 64), -1),
     ((530, 48), -1),
     ((520, 32), -1),

@@ -16,17 +16,6 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
-// lane_sum() inlined: a call in a loop that keeps vectors in registers spills them all.
-template <class V>
-__attribute__((always_inline)) inline double lane_sum_inline(V v) {
-  constexpr int n = int(sizeof(V) / sizeof(v[0]));
-  double a[n];
-  for (int i = 0; i < n; ++i) a[i] = v[i];
-  for (int w = n / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-
 struct Moments {
   double mean;
   double var;  // biased

@@ -64,15 +64,20 @@ template <class V, class S>
 inline V splat(S s) {
   return V{} + s;
 }
-// Sum of a vector's lanes by halving: a fixed order, log-depth.
+// Sum of a vector's lanes by halving: a fixed order, log-depth. lane_sum_inline is the same sum
+// always inlined, for loops that keep vectors in registers (a call spills them all).
 template <class V>
-inline double lane_sum(V v) {
+__attribute__((always_inline)) inline double lane_sum_inline(V v) {
   constexpr int n = int(sizeof(V) / sizeof(v[0]));
   double a[n];
   for (int i = 0; i < n; ++i) a[i] = v[i];
   for (int w = n / 2; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) a[i] += a[i + w];
   return a[0];
+}
+template <class V>
+inline double lane_sum(V v) {
+  return lane_sum_inline(v);
 }
 
 // a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
