@@ -553,7 +553,8 @@ struct RowBackward {
     vwide dsg{}, dsgx{};
     if constexpr (Centered) dsg += widen_sum(sg);
     dsgx += widen_sum(sgx);
-    const double tg = 0, tgx = 0, inv_n = 1.0 / double(n);  // run_f32's scalar tail sums: none here
+    // run_f32's scalar tail sums, empty here but still added: + 0.0 turns a -0 sum into +0 there.
+    const double tg = 0, tgx = 0, inv_n = 1.0 / double(n);
     double c0 = Centered ? (lane_sum_inline(dsg) + tg) * inv_n : 0.0;
     double c1 = (lane_sum_inline(dsgx) + tgx) * inv_n;
     if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);
