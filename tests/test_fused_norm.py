@@ -9,7 +9,7 @@ import normlab
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-SHAPES = [(1, 1), (7, 3), (33, 70), (5, 4, 17), (64, 1030)]
+SHAPES = [(1, 1), (7, 3), (33, 70), (5, 4, 17), (64, 1030), (37, 48), (9, 32)]
 
 
 def _inputs(rng, shape, dtype, offset=0.0):
@@ -47,10 +47,11 @@ def test_add_rms_norm_equals_add_then_rms_norm(cpu_target, rng, dtype, shape):
     assert np.array_equal(y, y_ref) and np.array_equal(rstd, rstd_ref)
 
 
+@pytest.mark.parametrize("shape", [(9, 40), (13, 32)])
 @pytest.mark.parametrize("which", ["x", "residual"])
 @pytest.mark.parametrize("fused", ["layer", "rms"])
-def test_sum_out_may_be_x_or_residual(cpu_target, rng, which, fused):
-    x, r, w, b = _inputs(rng, (9, 40), np.float32)
+def test_sum_out_may_be_x_or_residual(cpu_target, rng, which, fused, shape):
+    x, r, w, b = _inputs(rng, shape, np.float32)
     expected_s = x + r
     expected_y = normlab.layer_norm(expected_s, w, b) if fused == "layer" else normlab.rms_norm(expected_s, w)
     target = x if which == "x" else r

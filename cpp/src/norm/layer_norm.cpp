@@ -8,14 +8,15 @@ namespace NL_TARGET {
 namespace {
 
 // y = (x - mean) * rstd * w + b over one row, in C = compute_t<T>. mean is split into a C-sized
-// head and tail so that x - mean keeps its digits in float even when |mean| >> std.
-template <class T, bool HasW, bool HasB, class C = compute_t<T>>
+// head and tail so that x - mean keeps its digits in float even when |mean| >> std. NV > 0: a
+// narrow row (with_narrow_rows).
+template <class T, bool HasW, bool HasB, int NV, class C = compute_t<T>>
 void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, double mean,
                     double rstd, bool stream) {
   using V = vnative<C>;
   const C head = C(mean), tail = C(mean - double(head));
   const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(C(rstd));
-  map_row(y, n, stream, [&](std::int64_t j, int count) {
+  map_row<NV>(y, n, stream, [&](std::int64_t j, int count) {
     const V d = (load_n(x + j, count) - vhead) - vtail;
     V scale = vr;
     if constexpr (HasW) scale *= load_n(w + j, count);
@@ -26,33 +27,33 @@ void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, do
 
 // Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual
 // written to a.sum first (the row is then normalized from cache).
-template <class T, bool HasW, bool HasB>
+template <class T, bool HasW, bool HasB, int NV>
 void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                      bool stream) {
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
-  normalize_rows<T>(
-      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
-      [&](std::int64_t i) {
-        const T* x = a.x + i * n;
-        return residual ? row_moments(x, n, residual + i * n, sum + i * n) : row_moments(x, n);
-      },
-      [&](std::int64_t i, double mean, double rstd) {
-        if (a.mean) a.mean[i] = compute_t<T>(mean);
-        if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
-        layer_norm_row<T, HasW, HasB>(rows + i * n, a.weight, a.bias, a.y + i * n, n, mean, rstd, stream);
-      });
+  normalize_rows<true, NV>(a.x, residual, sum, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
+                           [&](std::int64_t i, double mean, double rstd) {
+                             if (a.mean) a.mean[i] = compute_t<T>(mean);
+                             if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
+                             layer_norm_row<T, HasW, HasB, NV>(rows + i * n, a.weight, a.bias, a.y + i * n, n,
+                                                               mean, rstd, stream);
+                           });
   if (stream) stream_fence();
 }
 
 template <class T>
 void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int nthreads) {
-  auto rows = &layer_norm_rows<T, false, false>;
-  if (a.weight && a.bias) rows = &layer_norm_rows<T, true, true>;
-  else if (a.weight) rows = &layer_norm_rows<T, true, false>;
-  else if (a.bias) rows = &layer_norm_rows<T, false, true>;
-  const bool stream = a.rows * a.cols * std::int64_t(sizeof(T)) >= stream_min_bytes();
-  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+  const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
+  const bool stream = bytes >= stream_min_bytes();
+  with_narrow_rows<T>(a.cols, bytes, [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    auto rows = &layer_norm_rows<T, false, false, NV>;
+    if (a.weight && a.bias) rows = &layer_norm_rows<T, true, true, NV>;
+    else if (a.weight) rows = &layer_norm_rows<T, true, false, NV>;
+    else if (a.bias) rows = &layer_norm_rows<T, false, true, NV>;
+    parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+  });
 }
 
 template <class T>

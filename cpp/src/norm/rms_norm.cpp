@@ -9,37 +9,36 @@ namespace {
 
 // Rows [r0, r1) of y = rms_norm(x), or with a residual of y = rms_norm(s), s = x + residual
 // written to sum first (the row is then normalized from cache).
-template <class T, bool HasW>
+template <class T, bool HasW, int NV>
 void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                    bool stream) {
   using C = compute_t<T>;
   using V = vnative<C>;
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
-  normalize_rows<T>(
-      r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
-      [&](std::int64_t i) {
-        const T* x = a.x + i * n;
-        return Moments{0.0, residual ? row_mean_square(x, n, residual + i * n, sum + i * n) : row_mean_square(x, n)};
-      },
-      [&](std::int64_t i, double, double rstd) {
-        if (a.rstd) a.rstd[i] = C(rstd);
-        const T* x = rows + i * n;
-        const V vr = splat<V>(C(rstd));
-        map_row(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
-          V scale = vr;
-          if constexpr (HasW) scale *= load_n(a.weight + j, count);
-          return V(load_n(x + j, count) * scale);
-        });
-      });
+  normalize_rows<false, NV>(a.x, residual, sum, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
+                            [&](std::int64_t i, double, double rstd) {
+                              if (a.rstd) a.rstd[i] = C(rstd);
+                              const T* x = rows + i * n;
+                              const V vr = splat<V>(C(rstd));
+                              map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
+                                V scale = vr;
+                                if constexpr (HasW) scale *= load_n(a.weight + j, count);
+                                return V(load_n(x + j, count) * scale);
+                              });
+                            });
   if (stream) stream_fence();
 }
 
 template <class T>
 void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nthreads) {
-  const auto rows = a.weight ? &rms_norm_rows<T, true> : &rms_norm_rows<T, false>;
-  const bool stream = a.rows * a.cols * std::int64_t(sizeof(T)) >= stream_min_bytes();
-  parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+  const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
+  const bool stream = bytes >= stream_min_bytes();
+  with_narrow_rows<T>(a.cols, bytes, [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;
+    parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });
+  });
 }
 
 template <class T>

@@ -21,6 +21,11 @@ struct Moments {
   double var;  // biased
 };
 
+// Short rows go in blocks of kRowBlock; float rows in tensors over kBlockedFloatBytes do not
+// (normalize_rows).
+constexpr std::int64_t kRowBlock = 8;
+constexpr std::int64_t kBlockedFloatBytes = std::int64_t(16) << 20;
+
 // Moments from sums of d = x - shift: sum d = s, sum d^2 = q over n values.
 inline Moments moments_from_shifted(double shift, double s, double q, std::int64_t n) {
   const double inv_n = 1.0 / double(n);
@@ -98,18 +103,18 @@ inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); 
 
 // Reads a row of float or half data S as floats: x, or with Add s = x + r (rounded to S),
 // written to sum as it is read (the fused add + norm). The row must be read in order, each
-// element once.
-template <class S, bool Add>
+// element once. Prefetch: read ahead (for rows coming from memory).
+template <class S, bool Add, bool Prefetch = true>
 struct RowReader {
   const S* x;
   const S* r;
   S* sum;
 
   vnative<float> vector(std::int64_t j) const {
-    __builtin_prefetch(x + j + kPrefetchFloats);
+    if constexpr (Prefetch) __builtin_prefetch(x + j + kPrefetchFloats);
     vnative<float> v = load<vnative<float>>(x + j);
     if constexpr (Add) {
-      __builtin_prefetch(r + j + kPrefetchFloats);
+      if constexpr (Prefetch) __builtin_prefetch(r + j + kPrefetchFloats);
       v += load<vnative<float>>(r + j);
       store(sum + j, v);
       if constexpr (kHalf<S>) v = load<vnative<float>>(sum + j);  // the rounded sum
@@ -124,6 +129,27 @@ struct RowReader {
   // The whole row, once read.
   const S* values() const { return Add ? sum : x; }
 };
+
+// The moments of a row of n values from its sums shifted by `shift`, in double (of float sums
+// on SIMD targets): rows whose mean square may have lost digits as float squares, or whose
+// shift lies far from the mean, are summed again.
+template <class S>
+__attribute__((always_inline)) inline Moments finish_row_moments(const S* values, std::int64_t n, double shift,
+                                                                 double sum_s, double sum_q) {
+  const double mean_square = sum_q / double(n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
+  const Moments m = moments_from_shifted(shift, sum_s, sum_q, n);
+  const double d = m.mean - shift;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
+}
+
+// The mean square of a row of n values from its sum of squares, likewise.
+template <class S>
+__attribute__((always_inline)) inline double finish_mean_square(const S* values, std::int64_t n, double sum_q) {
+  const double mean_square = sum_q * (1.0 / double(n));
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_mean_square_wide(values, n);
+  return mean_square;
+}
 
 // Mean and variance of a float row, as RowReader gives it.
 template <class S, bool Add>
@@ -162,12 +188,7 @@ Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum
     ts += d;
     tq = fmadd(d, d, tq);
   }
-  const S* values = row.values();
-  const double mean_square = (lane_sum(dq) + tq) / double(n);
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
-  const Moments m = moments_from_shifted(shift, lane_sum(ds) + ts, lane_sum(dq) + tq, n);
-  const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
+  return finish_row_moments(row.values(), n, shift, lane_sum(ds) + ts, lane_sum(dq) + tq);
 }
 
 template <class S, bool Add>
@@ -194,49 +215,64 @@ double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* 
     const float v = row.scalar(j);
     tq = fmadd(double(v), double(v), tq);
   }
-  const double mean_square = (lane_sum(dq) + tq) * (1.0 / double(n));
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax))
-    return row_mean_square_wide(row.values(), n);
-  return mean_square;
+  return finish_mean_square(row.values(), n, lane_sum(dq) + tq);
+}
+
+// The moments (Centered: mean and variance, else mean 0 and the mean square as var) of rows
+// i < nb <= kRowBlock of a float tensor from x (with Add, of x + r, written to sum), rows of
+// NV whole vectors (n == NV * lanes) in cache: the sums of row_moments_f32 and
+// row_mean_square_f32, in registers, and the rows side by side so that their chains of
+// dependent operations (the sums, a reduction across lanes, a division) overlap.
+template <bool Centered, int NV, bool Add, class S>
+__attribute__((always_inline)) inline void narrow_block_moments(const S* x, const S* r, S* sum, std::int64_t n,
+                                                                std::int64_t nb, double (&mean)[kRowBlock],
+                                                                double (&var)[kRowBlock]) {
+  using V = vnative<float>;
+  constexpr int L = kLanes<float>;
+  static_assert(NV <= kFlushEvery, "a narrow row's float sums are added into double once");
+  vwide ds[kRowBlock], dq[kRowBlock];
+  float first[kRowBlock];
+  for (int b = 0; b < kRowBlock; ++b) {
+    if (b >= nb) continue;
+    const std::int64_t o = b * n;
+    const RowReader<S, Add, false> row{x + o, Add ? r + o : r, Add ? sum + o : sum};
+    first[b] = Add ? to_c(narrow<S>(to_c(x[o]) + to_c(r[o]))) : to_c(x[o]);
+    const V k = splat<V>(first[b]);
+    V s{}, q{};
+    for (int t = 0; t < NV; ++t) {
+      const V v = row.vector(std::int64_t(t) * L);
+      if constexpr (Centered) {
+        const V d = v - k;
+        s += d;
+        q = fmadd(d, d, q);
+      } else {
+        q = fmadd(v, v, q);
+      }
+    }
+    ds[b] = dq[b] = vwide{};
+    if constexpr (Centered) ds[b] += widen_sum(s);
+    dq[b] += widen_sum(q);
+  }
+  for (int b = 0; b < kRowBlock; ++b) {
+    if (b >= nb) {
+      mean[b] = 0.0;
+      var[b] = 1.0;
+      continue;
+    }
+    const S* values = (Add ? sum : x) + b * n;
+    // + 0.0: the row functions' empty scalar tails, which turn a -0 sum into +0
+    if constexpr (Centered) {
+      const Moments m = finish_row_moments(values, n, double(first[b]), lane_sum_inline(ds[b]) + 0.0,
+                                           lane_sum_inline(dq[b]) + 0.0);
+      mean[b] = m.mean;
+      var[b] = m.var;
+    } else {
+      mean[b] = 0.0;
+      var[b] = finish_mean_square(values, n, lane_sum_inline(dq[b]) + 0.0);
+    }
+  }
 }
 #endif
-
-// Rows [r0, r1) of a tensor of data_bytes as moments(i) -> Moments (rms: mean 0, var the mean
-// square), then apply(i, mean, rstd) with rstd = 1 / sqrt(var + eps). Short rows, whose
-// statistics (a reduction, a square root and a division per row) cost more than moving them, go
-// in blocks of kRowBlock (at most 16 KiB of half data, 8 KiB of float, still in L1 when
-// applied): the reductions of a block overlap in the pipeline instead of each waiting behind the
-// previous row's normalization, and its square roots and divisions take one vector instruction
-// each. Float rows go one at a time where the tensor is larger than kBlockedFloatBytes (memory
-// bound: blocked, the rows of 32 MiB of (65536, 128) ran 15-35% slower, reads and writes coming
-// in bursts) or streamed past the cache (8-14% slower).
-constexpr std::int64_t kRowBlock = 8;
-constexpr std::int64_t kBlockedFloatBytes = std::int64_t(16) << 20;
-
-template <class T, class MomentsFn, class ApplyFn>
-void normalize_rows(std::int64_t r0, std::int64_t r1, std::int64_t n, std::int64_t data_bytes, double eps,
-                    const MomentsFn& moments, const ApplyFn& apply) {
-  const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
-  const bool streamed = data_bytes >= stream_min_bytes();
-  if (kHalf<T> ? block_bytes <= 16384 : !streamed && data_bytes <= kBlockedFloatBytes && block_bytes <= 8192) {
-    double mean[kRowBlock], rstd[kRowBlock];
-    for (std::int64_t i = r0; i < r1; i += kRowBlock) {
-      const std::int64_t nb = r1 - i < kRowBlock ? r1 - i : kRowBlock;
-      for (std::int64_t b = 0; b < kRowBlock; ++b) {
-        const Moments m = b < nb ? moments(i + b) : Moments{0.0, 1.0};
-        mean[b] = m.mean;
-        rstd[b] = m.var;
-      }
-      for (std::int64_t b = 0; b < kRowBlock; ++b) rstd[b] = 1.0 / __builtin_sqrt(rstd[b] + eps);
-      for (std::int64_t b = 0; b < nb; ++b) apply(i + b, mean[b], rstd[b]);
-    }
-    return;
-  }
-  for (std::int64_t i = r0; i < r1; ++i) {
-    const Moments m = moments(i);
-    apply(i, m.mean, 1.0 / __builtin_sqrt(m.var + eps));
-  }
-}
 
 // s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
 template <class T>
@@ -276,6 +312,90 @@ double row_mean_square(const T* x, std::int64_t n, const T* r = nullptr, T* sum 
     x = sum;
   }
   return row_mean_square_wide(x, n);
+}
+
+// The moments of row i of x (with a residual, of s = x + residual, written to sum): mean and
+// variance, or for rms (not Centered) mean 0 and the mean square as var.
+template <bool Centered, class T>
+Moments row_moments_of(const T* x, const T* residual, T* sum, std::int64_t i, std::int64_t n) {
+  const T* xi = x + i * n;
+  if constexpr (Centered) return residual ? row_moments(xi, n, residual + i * n, sum + i * n) : row_moments(xi, n);
+  return Moments{0.0, residual ? row_mean_square(xi, n, residual + i * n, sum + i * n) : row_mean_square(xi, n)};
+}
+
+template <class T>
+bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
+  const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
+  if (kHalf<T>) return block_bytes <= 16384;
+  return data_bytes < stream_min_bytes() && data_bytes <= kBlockedFloatBytes && block_bytes <= 8192;
+}
+
+// Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
+// of n where the rows go in blocks (in cache) and NV <= kFlushEvery, else with NV = 0. Such
+// narrow rows are summed with their vectors in registers and normalized a vector at a time.
+template <class T, class F>
+void with_narrow_rows(std::int64_t n, std::int64_t data_bytes, const F& f) {
+#if NL_VEC_BYTES
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int L = kLanes<float>;
+    if (n % L == 0 && n <= kFlushEvery * L && rows_in_blocks<T>(n, data_bytes)) {
+      switch (n / L) {
+        case 1: return f(std::integral_constant<int, 1>());
+        case 2: return f(std::integral_constant<int, 2>());
+        case 3: return f(std::integral_constant<int, 3>());
+        case 4: return f(std::integral_constant<int, 4>());
+        default: break;
+      }
+    }
+  }
+#endif
+  f(std::integral_constant<int, 0>());
+}
+
+// Rows [r0, r1) of a tensor of data_bytes, x or with a residual s = x + residual (written to
+// sum as it is read): their moments (Centered: mean and variance, else mean 0 and the mean
+// square as var), then apply(i, mean, rstd) with rstd = 1 / sqrt(var + eps). Short rows, whose
+// statistics (a reduction, a square root and a division per row) cost more than moving them, go
+// in blocks of kRowBlock (at most 16 KiB of half data, 8 KiB of float, still in L1 when
+// applied): the reductions of a block overlap in the pipeline instead of each waiting behind the
+// previous row's normalization, and its square roots and divisions take one vector instruction
+// each. Float rows go one at a time where the tensor is larger than kBlockedFloatBytes (memory
+// bound: blocked, the rows of 32 MiB of (65536, 128) ran 15-35% slower, reads and writes coming
+// in bursts) or streamed past the cache (8-14% slower). NV > 0: narrow rows (with_narrow_rows).
+template <bool Centered, int NV, class T, class ApplyFn>
+void normalize_rows(const T* x, const T* residual, T* sum, std::int64_t r0, std::int64_t r1, std::int64_t n,
+                    std::int64_t data_bytes, double eps, const ApplyFn& apply) {
+  auto block_moments = [&](std::int64_t i, std::int64_t nb, double(&mean)[kRowBlock], double(&var)[kRowBlock]) {
+#if NL_VEC_BYTES
+    if constexpr (NV > 0) {
+      if (residual) {
+        narrow_block_moments<Centered, NV, true>(x + i * n, residual + i * n, sum + i * n, n, nb, mean, var);
+      } else {
+        narrow_block_moments<Centered, NV, false>(x + i * n, residual, sum, n, nb, mean, var);
+      }
+      return;
+    }
+#endif
+    for (std::int64_t b = 0; b < kRowBlock; ++b) {
+      const Moments m = b < nb ? row_moments_of<Centered>(x, residual, sum, i + b, n) : Moments{0.0, 1.0};
+      mean[b] = m.mean;
+      var[b] = m.var;
+    }
+  };
+  if (NV > 0 || rows_in_blocks<T>(n, data_bytes)) {
+    double mean[kRowBlock], rstd[kRowBlock];
+    for (std::int64_t i = r0; i < r1; i += kRowBlock) {
+      const std::int64_t nb = r1 - i < kRowBlock ? r1 - i : kRowBlock;
+      block_moments(i, nb, mean, rstd);
+      for (std::int64_t b = 0; b < kRowBlock; ++b) rstd[b] = 1.0 / __builtin_sqrt(rstd[b] + eps);
+      for (std::int64_t b = 0; b < nb; ++b) apply(i + b, mean[b], rstd[b]);
+    }
+    return;
+  }
+  for (std::int64_t i = r0; i < r1; ++i) {
+    const Moments m = row_moments_of<Centered>(x, residual, sum, i, n);
+    apply(i, m.mean, 1.0 / __builtin_sqrt(m.var + eps));
+  }
 }
 
 // Row blocks for column sums: fixed by the shape alone, so sums come out the same for every

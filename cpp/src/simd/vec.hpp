@@ -465,9 +465,14 @@ inline void stream_fence() {
 // a partial vector first so the rest of y is aligned, then full vectors (streamed past the
 // caches when stream is set), then a partial tail. Every element goes through the same vector
 // code. Short rows skip the alignment: a split store costs less than a partial vector there.
-template <class T, class F>
+// NV > 0: a row of NV whole vectors (n == NV * lanes, not streamed), stored as they come.
+template <int NV = 0, class T, class F>
 inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
   constexpr int L = kLanes<compute_t<T>>;
+  if constexpr (NV > 0) {
+    for (int t = 0; t < NV; ++t) store(y + t * L, f(std::int64_t(t) * L, L));
+    return;
+  }
   std::int64_t j = 0;
   const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
   if (L > 1 && addr % sizeof(T) == 0 && n >= 16 * L) {
