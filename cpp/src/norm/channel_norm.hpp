@@ -284,10 +284,11 @@ inline void shifted_sums_wide(const T* x, std::int64_t n, double k, double* out)
 }
 
 // The same sums; float data (and half data, as floats) on SIMD targets take the differences and
-// squares in float lanes, kFlushEvery vectors per lane at most, before adding them into double
-// (as row_moments_f32). k is set_shift(), so float(k) is exact. The float squares
-// lose digits when k lies far from the mean, or overflow: float_sums_trusted() tells, from the
-// result, when a set must be summed again in double about its mean.
+// squares in float lanes, kRowFlushEvery vectors per lane at most (two chains of half as many),
+// before adding them into double (as row_moments_f32). k is set_shift(), so float(k) is exact.
+// The float squares lose digits when k lies far from the mean, or overflow:
+// float_sums_trusted() tells, from the result, when a set must be summed again in double
+// about its mean.
 template <class T>
 inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
 #if NL_VEC_BYTES
@@ -305,7 +306,7 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
       s1 += b;
       q0 = fmadd(a, a, q0);
       q1 = fmadd(b, b, q1);
-      if (++run == kFlushEvery / 2) {
+      if (++run == kRowFlushEvery / 2) {
         ds += widen_sum(s0 + s1);
         dq += widen_sum(q0 + q1);
         s0 = s1 = q0 = q1 = V{};
