@@ -680,6 +680,10 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
           T* yb = y + base;
+          // local copies: store() may alias anything, so captured pointers are reloaded after it
+          const C* const hdl = hd;
+          const C* const scl = sc;
+          const C* const bsl = bs;
           if (len > 2 * TV * L) {
             // Wide rows: row-major, four rows per coefficient load.
             std::int64_t r = 0;
@@ -687,7 +691,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               const std::int64_t e0 = r * len;
               std::int64_t j = 0;
               for (; j + L <= len; j += L) {
-                const V h = load<V>(hd + j), sv = load<V>(sc + j), bv = load<V>(bs + j);
+                const V h = load<V>(hdl + j), sv = load<V>(scl + j), bv = load<V>(bsl + j);
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
                   store(yb + e, (load<V>(xb + e) - h) * sv + bv);
@@ -696,18 +700,18 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               for (; j < len; ++j)
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
-                  yb[e] = narrow<T>((to_c(xb[e]) - hd[j]) * sc[j] + bs[j]);
+                  yb[e] = narrow<T>((to_c(xb[e]) - hdl[j]) * scl[j] + bsl[j]);
                 }
             }
             for (; r < nr; ++r) {
               std::int64_t j = 0;
               for (; j + L <= len; j += L) {
                 const std::int64_t e = r * len + j;
-                store(yb + e, (load<V>(xb + e) - load<V>(hd + j)) * load<V>(sc + j) + load<V>(bs + j));
+                store(yb + e, (load<V>(xb + e) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
-                yb[e] = narrow<T>((to_c(xb[e]) - hd[j]) * sc[j] + bs[j]);
+                yb[e] = narrow<T>((to_c(xb[e]) - hdl[j]) * scl[j] + bsl[j]);
               }
             }
             return;
@@ -716,9 +720,9 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
             constexpr int NV = decltype(nv)::value;
             V h[NV], sv[NV], bv[NV];
             for (int t = 0; t < NV; ++t) {
-              h[t] = load<V>(hd + j0 + t * L);
-              sv[t] = load<V>(sc + j0 + t * L);
-              bv[t] = load<V>(bs + j0 + t * L);
+              h[t] = load<V>(hdl + j0 + t * L);
+              sv[t] = load<V>(scl + j0 + t * L);
+              bv[t] = load<V>(bsl + j0 + t * L);
             }
             for (std::int64_t r = 0; r < nr; ++r)
               for (int t = 0; t < NV; ++t) {
@@ -728,7 +732,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
           });
           for (std::int64_t jj = j; jj < len; ++jj) {
             const std::int64_t j = jj;
-            const C h = hd[j], sv = sc[j], bv = bs[j];
+            const C h = hdl[j], sv = scl[j], bv = bsl[j];
             for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = narrow<T>((to_c(xb[r * len + j]) - h) * sv + bv);
           }
         });
