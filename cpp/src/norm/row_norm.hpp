@@ -327,6 +327,7 @@ Moments row_moments_of(const T* x, const T* residual, T* sum, std::int64_t i, st
   return Moments{0.0, residual ? row_mean_square(xi, n, residual + i * n, sum + i * n) : row_mean_square(xi, n)};
 }
 
+// Whether rows of n in a tensor of data_bytes go in blocks of kRowBlock (normalize_rows).
 template <class T>
 bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
   const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
@@ -335,14 +336,15 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
-// of n where the rows go in blocks (in cache) and NV <= 4, else with NV = 0. Such
-// narrow rows are summed with their vectors in registers and normalized a vector at a time.
+// of n where the rows go in blocks (in cache) and NV <= kFlushEvery (one flush of the float
+// sums), else with NV = 0. Such narrow rows are summed with their vectors in registers and
+// normalized a vector at a time.
 template <class T, class F>
 void with_narrow_rows(std::int64_t n, std::int64_t data_bytes, const F& f) {
 #if NL_VEC_BYTES
   if constexpr (std::is_same<T, float>::value) {
     constexpr int L = kLanes<float>;
-    if (n % L == 0 && n <= 4 * L && rows_in_blocks<T>(n, data_bytes)) {
+    if (n % L == 0 && n <= kFlushEvery * L && rows_in_blocks<T>(n, data_bytes)) {
       switch (n / L) {
         case 1: return f(std::integral_constant<int, 1>());
         case 2: return f(std::integral_constant<int, 2>());
