@@ -21,6 +21,7 @@
 // flushed to double, and sets whose float sums cannot be trusted are summed again in double.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -496,14 +497,39 @@ double set_shift(const Geom& q, const T* x, std::int64_t st) {
   return k ? double(compute_t<T>(sum / double(k))) : 0.0;
 }
 
+// set_shift() of every set. Channels-last sets of one sample (or, for batch norm, all
+// channels) go together: row by row, each set's sum in its own accumulator, so the additions are
+// those of set_shift() in the same order, with the sets' chains side by side instead of one
+// after another (instance norm has a set per sample and channel).
+template <class T>
+void set_shifts(const Geom& q, const T* x, double* shift) {
+  if (!q.cl) {
+    for (std::int64_t st = 0; st < q.nsets; ++st) shift[st] = set_shift(q, x, st);
+    return;
+  }
+  const std::int64_t per = q.batch ? q.c : q.g, cg = q.batch ? 1 : q.cg;
+  const std::int64_t samples = q.batch ? 1 : q.n, run = q.batch ? q.rows : q.s;
+  const std::int64_t k = run < 16 ? run : 16;
+  std::vector<double> acc(static_cast<std::size_t>(per));
+  for (std::int64_t i = 0; i < samples; ++i) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (std::int64_t r = 0; r < k; ++r) {
+      const T* row = x + (i * q.s + r) * q.c;
+      for (std::int64_t j = 0; j < per; ++j) acc[std::size_t(j)] += double(to_c(row[j * cg]));
+    }
+    for (std::int64_t j = 0; j < per; ++j)
+      shift[i * per + j] = k ? double(compute_t<T>(acc[std::size_t(j)] / double(k))) : 0.0;
+  }
+}
+
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
 template <class T>
 void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
                  double* var, const double* recenter = nullptr) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> shift(std::size_t(q.nsets));
-  for (std::int64_t st = 0; st < q.nsets; ++st)
-    shift[std::size_t(st)] = recenter ? recenter[st] : set_shift(q, x, st);
+  if (recenter) std::copy(recenter, recenter + q.nsets, shift.begin());
+  else set_shifts(q, x, shift.data());
   std::vector<double> psum(std::size_t(2 * np));
   plane_sums(
       q, nthreads, psum.data(),
