@@ -336,15 +336,15 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
-// of n where the rows go in blocks (in cache) and NV <= kFlushEvery (one flush of the float
-// sums), else with NV = 0. Such narrow rows are summed with their vectors in registers and
-// normalized a vector at a time.
+// of n where that is 1 to kFlushEvery (one flush of the float sums) and `allowed`, else with
+// NV = 0. Such narrow rows keep their vectors in registers: the forward when its rows go in
+// blocks (in cache), the backward always.
 template <class T, class F>
-void with_narrow_rows(std::int64_t n, std::int64_t data_bytes, const F& f) {
+void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
   if constexpr (std::is_same<T, float>::value) {
     constexpr int L = kLanes<float>;
-    if (n % L == 0 && n <= kFlushEvery * L && rows_in_blocks<T>(n, data_bytes)) {
+    if (allowed && n % L == 0 && n <= kFlushEvery * L) {
       switch (n / L) {
         case 1: return f(std::integral_constant<int, 1>());
         case 2: return f(std::integral_constant<int, 2>());
@@ -720,16 +720,14 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
                  double(rstd[i]), ds ? ds + i * n : nullptr};
     };
     auto row = [&](std::int64_t i, C* stage) { row_at(i).run(stage); };
-#if NL_VEC_BYTES
-    // Float rows of up to kFlushEvery whole vectors keep them in registers between the passes,
-    // with weight also the weight and the stage.
-    if constexpr (std::is_same<T, float>::value) {
-      constexpr int L = kLanes<float>;
-      bool done = false;
-      auto narrow_rows = [&](auto nv) {
-        constexpr int NV = decltype(nv)::value;
-        if (done || n != NV * L) return;
-        done = true;
+    // Narrow float rows keep their vectors in registers between the passes, with weight also
+    // the weight and the stage.
+    with_narrow_rows<T>(n, true, [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      if constexpr (NV == 0) {
+        rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row);
+      } else {
+        constexpr int L = kLanes<float>;
         using V = vnative<float>;
         if constexpr (!HasW) {
           rows_with_column_sums<C>(rows, n, 0, outs, nthreads, [&](std::int64_t i, C*) {
@@ -752,15 +750,8 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
             if constexpr (Centered) store(stage + n + t * L, s1[t]);
           }
         });
-      };
-      narrow_rows(std::integral_constant<int, 1>());
-      narrow_rows(std::integral_constant<int, 2>());
-      narrow_rows(std::integral_constant<int, 3>());
-      narrow_rows(std::integral_constant<int, 4>());
-      if (done) return;
-    }
-#endif
-    rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row);
+      }
+    });
   };
   if (w) {
     C* const outs[2] = {dweight, dbias};
