@@ -483,18 +483,27 @@ __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::
   return false;
 }
 
-// The shift of set st's sums: the mean of up to 16 of its first elements (along one channel),
+// The shift of a set's sums: the mean of up to 16 of its first elements (along one channel),
 // rounded to the compute type so that float lanes subtract it exactly. A shift near the mean
 // keeps the shifted values small: with the set's first element alone, one set in twenty of
 // normal data fails float_sums_trusted() and sends every set through double sums again.
+// shift_elems() is how many elements, shift_of() the shift from their sum.
+inline std::int64_t shift_elems(const Geom& q) {
+  const std::int64_t run = q.cl && q.batch ? q.rows : q.s;
+  return run < 16 ? run : 16;
+}
+template <class T>
+double shift_of(double sum, std::int64_t k) {
+  return k ? double(compute_t<T>(sum / double(k))) : 0.0;
+}
+
+// The shift of set st.
 template <class T>
 double set_shift(const Geom& q, const T* x, std::int64_t st) {
-  const std::int64_t first = q.set_first(st), stride = q.cl ? q.c : 1;
-  const std::int64_t run = q.cl && q.batch ? q.rows : q.s;
-  const std::int64_t k = run < 16 ? run : 16;
+  const std::int64_t first = q.set_first(st), stride = q.cl ? q.c : 1, k = shift_elems(q);
   double sum = 0;
   for (std::int64_t i = 0; i < k; ++i) sum += double(to_c(x[first + i * stride]));
-  return k ? double(compute_t<T>(sum / double(k))) : 0.0;
+  return shift_of<T>(sum, k);
 }
 
 // set_shift() of every set. Channels-last sets of one sample (or, for batch norm, all
@@ -507,9 +516,8 @@ void set_shifts(const Geom& q, const T* x, double* shift) {
     for (std::int64_t st = 0; st < q.nsets; ++st) shift[st] = set_shift(q, x, st);
     return;
   }
-  const std::int64_t per = q.batch ? q.c : q.g, cg = q.batch ? 1 : q.cg;
-  const std::int64_t samples = q.batch ? 1 : q.n, run = q.batch ? q.rows : q.s;
-  const std::int64_t k = run < 16 ? run : 16;
+  const std::int64_t per = q.batch ? q.c : q.g, cg = q.batch ? 1 : q.cg, samples = q.batch ? 1 : q.n;
+  const std::int64_t k = shift_elems(q);
   std::vector<double> acc(static_cast<std::size_t>(per));
   for (std::int64_t i = 0; i < samples; ++i) {
     std::fill(acc.begin(), acc.end(), 0.0);
@@ -517,8 +525,7 @@ void set_shifts(const Geom& q, const T* x, double* shift) {
       const T* row = x + (i * q.s + r) * q.c;
       for (std::int64_t j = 0; j < per; ++j) acc[std::size_t(j)] += double(to_c(row[j * cg]));
     }
-    for (std::int64_t j = 0; j < per; ++j)
-      shift[i * per + j] = k ? double(compute_t<T>(acc[std::size_t(j)] / double(k))) : 0.0;
+    for (std::int64_t j = 0; j < per; ++j) shift[i * per + j] = shift_of<T>(acc[std::size_t(j)], k);
   }
 }
 
