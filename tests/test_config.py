@@ -1,5 +1,7 @@
 """normlab.show_config() reports the build and the runtime choices."""
 
+import os
+
 import normlab
 
 
@@ -27,3 +29,43 @@ def test_core_stub_lists_every_binding():
     stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
     compiled = {name for name in dir(_core) if not name.startswith("__")}
     assert compiled - stubbed == set()
+
+
+def _sysfs_last_level_cache_bytes():
+    """cpu0's highest-level cache as sysfs lists it (what lscpu shows), or None."""
+    import pathlib
+
+    best = None
+    for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * scale
+        if best is None or level > best[0]:
+            best = (level, value)
+    return None if best is None else best[1]
+
+
+def test_last_level_cache_comes_from_sysfs_where_it_is_listed():
+    """sysconf can report a VM host's whole L3 (320 MiB where lscpu shows 32 MiB): the size
+    that decides streamed stores is the one sysfs lists for this CPU."""
+    from normlab import _core
+
+    expected = _sysfs_last_level_cache_bytes()
+    got = _core.last_level_cache_bytes()
+    assert got > 0
+    if expected is not None:
+        assert got == expected
+    if "NORMLAB_STREAM_MIN_BYTES" not in os.environ:
+        assert _core.stream_min_bytes() == got // 2
+
+
+def test_show_config_reports_the_streaming_threshold(capsys):
+    from normlab import _core
+
+    normlab.show_config()
+    text = capsys.readouterr().out
+    assert f"last-level cache {_core.last_level_cache_bytes() >> 20} MiB" in text

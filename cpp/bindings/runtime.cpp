@@ -8,6 +8,7 @@
 #include "bindings.hpp"
 #include "memory/mappings.hpp"
 #include "normlab/runtime.hpp"
+#include "parallel/parallel.hpp"
 
 // C entry points for threadpoolctl's controller (normlab/runtime.py).
 extern "C" __attribute__((visibility("default"))) int normlab_get_num_threads() {
@@ -86,6 +87,8 @@ void bind_runtime(py::module_& m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("in_forked_child", &in_forked_child);
   m.def("openmp_version", [] { return _OPENMP; });
+  m.def("last_level_cache_bytes", &last_level_cache_bytes);
+  m.def("stream_min_bytes", &stream_min_bytes);
 
   m.def(
       "parallel_copy",

@@ -128,6 +128,10 @@ def _openmp_library() -> str:
     return ""
 
 
+def _bytes(n: int) -> str:
+    return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
+
+
 def show_config() -> None:
     """Print how normlab was built and what it runs with, like numpy.show_config()."""
     lines = [
@@ -140,5 +144,7 @@ def show_config() -> None:
         f"  OpenMP:             {_core.openmp_version()} ({_openmp_library() or 'runtime not found'})",
         f"  threads:            {get_num_threads()}"
         + (" (forked child: single-threaded)" if _core.in_forked_child() else ""),
+        f"  streamed outputs:   from {_bytes(_core.stream_min_bytes())}"
+        f" (last-level cache {_bytes(_core.last_level_cache_bytes())})",
     ]
     print("\n".join(lines))

@@ -6,7 +6,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <stdexcept>
+#include <string>
 
 #include "dispatch/kernel_table.hpp"
 #include "normlab/runtime.hpp"
@@ -47,14 +49,56 @@ int threads_for(std::int64_t bytes) {
   return get_num_threads();
 }
 
+namespace {
+
+// "32768K" (sysfs cache sizes) in bytes, or -1.
+std::int64_t parse_cache_size(const std::string& text) {
+  std::size_t digits = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
+  if (digits == 0 || digits > 12) return -1;
+  std::int64_t bytes = std::atoll(text.substr(0, digits).c_str());
+  const std::string unit = text.substr(digits);
+  if (unit == "K") bytes <<= 10;
+  else if (unit == "M") bytes <<= 20;
+  else if (unit == "G") bytes <<= 30;
+  else if (!unit.empty()) return -1;
+  return bytes;
+}
+
+// The highest-level cache of cpu0 as sysfs lists it (what lscpu shows), or -1.
+std::int64_t sysfs_last_level_cache_bytes() {
+  int best_level = 0;
+  std::int64_t best = -1;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || !(size_file >> size)) continue;
+    const std::int64_t bytes = parse_cache_size(size);
+    if (bytes > 0 && level > best_level) best_level = level, best = bytes;
+  }
+  return best;
+}
+
+}  // namespace
+
+std::int64_t last_level_cache_bytes() {
+  static const std::int64_t bytes = [] {
+    // sysfs first: in a VM sysconf can report the host's L3 (320 MiB on the 32 MiB L3 here).
+    std::int64_t found = sysfs_last_level_cache_bytes();
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (found <= 0) found = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return found > 0 ? found : std::int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
 std::int64_t stream_min_bytes() {
   static const std::int64_t bytes = [] {
     if (const char* env = std::getenv("NORMLAB_STREAM_MIN_BYTES")) return std::int64_t(std::atoll(env));
-    long l3 = -1;
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return std::int64_t(l3 > 0 ? l3 / 2 : 16 << 20);
+    return last_level_cache_bytes() / 2;
   }();
   return bytes;
 }

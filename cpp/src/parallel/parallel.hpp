@@ -13,8 +13,12 @@ constexpr std::int64_t kParallelMinBytes = 192 * 1024;
 // region (no nesting) and in a forked child; else the global count.
 int threads_for(std::int64_t bytes);
 
+// The last-level cache of cpu0 in bytes (sysfs, else sysconf, else 32 MiB).
+std::int64_t last_level_cache_bytes();
+
 // Outputs of at least this many bytes are written with non-temporal stores: they would not
 // stay in the last-level cache anyway (half its size), and streaming saves reading them first.
+// NORMLAB_STREAM_MIN_BYTES overrides it.
 std::int64_t stream_min_bytes();
 
 }  // namespace normlab
