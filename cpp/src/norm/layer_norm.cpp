@@ -45,7 +45,7 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
 template <class T>
 void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
-  const bool stream = bytes >= stream_min_bytes();
+  const bool stream = stream_rows(a.cols, bytes);
   with_narrow_rows<T>(a.cols, rows_in_blocks<T>(a.cols, bytes), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     auto rows = &layer_norm_rows<T, false, false, NV>;

@@ -1,0 +1,88 @@
+"""Outputs written past the caches (non-temporal stores, used for large outputs) are bitwise
+the outputs of the cached path: a child process streams every output (NORMLAB_STREAM_MIN_BYTES=0)
+and its results are compared with this process's, which stream none of these small ones."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import normlab
+
+PACKAGE_DIR = str(pathlib.Path(normlab.__file__).resolve().parent.parent)
+
+# Rows long enough for the aligned streamed loop (16 vectors or more), wide ones among them,
+# with an output that starts off the vector width.
+CASES = textwrap.dedent(
+    """
+    import itertools
+    import ml_dtypes
+    import numpy as np
+    import normlab
+
+    def results():
+        rng = np.random.default_rng(11)
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33)]
+        dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+        for target in normlab.cpu_targets():
+            normlab.set_cpu_target(target)
+            for threads, shape, dtype in itertools.product((1, 3), shapes, dtypes):
+                normlab.set_num_threads(threads)
+                axis = -1 if len(shape) == 2 else (-2, -1)
+                cols = int(np.prod(shape[1:]))
+                x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+                r = rng.standard_normal(shape).astype(dtype)
+                w = rng.random(shape[1:]).astype(np.float32 if dtype != np.float64 else dtype)
+                b = rng.random(shape[1:]).astype(w.dtype)
+                size = int(np.prod(shape))
+                out = np.empty(size + 1, dtype)[1:].reshape(shape)  # off the vector width
+                s = np.empty(size + 3, dtype)[3:].reshape(shape)
+                key = f"{target}-{threads}-{shape}-{np.dtype(dtype).name}"
+                yield key + "-ln", normlab.layer_norm(x, w, b, axis=axis, out=out).copy()
+                yield key + "-ln-plain", normlab.layer_norm(x, axis=axis, out=out).copy()
+                yield key + "-rms", normlab.rms_norm(x, w, axis=axis, out=out).copy()
+                y, total = normlab.add_layer_norm(x, r, w, b, axis=axis, out=out, sum_out=s)
+                yield key + "-add-ln", np.concatenate([y.ravel(), total.ravel()])
+                y, total = normlab.add_rms_norm(x, r, w, axis=axis, out=out, sum_out=s)
+                yield key + "-add-rms", np.concatenate([y.ravel(), total.ravel()])
+
+    def bits(a):
+        return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32 if a.dtype.itemsize == 4 else np.uint64)
+    """
+)
+
+
+def test_streamed_outputs_equal_cached_outputs_bitwise(tmp_path):
+    saved = tmp_path / "streamed.npz"
+    child = CASES + textwrap.dedent(
+        f"""
+        from normlab import _core
+        assert _core.stream_min_bytes() == 0
+        np.savez({str(saved)!r}, **{{k: bits(v) for k, v in results()}})
+        """
+    )
+    env = dict(os.environ, NORMLAB_STREAM_MIN_BYTES="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_DIR, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+    namespace: dict = {}
+    exec(CASES, namespace)  # noqa: S102 - the same cases, computed here without streaming
+    from normlab import _core
+
+    assert _core.stream_min_bytes() >= 1 << 20
+    target, threads = normlab.get_cpu_target(), normlab.get_num_threads()
+    try:
+        cached = {k: namespace["bits"](v) for k, v in namespace["results"]()}
+    finally:
+        normlab.set_cpu_target(target)
+        normlab.set_num_threads(threads)
+    with np.load(saved) as streamed:
+        assert sorted(streamed.files) == sorted(cached)
+        for key, value in cached.items():
+            np.testing.assert_array_equal(streamed[key], value, err_msg=key)
