@@ -1,5 +1,5 @@
-"""Outputs written past the caches (non-temporal stores, used for large outputs) are bitwise
-the outputs of the cached path: a child process streams every output (NORMLAB_STREAM_MIN_BYTES=0)
+"""Outputs written past the caches (non-temporal stores, used for large outputs: y of the row
+norms and dx of their backward) are bitwise the outputs of the cached path: a child process streams every output (NORMLAB_STREAM_MIN_BYTES=0)
 and its results are compared with this process's, which stream none of these small ones."""
 
 from __future__ import annotations
@@ -50,9 +50,21 @@ CASES = textwrap.dedent(
                 yield key + "-add-ln", np.concatenate([y.ravel(), total.ravel()])
                 y, total = normlab.add_rms_norm(x, r, w, axis=axis, out=out, sum_out=s)
                 yield key + "-add-rms", np.concatenate([y.ravel(), total.ravel()])
+                _, mean, rstd = normlab.layer_norm(x, w, b, axis=axis, return_stats=True)
+                dy = rng.standard_normal(shape).astype(dtype)
+                dx, dw, db = normlab.layer_norm_backward(dy, x, mean, rstd, w, axis=axis, out=out)
+                yield key + "-ln-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel(), bits(db).ravel()])
+                dx, _, _ = normlab.layer_norm_backward(dy, x, mean, rstd, axis=axis, out=out)
+                yield key + "-ln-backward-plain", dx.copy()
+                dx, dw, db = normlab.add_layer_norm_backward(dy, x, mean, rstd, w, ds=r, axis=axis, out=out)
+                yield key + "-add-ln-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel(), bits(db).ravel()])
+                _, rstd = normlab.rms_norm(x, w, axis=axis, return_stats=True)
+                dx, dw = normlab.rms_norm_backward(dy, x, rstd, w, axis=axis, out=out)
+                yield key + "-rms-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel()])
 
     def bits(a):
-        return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32 if a.dtype.itemsize == 4 else np.uint64)
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
+        return a.view(unsigned).astype(np.uint64)
     """
 )
 

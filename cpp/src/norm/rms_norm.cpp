@@ -33,7 +33,10 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
 template <class T>
 void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
-  const bool stream = stream_rows(a.cols, bytes);
+  // x, y, and residual and sum rows; the weight.
+  const std::int64_t row_bytes = a.cols * (std::int64_t(sizeof(T)) * (residual ? 4 : 2) +
+                                           (a.weight ? std::int64_t(sizeof(compute_t<T>)) : 0));
+  const bool stream = stream_rows(row_bytes, bytes);
   with_narrow_rows<T>(a.cols, rows_in_blocks<T>(a.cols, bytes), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;

@@ -327,16 +327,18 @@ Moments row_moments_of(const T* x, const T* residual, T* sum, std::int64_t i, st
   return Moments{0.0, residual ? row_mean_square(xi, n, residual + i * n, sum + i * n) : row_mean_square(xi, n)};
 }
 
-// Whether an output of rows of n, data_bytes in all, is written past the caches (map_row).
-// Rows of kStreamedRowElems or more stream from stream_min_bytes() (half the last-level cache):
-// cached stores pull every output line into L1 and evict the row being normalized and its
-// weights (float32 layer_norm (2048, 4096) with weight and bias: 0.65-0.78x the time streamed).
-// Shorter rows stream only from twice that, where input and output cannot both stay in the
-// cache: streamed, (8192, 768) (24 MiB) ran 1.03-1.5x slower, (16384, 768) 0.78-0.98x.
-constexpr std::int64_t kStreamedRowElems = 2048;
-inline bool stream_rows(std::int64_t n, std::int64_t data_bytes) {
+// Whether the output of a row kernel, data_bytes in all, is written past the caches (map_row).
+// Where one row's reads and writes (row_bytes: its inputs, weights, stages and output) fill L1,
+// from stream_min_bytes() (half the last-level cache): cached stores would pull every output
+// line into L1 and evict the row and weights the second pass reads again (streamed, float32
+// layer_norm with weight and bias took 0.58-0.78x the time on rows of 2048-4096, its backward
+// 0.78-0.88x). Smaller rows stream only from twice that, where input and output cannot both
+// stay in the cache between calls: streamed, (8192, 768) (24 MiB) ran 1.03-1.5x slower,
+// (16384, 768) 0.78-0.98x; half layer_norm_backward (2048, 4096) without weight 1.03-1.06x.
+constexpr std::int64_t kL1Bytes = std::int64_t(32) << 10;
+inline bool stream_rows(std::int64_t row_bytes, std::int64_t data_bytes) {
   const std::int64_t from = stream_min_bytes();
-  return data_bytes >= from && (n >= kStreamedRowElems || data_bytes > 2 * from);
+  return data_bytes >= from && (row_bytes >= kL1Bytes || data_bytes > 2 * from);
 }
 
 // Whether rows of n in a tensor of data_bytes go in blocks of kRowBlock (normalize_rows).
@@ -344,7 +346,9 @@ template <class T>
 bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
   const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
   if (kHalf<T>) return block_bytes <= 16384;
-  return !stream_rows(n, data_bytes) && data_bytes <= kBlockedFloatBytes && block_bytes <= 8192;
+  // Such rows stay far below L1: the row of x stands for all their traffic.
+  return !stream_rows(n * std::int64_t(sizeof(T)), data_bytes) && data_bytes <= kBlockedFloatBytes &&
+         block_bytes <= 8192;
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
@@ -447,6 +451,7 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   if (nsums == 0 || rows == 0) {
     parallel_ranges(rows, nthreads, [&](std::int64_t r0, std::int64_t r1) {
       for (std::int64_t i = r0; i < r1; ++i) row(i, static_cast<T*>(nullptr));
+      stream_fence();  // rows may stream their outputs
     });
     for (int k = 0; k < nsums; ++k)
       for (std::int64_t j = 0; j < cols; ++j) outs[k][j] = T(0);
@@ -485,6 +490,7 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
         if ((i - r0) % kStageRows == kStageRows - 1 || i == r1 - 1) flush();
       }
     }
+    stream_fence();  // rows may stream their outputs
   });
   // Column sums, blocks added in order; a chunk of columns at a time so every block's partial
   // is read sequentially.
@@ -595,7 +601,9 @@ struct RowBackward {
 #if NL_VEC_BYTES
   // The row of float data in float lanes (sums flushed to double as in row_moments_f32). A row
   // whose float sums overflow is summed again in double.
-  void run_f32(float* stage) const {
+  // Stream: dx written past the caches where the row is long enough (stream_head).
+  template <bool Stream>
+  __attribute__((always_inline)) void run_f32(float* stage) const {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
@@ -639,27 +647,48 @@ struct RowBackward {
 
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
-    for (j = 0; j < n; j += L) {
-      const int count = n - j < L ? int(n - j) : L;
-      V xh = load_n(x + j, count);
-      if constexpr (Centered) xh -= vm;
-      xh *= vr;
-      const V d = load_n(dy + j, count);
-      V gv = d;
-      if constexpr (HasW) gv *= load_n(w + j, count);
-      if constexpr (Centered) gv -= vc0;
-      V out = vr * gv - vk1 * xh;
-      if (ds) out += load_n(ds + j, count);
-      if (count == L) store(dx + j, out);
-      else store_partial(dx + j, out, count);
-      if constexpr (HasW) {
-        if (count == L) {
-          store(stage + j, fmadd(d, xh, load<V>(stage + j)));
-          if constexpr (Centered) store(stage + n + j, load<V>(stage + n + j) + d);
-        } else {
-          store_partial(stage + j, fmadd(d, xh, load_n(stage + j, count)), count);
-          if constexpr (Centered) store_partial(stage + n + j, load_n(stage + n + j, count) + d, count);
-        }
+    // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned (aligning dx
+    // instead ran 10-17% slower in cache); streamed, in whole vectors from its first aligned
+    // element, as map_row. Two instantiations: a call to a streamed loop on the side slowed the
+    // cached one by 4-15%.
+    if constexpr (Stream) {
+      const std::int64_t head = stream_head(dx, n);
+      if (head >= 0) {
+        if (head > 0) dx_vector<false>(0, int(head), stage, vm, vr, vc0, vk1);
+        for (j = head; j + L <= n; j += L) dx_vector<true>(j, L, stage, vm, vr, vc0, vk1);
+        if (j < n) dx_vector<false>(j, int(n - j), stage, vm, vr, vc0, vk1);
+        return;
+      }
+    }
+    for (j = 0; j < n; j += L) dx_vector<false>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+  }
+
+  // dx[j .. j+count) of run_f32 (Stream: a whole aligned vector, written past the caches), then
+  // the row's part of the stage there.
+  template <bool Stream>
+  __attribute__((always_inline)) void dx_vector(std::int64_t j, int count, float* stage, vnative<float> vm,
+                                                vnative<float> vr, vnative<float> vc0, vnative<float> vk1) const {
+    using V = vnative<float>;
+    constexpr int L = kLanes<float>;
+    V xh = load_n(x + j, count);
+    if constexpr (Centered) xh -= vm;
+    xh *= vr;
+    const V d = load_n(dy + j, count);
+    V gv = d;
+    if constexpr (HasW) gv *= load_n(w + j, count);
+    if constexpr (Centered) gv -= vc0;
+    V out = vr * gv - vk1 * xh;
+    if (ds) out += load_n(ds + j, count);
+    if (Stream) store_stream(dx + j, out);
+    else if (count == L) store(dx + j, out);
+    else store_partial(dx + j, out, count);
+    if constexpr (HasW) {
+      if (count == L) {
+        store(stage + j, fmadd(d, xh, load<V>(stage + j)));
+        if constexpr (Centered) store(stage + n + j, load<V>(stage + n + j) + d);
+      } else {
+        store_partial(stage + j, fmadd(d, xh, load_n(stage + j, count)), count);
+        if constexpr (Centered) store_partial(stage + n + j, load_n(stage + n + j, count) + d, count);
       }
     }
   }
@@ -711,11 +740,14 @@ struct RowBackward {
   }
 #endif
 
-  void run(C* stage) const {
+  template <bool Stream>
+  __attribute__((always_inline)) void run(C* stage) const {
+    // A local copy, whose fields stay in registers: every store (memcpy) may alias *this.
+    const RowBackward row = *this;
 #if NL_VEC_BYTES
-    if constexpr (std::is_same<C, float>::value) return run_f32(stage);
+    if constexpr (std::is_same<C, float>::value) return row.template run_f32<Stream>(stage);
 #endif
-    run_wide(stage);
+    row.run_wide(stage);
   }
 };
 
@@ -726,18 +758,24 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
                        T* dx, C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
   auto run = [&](auto has_weight, int nsums, C* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
+    // dy, x, dx and ds rows; the weight and the stage rows.
+    const std::int64_t row_bytes = n * (std::int64_t(sizeof(T)) * (ds ? 4 : 3) +
+                                        (HasW ? std::int64_t(sizeof(C)) * (1 + nsums) : 0));
+    const bool stream = stream_rows(row_bytes, rows * n * std::int64_t(sizeof(T)));
     using Row = RowBackward<Centered, HasW, T>;
     auto row_at = [&](std::int64_t i) __attribute__((always_inline)) {
       return Row{dy + i * n,      x + i * n, w, dx + i * n, n, Centered ? double(mean[i]) : 0.0,
                  double(rstd[i]), ds ? ds + i * n : nullptr};
     };
-    auto row = [&](std::int64_t i, C* stage) { row_at(i).run(stage); };
+    auto row = [&](std::int64_t i, C* stage) { row_at(i).template run<false>(stage); };
+    auto streamed_row = [&](std::int64_t i, C* stage) { row_at(i).template run<true>(stage); };
     // Narrow float rows keep their vectors in registers between the passes, with weight also
     // the weight and the stage.
     with_narrow_rows<T>(n, true, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       if constexpr (NV == 0) {
-        rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row);
+        if (stream) rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, streamed_row);
+        else rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, row);
       } else {
         constexpr int L = kLanes<float>;
         using V = vnative<float>;

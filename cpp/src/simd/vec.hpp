@@ -461,6 +461,18 @@ inline void stream_fence() {
 #endif
 }
 
+// Elements of y before its first vector-aligned one, where a row of n is long enough to stream
+// (16 vectors or more); -1 where it is not.
+template <class T>
+inline std::int64_t stream_head(const T* y, std::int64_t n) {
+  constexpr int L = kLanes<compute_t<T>>;
+  constexpr std::uintptr_t width = L * sizeof(T);
+  const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
+  if (L == 1 || addr % sizeof(T) != 0 || n < 16 * L) return -1;
+  const std::int64_t head = std::int64_t((width - addr % width) % width / sizeof(T));
+  return head < n ? head : n;
+}
+
 // y[j .. j+count) = f(j, count) over a row of n elements, one vector at a time: for long rows
 // a partial vector first so the rest of y is aligned, then full vectors (streamed past the
 // caches when stream is set), then a partial tail. Every element goes through the same vector
@@ -474,13 +486,10 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
     return;
   }
   std::int64_t j = 0;
-  const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
-  if (L > 1 && addr % sizeof(T) == 0 && n >= 16 * L) {
-    constexpr std::uintptr_t width = L * sizeof(T);
-    const std::int64_t head = std::int64_t((width - addr % width) % width / sizeof(T));
-    const int count = int(head < n ? head : n);
-    if (count > 0) store_partial(y, f(j, count), count);
-    j = count;
+  const std::int64_t head = stream_head(y, n);
+  if (head >= 0) {
+    if (head > 0) store_partial(y, f(j, int(head)), int(head));
+    j = head;
   } else {
     stream = false;
   }
