@@ -647,10 +647,9 @@ struct RowBackward {
 
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
-    // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned (aligning dx
-    // instead ran 10-17% slower in cache); streamed, in whole vectors from its first aligned
-    // element, as map_row. Two instantiations: a call to a streamed loop on the side slowed the
-    // cached one by 4-15%.
+    // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
+    // whole vectors from its first aligned element, as map_row. Two instantiations: a call to a
+    // streamed loop on the side slowed the cached one by 4-16%.
     if constexpr (Stream) {
       const std::int64_t head = stream_head(dx, n);
       if (head >= 0) {
