@@ -46,9 +46,8 @@ template <class T>
 void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight and bias.
-  const std::int64_t row_bytes = a.cols * (std::int64_t(sizeof(T)) * (residual ? 4 : 2) +
-                                           std::int64_t(sizeof(compute_t<T>)) * ((a.weight ? 1 : 0) + (a.bias ? 1 : 0)));
-  const bool stream = stream_rows(row_bytes, bytes);
+  const bool stream =
+      stream_rows(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, (a.weight ? 1 : 0) + (a.bias ? 1 : 0)), bytes);
   with_narrow_rows<T>(a.cols, rows_in_blocks<T>(a.cols, bytes), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     auto rows = &layer_norm_rows<T, false, false, NV>;

@@ -336,6 +336,12 @@ Moments row_moments_of(const T* x, const T* residual, T* sum, std::int64_t i, st
 // stay in the cache between calls: streamed, (8192, 768) (24 MiB) ran 1.03-1.5x slower,
 // (16384, 768) 0.78-0.98x; half layer_norm_backward (2048, 4096) without weight 1.03-1.06x.
 constexpr std::int64_t kL1Bytes = std::int64_t(32) << 10;
+// The bytes one row of n moves: data_rows rows of T (inputs and outputs) and weight_rows rows of
+// compute_t<T> (weights, bias, stages).
+template <class T>
+std::int64_t row_traffic_bytes(std::int64_t n, int data_rows, int weight_rows) {
+  return n * (std::int64_t(sizeof(T)) * data_rows + std::int64_t(sizeof(compute_t<T>)) * weight_rows);
+}
 inline bool stream_rows(std::int64_t row_bytes, std::int64_t data_bytes) {
   const std::int64_t from = stream_min_bytes();
   return data_bytes >= from && (row_bytes >= kL1Bytes || data_bytes > 2 * from);
@@ -347,7 +353,7 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
   const std::int64_t block_bytes = n * std::int64_t(sizeof(T)) * kRowBlock;
   if (kHalf<T>) return block_bytes <= 16384;
   // Such rows stay far below L1: the row of x stands for all their traffic.
-  return !stream_rows(n * std::int64_t(sizeof(T)), data_bytes) && data_bytes <= kBlockedFloatBytes &&
+  return !stream_rows(row_traffic_bytes<T>(n, 1, 0), data_bytes) && data_bytes <= kBlockedFloatBytes &&
          block_bytes <= 8192;
 }
 
@@ -758,9 +764,8 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
   auto run = [&](auto has_weight, int nsums, C* const* outs) {
     constexpr bool HasW = decltype(has_weight)::value;
     // dy, x, dx and ds rows; the weight and the stage rows.
-    const std::int64_t row_bytes = n * (std::int64_t(sizeof(T)) * (ds ? 4 : 3) +
-                                        (HasW ? std::int64_t(sizeof(C)) * (1 + nsums) : 0));
-    const bool stream = stream_rows(row_bytes, rows * n * std::int64_t(sizeof(T)));
+    const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + nsums : 0),
+                                    rows * n * std::int64_t(sizeof(T)));
     using Row = RowBackward<Centered, HasW, T>;
     auto row_at = [&](std::int64_t i) __attribute__((always_inline)) {
       return Row{dy + i * n,      x + i * n, w, dx + i * n, n, Centered ? double(mean[i]) : 0.0,

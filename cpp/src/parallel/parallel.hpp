@@ -18,7 +18,7 @@ std::int64_t last_level_cache_bytes();
 
 // Outputs of at least this many bytes are written with non-temporal stores: they would not
 // stay in the last-level cache anyway (half its size), and streaming saves reading them first.
-// NORMLAB_STREAM_MIN_BYTES overrides it.
+// Row norms add a condition on their rows (stream_rows). NORMLAB_STREAM_MIN_BYTES overrides it.
 std::int64_t stream_min_bytes();
 
 }  // namespace normlab
