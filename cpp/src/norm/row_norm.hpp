@@ -236,8 +236,13 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
   static_assert(NV <= kFlushEvery, "a narrow row's float sums are added into double once");
   vwide ds[kRowBlock], dq[kRowBlock];
   float first[kRowBlock];
+#pragma GCC unroll 8
   for (int b = 0; b < kRowBlock; ++b) {
-    if (b >= nb) continue;
+    if (b >= nb) {
+      ds[b] = dq[b] = vwide{};
+      first[b] = 0.0f;
+      continue;
+    }
     const std::int64_t o = b * n;
     const RowReader<S, Add, false> row{x + o, Add ? r + o : r, Add ? sum + o : sum};
     first[b] = Add ? to_c(narrow<S>(to_c(x[o]) + to_c(r[o]))) : to_c(x[o]);
@@ -257,22 +262,49 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
     if constexpr (Centered) ds[b] += widen_sum(s);
     dq[b] += widen_sum(q);
   }
+  // finish_row_moments (finish_mean_square) for kWide rows at a time; the rows it would sum
+  // again follow one by one. + 0.0: the row functions' empty scalar tails, which turn a -0 sum
+  // into +0.
+  constexpr int kSumVectors = kRowBlock / kWide;
+  vwide sum_s[kSumVectors], sum_q[kSumVectors];
+  if constexpr (Centered) lane_sums_inline(ds, sum_s);
+  lane_sums_inline(dq, sum_q);
+  const vwide count = splat<vwide>(double(n)), inv_n = splat<vwide>(1.0 / double(n));
+  using Mask = decltype(count < count);
+  Mask again[kSumVectors];
+  for (int p = 0; p < kSumVectors; ++p) {
+    const vwide q = sum_q[p] + 0.0;
+    if constexpr (Centered) {
+      const vwide mean_square = q / count, shift = load_wide(first + p * kWide);
+      const vwide m = (sum_s[p] + 0.0) * inv_n;
+      vwide v = q * inv_n - m * m;
+      v = v > 0.0 ? v : 0.0;
+      const vwide row_mean = shift + m, d = row_mean - shift;
+      again[p] = ~((mean_square >= kFloatSquaresMin) & (mean_square <= kFloatSquaresMax)) | (d * d > kRecenterRatio * v);
+      store(mean + p * kWide, row_mean);
+      store(var + p * kWide, v);
+    } else {
+      const vwide mean_square = q * inv_n;
+      again[p] = ~((mean_square >= kFloatSquaresMin) & (mean_square <= kFloatSquaresMax));
+      store(mean + p * kWide, vwide{});
+      store(var + p * kWide, mean_square);
+    }
+  }
+#pragma GCC unroll 1
   for (int b = 0; b < kRowBlock; ++b) {
     if (b >= nb) {
       mean[b] = 0.0;
       var[b] = 1.0;
-      continue;
-    }
-    const S* values = (Add ? sum : x) + b * n;
-    // + 0.0: the row functions' empty scalar tails, which turn a -0 sum into +0
-    if constexpr (Centered) {
-      const Moments m = finish_row_moments(values, n, double(first[b]), lane_sum_inline(ds[b]) + 0.0,
-                                           lane_sum_inline(dq[b]) + 0.0);
-      mean[b] = m.mean;
-      var[b] = m.var;
-    } else {
-      mean[b] = 0.0;
-      var[b] = finish_mean_square(values, n, lane_sum_inline(dq[b]) + 0.0);
+    } else if (again[b / kWide][b % kWide]) {
+      const S* values = (Add ? sum : x) + b * n;
+      if constexpr (Centered) {
+        const Moments m = finish_row_moments(values, n, double(first[b]), sum_s[b / kWide][b % kWide] + 0.0,
+                                             sum_q[b / kWide][b % kWide] + 0.0);
+        mean[b] = m.mean;
+        var[b] = m.var;
+      } else {
+        var[b] = finish_mean_square(values, n, sum_q[b / kWide][b % kWide] + 0.0);
+      }
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "normlab/norm.hpp"  // float16, bfloat16, param_t
 
@@ -78,6 +79,49 @@ __attribute__((always_inline)) inline double lane_sum_inline(V v) {
 template <class V>
 inline double lane_sum(V v) {
   return lane_sum_inline(v);
+}
+
+// Lane i of the halving step of lane_sums_inline for pairs of vectors of partial sums `width`
+// lanes wide: where lane i's lower (upper) half comes from in the two vectors side by side.
+constexpr std::int64_t halving_lane(int i, int width, bool upper) {
+  return (i / (width / 2)) * width + i % (width / 2) + (upper ? width / 2 : 0);
+}
+template <class M, int width, bool upper, int... I>
+constexpr M halving_mask(std::integer_sequence<int, I...>) {
+  return M{halving_lane(I, width, upper)...};
+}
+
+// The halving steps of lane_sums_inline from vectors v that hold W / width rows' partial sums,
+// width lanes each, rows in order.
+template <int width, int R, int NOut, class V>
+__attribute__((always_inline)) inline void halving_sums(const V (&v)[R], V (&out)[NOut]) {
+  if constexpr (width == 1) {
+    static_assert(R == NOut, "one lane per row");
+    for (int p = 0; p < R; ++p) out[p] = v[p];
+  } else {
+    constexpr int W = int(sizeof(V) / sizeof(v[0][0]));
+    using M = vec<std::int64_t, W>;
+    constexpr M lo = halving_mask<M, width, false>(std::make_integer_sequence<int, W>());
+    constexpr M hi = halving_mask<M, width, true>(std::make_integer_sequence<int, W>());
+    V half[R / 2];
+    for (int p = 0; p < R / 2; ++p)
+      half[p] = __builtin_shuffle(v[2 * p], v[2 * p + 1], lo) + __builtin_shuffle(v[2 * p], v[2 * p + 1], hi);
+    halving_sums<width / 2>(half, out);
+  }
+}
+
+// Lane r % W of out[r / W] = lane_sum_inline(v[r]) for R vectors of W lanes, bitwise the same
+// sums: each halving step adds the halves of two vectors' partial sums at once (two shuffles and
+// one add per pair), so R sums take R - R / W adds instead of R * log2(W) adds and shuffles.
+template <int R, int NOut, class V>
+__attribute__((always_inline)) inline void lane_sums_inline(const V (&v)[R], V (&out)[NOut]) {
+  constexpr int W = int(sizeof(V) / sizeof(v[0][0]));
+  static_assert(R == NOut * W, "whole vectors of sums");
+#if defined(__GNUC__) && !defined(__clang__)
+  halving_sums<W>(v, out);
+#else
+  for (int r = 0; r < R; ++r) out[r / W][r % W] = lane_sum_inline(v[r]);
+#endif
 }
 
 // a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
