@@ -1079,3 +1079,97 @@ def test_row_results_do_not_depend_on_neighbouring_rows(cpu_target, rng, n, dtyp
         alone = [call(x[i : i + 1], r[i : i + 1]) for i in range(11)]
         for k, out in enumerate(together):
             assert out.tobytes() == np.concatenate([a[k] for a in alone]).tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# the plain call: common calls run in one C++ step (_core.layer_norm_plain / rms_norm_plain),
+# every other call goes through the full checks of the Python layer
+# --------------------------------------------------------------------------------------------
+
+from normlab import _core  # noqa: E402
+
+
+def _same(a, b):
+    """Bitwise equality of two results (arrays or tuples of arrays)."""
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    return len(a) == len(b) and all(
+        p.dtype == q.dtype and p.shape == q.shape and np.array_equal(p.reshape(-1).view(np.uint8), q.reshape(-1).view(np.uint8))
+        for p, q in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33,), (4, 64), (3, 5, 48), (37, 100)])
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("stats", [False, True])
+def test_plain_calls_match_the_checked_path(cpu_target, rng, dtype, shape, with_out, stats):
+    x = make_x(rng, shape, dtype, offset=3.0)
+    weight, bias = make_affine(rng, shape[-1:], dtype)
+    eps = 1e-3
+    for w, b in ((None, None), (weight, None), (None, bias), (weight, bias)):
+        out = np.full_like(x, np.nan) if with_out else None
+        plain = _core.layer_norm_plain(x, w, b, out, eps, stats)
+        assert plain is not None
+        assert (plain[0] if stats else plain) is out or not with_out
+        # axis=(-1,) is not a plain call: the Python layer checks it and calls the kernel
+        checked = normlab.layer_norm(x, w, b, axis=(-1,), eps=eps, return_stats=stats)
+        assert _same(plain, checked)
+        assert _same(normlab.layer_norm(x, w, b, eps=eps, out=out, return_stats=stats), checked)
+
+        out = np.full_like(x, np.nan) if with_out else None
+        plain = _core.rms_norm_plain(x, w, out, None, stats)
+        assert plain is not None
+        # eps=None is the dtype's machine epsilon on both paths
+        checked = normlab.rms_norm(x, w, axis=(-1,), eps=float(np.finfo(dtype).eps), return_stats=stats)
+        assert _same(plain, checked)
+        assert _same(normlab.rms_norm(x, w, out=out, return_stats=stats), checked)
+
+
+class _Subclass(np.ndarray):
+    pass
+
+
+def _not_plain_calls():
+    """(label, layer_norm_plain arguments) of calls the plain path must turn down."""
+    x = np.ones((4, 8), np.float32)
+    w = np.ones(8, np.float32)
+    out = np.empty((4, 8), np.float32)
+    read_only = np.empty((4, 8), np.float32)
+    read_only.flags.writeable = False
+    calls = [
+        ("strided x", (np.ones((4, 16), np.float32)[:, ::2], w, None, None, 1e-5, False)),
+        ("subclass x", (x.view(_Subclass), w, None, None, 1e-5, False)),
+        ("float16 x", (x.astype(np.float16), None, None, None, 1e-5, False)),
+        ("int x", (x.astype(np.int32), None, None, None, 1e-5, False)),
+        ("big-endian x", (x.astype(">f4"), None, None, None, 1e-5, False)),
+        ("0-d x", (np.array(1.0, np.float32), None, None, None, 1e-5, False)),
+        ("list x", (x.tolist(), None, None, None, 1e-5, False)),
+        ("no rows", (np.ones((0, 8), np.float32), None, None, None, 1e-5, False)),
+        ("no cols", (np.ones((4, 0), np.float32), None, None, None, 1e-5, False)),
+        ("float64 weight", (x, w.astype(np.float64), None, None, 1e-5, False)),
+        ("2-d weight", (x, w.reshape(1, 8), None, None, 1e-5, False)),
+        ("short weight", (x, w[:4], None, None, 1e-5, False)),
+        ("strided weight", (x, np.ones(16, np.float32)[::2], None, None, 1e-5, False)),
+        ("list bias", (x, None, [0.0] * 8, None, 1e-5, False)),
+        ("read-only out", (x, None, None, read_only, 1e-5, False)),
+        ("out is x", (x, None, None, x, 1e-5, False)),
+        ("out is weight's buffer", (x, out[0], None, out, 1e-5, False)),
+        ("float64 out", (x, None, None, out.astype(np.float64), 1e-5, False)),
+        ("reshaped out", (x, None, None, out.reshape(8, 4), 1e-5, False)),
+        ("strided out", (x, None, None, np.empty((4, 16), np.float32)[:, ::2], 1e-5, False)),
+        ("list out", (x, None, None, out.tolist(), 1e-5, False)),
+        ("return_stats 1", (x, None, None, None, 1e-5, 1)),
+        ("return_stats numpy bool", (x, None, None, None, 1e-5, np.True_)),
+    ]
+    for eps in (0.0, -1e-5, float("nan"), float("inf"), 1, np.float32(1e-5), True, "1e-5", None):
+        calls.append((f"eps {eps!r}", (x, None, None, None, eps, False)))
+    return calls
+
+
+@pytest.mark.parametrize("label, args", _not_plain_calls(), ids=[c[0] for c in _not_plain_calls()])
+def test_calls_that_are_not_plain_are_turned_down(label, args):
+    x, w, b, out, eps, stats = args
+    assert _core.layer_norm_plain(x, w, b, out, eps, stats) is None
+    if eps is None:  # rms_norm's default
+        return
+    assert _core.rms_norm_plain(x, w if w is not None else b, out, eps, stats) is None

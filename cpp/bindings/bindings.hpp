@@ -10,6 +10,8 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "normlab/norm.hpp"
 
@@ -76,6 +78,25 @@ template <class T>
 T* optional_output(py::handle h, const char* name, std::int64_t size) {
   return h.is_none() ? nullptr : array_data<T>(h, name, size, true);
 }
+
+// The bytes [lo, hi) the elements of the NumPy array `h` can touch, as numpy.may_share_memory
+// bounds them; lo == hi for an empty array. Reads the array header only.
+inline std::pair<std::uintptr_t, std::uintptr_t> memory_extent(py::handle h) {
+  const py::detail::PyArray_Proxy* a = py::detail::array_proxy(h.ptr());
+  std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(a->data);
+  std::uintptr_t hi = lo;
+  for (int i = 0; i < a->nd; ++i) {
+    if (a->dimensions[i] == 0) return {lo, lo};
+    const py::ssize_t reach = (a->dimensions[i] - 1) * a->strides[i];
+    (reach < 0 ? lo : hi) += reach;
+  }
+  return {lo, hi + std::uintptr_t(py::reinterpret_borrow<py::dtype>(a->descr).itemsize())};
+}
+
+inline bool is_ndarray(py::handle h) { return py::detail::npy_api::get().PyArray_Check_(h.ptr()); }
+
+// An uninitialized C-contiguous array of `shape` and `dtype`, as numpy.empty, for results.
+py::array empty_result(const std::vector<py::ssize_t>& shape, const py::dtype& dtype);
 
 // Calls below this many elements keep the GIL: releasing it costs more than they take.
 constexpr std::int64_t kReleaseGilElements = 1 << 14;

@@ -22,22 +22,6 @@ namespace normlab::bindings {
 
 namespace {
 
-// The bytes [lo, hi) the elements of the NumPy array `h` can touch, as numpy.may_share_memory
-// bounds them; lo == hi for an empty array. Reads the array header only.
-std::pair<std::uintptr_t, std::uintptr_t> memory_extent(py::handle h) {
-  const py::detail::PyArray_Proxy* a = py::detail::array_proxy(h.ptr());
-  std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(a->data);
-  std::uintptr_t hi = lo;
-  for (int i = 0; i < a->nd; ++i) {
-    if (a->dimensions[i] == 0) return {lo, lo};
-    const py::ssize_t reach = (a->dimensions[i] - 1) * a->strides[i];
-    (reach < 0 ? lo : hi) += reach;
-  }
-  return {lo, hi + std::uintptr_t(py::reinterpret_borrow<py::dtype>(a->descr).itemsize())};
-}
-
-bool is_ndarray(py::handle h) { return py::detail::npy_api::get().PyArray_Check_(h.ptr()); }
-
 // Results of this many bytes or more get pages of their own, kept for reuse when freed. Below
 // it, NumPy's allocation (glibc malloc) reuses freed memory already; from 32 MiB on
 // (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) glibc maps and unmaps every such array, so each new
@@ -51,8 +35,9 @@ struct ResultPages {
   std::size_t bytes;
 };
 
-// An uninitialized C-contiguous array of `shape` and `dtype`, as numpy.empty, for results.
-// Large ones are pages of normlab's own (the array's base is the capsule that owns them),
+}  // namespace
+
+// Large results are pages of normlab's own (the array's base is the capsule that owns them),
 // taken from output_mappings() when a freed result left some: a loop that gets a new result
 // every call then skips faulting in and clearing its pages every call.
 py::array empty_result(const std::vector<py::ssize_t>& shape, const py::dtype& dtype) {
@@ -75,7 +60,6 @@ py::array empty_result(const std::vector<py::ssize_t>& shape, const py::dtype& d
   return py::array(dtype, shape, std::vector<py::ssize_t>(), data, owner);
 }
 
-}  // namespace
 
 void bind_runtime(py::module_& m) {
   m.def("compiled_cpu_targets", &compiled_cpu_targets);

@@ -23,6 +23,14 @@ def first_overlap(out: np.ndarray, inputs: tuple[tuple[object, str], ...]) -> st
 def empty_result(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
 def parallel_add_twice(a: np.ndarray, b: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None: ...
 
+# The plain calls of normlab.layer_norm / rms_norm (float32 or float64 ndarrays, last axis,
+# C-contiguous, out not overlapping an input, float eps): run them and return what the public
+# function returns; None for any other call, which the Python layer then checks in full.
+def layer_norm_plain(x: object, weight: object, bias: object, out: object, eps: object,
+                     return_stats: object) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def rms_norm_plain(x: object, weight: object, out: object, eps: object,
+                   return_stats: object) -> np.ndarray | tuple[np.ndarray, np.ndarray] | None: ...
+
 # Norm kernels; suffix f32 takes float32 data, f64 float64, f16 numpy.float16, bf16
 # ml_dtypes.bfloat16 (weight, bias and statistics float32 for f16/bf16). Arrays must be
 # C-contiguous, of exactly that dtype and size; None marks an absent optional array.

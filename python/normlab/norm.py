@@ -96,6 +96,10 @@ def layer_norm(
     Rows that are constant give exactly ``bias`` (0 without bias); NaN or Inf in a row affect
     only that row. A leading shape with zero elements gives empty results.
     """
+    if type(axis) is int and axis == -1:  # a plain call runs in one C++ step, else None
+        result = _core.layer_norm_plain(x, weight, bias, out, eps, return_stats)
+        if result is not None:
+            return result
     x_in, x = x, float_input(x, "x")
     layer_fwd = _KERNELS[x.dtype][0]
     shape = x.shape
@@ -203,6 +207,10 @@ def rms_norm(
     -------
     y, or (y, rstd) when return_stats is true.
     """
+    if type(axis) is int and axis == -1:  # as in layer_norm
+        result = _core.rms_norm_plain(x, weight, out, eps, return_stats)
+        if result is not None:
+            return result
     x_in, x = x, float_input(x, "x")
     rms_fwd = _KERNELS[x.dtype][2]
     shape = x.shape
