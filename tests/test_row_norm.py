@@ -1173,3 +1173,79 @@ def test_calls_that_are_not_plain_are_turned_down(label, args):
     if eps is None:  # rms_norm's default
         return
     assert _core.rms_norm_plain(x, w if w is not None else b, out, eps, stats) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33,), (4, 64), (3, 5, 48)])
+@pytest.mark.parametrize("stats", [False, True])
+def test_plain_fused_and_backward_calls_match_the_checked_path(cpu_target, rng, dtype, shape, stats):
+    x, r, dy, ds = (make_x(rng, shape, dtype, offset=2.0) for _ in range(4))
+    weight, bias = make_affine(rng, shape[-1:], dtype)
+    lead = shape[:-1]
+    for w, b in ((None, None), (weight, None), (weight, bias)):
+        for sum_to in ("new", "x", "residual", "other"):
+            xs, rs = x.copy(), r.copy()
+            sum_out = {"new": None, "x": xs, "residual": rs, "other": np.empty_like(x)}[sum_to]
+            out = np.empty_like(x)
+            plain = _core.add_layer_norm_plain(xs, rs, w, b, out, sum_out, 1e-4, stats)
+            assert plain is not None and plain[0] is out and (sum_out is None or plain[1] is sum_out)
+            checked = normlab.add_layer_norm(x, r, w, b, axis=(-1,), eps=1e-4, return_stats=stats)
+            assert _same(plain, checked)
+            xs, rs = x.copy(), r.copy()
+            sum_out = {"new": None, "x": xs, "residual": rs, "other": np.empty_like(x)}[sum_to]
+            plain = _core.add_rms_norm_plain(xs, rs, w, None, sum_out, None, stats)
+            assert plain is not None
+            checked = normlab.add_rms_norm(x, r, w, axis=(-1,), return_stats=stats)
+            assert _same(plain, checked)
+
+        mean, rstd = np.array(rng.standard_normal(lead), dtype), np.array(rng.random(lead) + 0.5, dtype)
+        for extra in (None, ds):
+            for out in (None, np.empty_like(x)):
+                plain = _core.layer_norm_backward_plain(dy, x, mean, rstd, w, extra, out)
+                assert plain is not None and (out is None or plain[0] is out)
+                if extra is None:
+                    checked = normlab.layer_norm_backward(dy, x, mean, rstd, w, axis=(-1,))
+                else:
+                    checked = normlab.add_layer_norm_backward(dy, x, mean, rstd, w, ds=extra, axis=(-1,))
+                if w is None:
+                    assert plain[1:] == (None, None)
+                assert _same(tuple(a for a in plain if a is not None), tuple(a for a in checked if a is not None))
+                plain = _core.rms_norm_backward_plain(dy, x, rstd, w, extra, out)
+                assert plain is not None
+                checked = normlab.add_rms_norm_backward(dy, x, rstd, w, ds=extra, axis=(-1,)) if extra is not None \
+                    else normlab.rms_norm_backward(dy, x, rstd, w, axis=(-1,))
+                assert _same(tuple(a for a in plain if a is not None), tuple(a for a in checked if a is not None))
+
+
+def _not_plain_fused_and_backward_calls():
+    """(label, function name, arguments) of fused and backward calls the plain path turns down."""
+    x = np.ones((4, 8), np.float32)
+    r = np.ones((4, 8), np.float32)
+    w = np.ones(8, np.float32)
+    st = np.ones(4, np.float32)
+    read_only = np.ones((4, 8), np.float32)
+    read_only.flags.writeable = False
+    out = np.empty((4, 8), np.float32)
+    return [
+        ("float64 residual", "add_layer_norm_plain", (x, r.astype(np.float64), w, None, None, None, 1e-5, False)),
+        ("short residual", "add_layer_norm_plain", (x, r[:2], w, None, None, None, 1e-5, False)),
+        ("read-only x as sum_out", "add_layer_norm_plain", (read_only, r, w, None, None, read_only, 1e-5, False)),
+        ("sum_out overlapping x", "add_layer_norm_plain", (x, r, w, None, None, x[1:3], 1e-5, False)),
+        ("sum_out is weight's buffer", "add_rms_norm_plain", (x, r, out[0], None, out, None, False)),
+        ("out is sum_out", "add_rms_norm_plain", (x, r, w, out, out, None, False)),
+        ("out is residual", "add_layer_norm_plain", (x, r, w, None, r, None, 1e-5, False)),
+        ("list residual", "add_rms_norm_plain", (x, r.tolist(), w, None, None, None, False)),
+        ("float64 mean", "layer_norm_backward_plain", (x, x, st.astype(np.float64), st, w, None, None)),
+        ("2-d rstd", "layer_norm_backward_plain", (x, x, st, st.reshape(4, 1), w, None, None)),
+        ("short dy", "layer_norm_backward_plain", (x[:2], x, st, st, w, None, None)),
+        ("float64 ds", "rms_norm_backward_plain", (x, x, st, w, x.astype(np.float64), None)),
+        ("out is dy", "rms_norm_backward_plain", (x, r, st, w, None, x)),
+        ("out overlapping ds", "layer_norm_backward_plain", (x, r, st, st, w, out, out)),
+        ("list rstd", "rms_norm_backward_plain", (x, x, st.tolist(), w, None, None)),
+    ]
+
+
+@pytest.mark.parametrize("label, name, args", _not_plain_fused_and_backward_calls(),
+                         ids=[c[0] for c in _not_plain_fused_and_backward_calls()])
+def test_fused_and_backward_calls_that_are_not_plain_are_turned_down(label, name, args):
+    assert getattr(_core, name)(*args) is None

@@ -156,6 +156,10 @@ def layer_norm_backward(
 
 
 def _layer_norm_backward(dy, x, mean, rstd, weight, ds, axis, out, x_name):
+    if type(axis) is int and axis == -1:  # as in layer_norm
+        result = _core.layer_norm_backward_plain(dy, x, mean, rstd, weight, ds, out)
+        if result is not None:
+            return result
     originals = ((dy, "dy"), (x, x_name), (mean, "mean"), (rstd, "rstd"), (weight, "weight"), (ds, "ds"))
     x = float_input(x, x_name)
     layer_bwd = _KERNELS[x.dtype][1]
@@ -264,6 +268,10 @@ def rms_norm_backward(
 
 
 def _rms_norm_backward(dy, x, rstd, weight, ds, axis, out, x_name):
+    if type(axis) is int and axis == -1:  # as in layer_norm
+        result = _core.rms_norm_backward_plain(dy, x, rstd, weight, ds, out)
+        if result is not None:
+            return result
     originals = ((dy, "dy"), (x, x_name), (rstd, "rstd"), (weight, "weight"), (ds, "ds"))
     x = float_input(x, x_name)
     rms_bwd = _KERNELS[x.dtype][3]
@@ -342,6 +350,10 @@ def add_layer_norm(
     -------
     (y, s), or (y, s, mean, rstd) when return_stats is true.
     """
+    if type(axis) is int and axis == -1:  # as in layer_norm
+        result = _core.add_layer_norm_plain(x, residual, weight, bias, out, sum_out, eps, return_stats)
+        if result is not None:
+            return result
     x_in, residual_in = x, residual
     x, residual = _residual_inputs(x, residual)
     kernel = _ADD_KERNELS[x.dtype][0]
@@ -404,6 +416,10 @@ def add_rms_norm(
     -------
     (y, s), or (y, s, rstd) when return_stats is true.
     """
+    if type(axis) is int and axis == -1:  # as in layer_norm
+        result = _core.add_rms_norm_plain(x, residual, weight, out, sum_out, eps, return_stats)
+        if result is not None:
+            return result
     x_in, residual_in = x, residual
     x, residual = _residual_inputs(x, residual)
     kernel = _ADD_KERNELS[x.dtype][1]
