@@ -64,6 +64,21 @@ def test_sum_out_may_be_x_or_residual(cpu_target, rng, which, fused, shape):
     assert np.array_equal(y, expected_y)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # the plain path and the checked one
+@pytest.mark.parametrize("which", ["x", "residual"])
+def test_sum_out_may_be_a_view_of_x_or_residual(rng, dtype, which):
+    x, r, w, b = _inputs(rng, (6, 32), dtype)
+    expected_s = (x.astype(np.float32) + r.astype(np.float32)).astype(dtype)
+    expected_y = normlab.layer_norm(expected_s, w, b)
+    target = (x if which == "x" else r)[...]  # another array object on the same elements
+    y, s = normlab.add_layer_norm(x, r, w, b, sum_out=target)
+    assert s is target
+    assert np.array_equal(x if which == "x" else r, expected_s)
+    assert np.array_equal(y, expected_y)
+    with pytest.raises(ValueError, match="sum_out"):  # the same elements in another order
+        normlab.add_layer_norm(x, r, w, b, sum_out=x.reshape(-1)[::-1].reshape(6, 32))
+
+
 def test_sum_out_and_out_are_checked(rng):
     x, r, w, b = _inputs(rng, (4, 8), np.float32)
     with pytest.raises(ValueError, match="sum_out"):

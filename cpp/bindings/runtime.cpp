@@ -135,6 +135,18 @@ void bind_runtime(py::module_& m) {
       py::arg("out"), py::arg("inputs"));
 
   m.def("empty_result", &empty_result, py::arg("shape"), py::arg("dtype"));
+  m.def(
+      "same_view",
+      [](py::handle a, py::handle b) {
+        if (!is_ndarray(a) || !is_ndarray(b)) return false;
+        const py::detail::PyArray_Proxy* p = py::detail::array_proxy(a.ptr());
+        const py::detail::PyArray_Proxy* q = py::detail::array_proxy(b.ptr());
+        if (p->data != q->data || p->nd != q->nd) return false;
+        for (int i = 0; i < p->nd; ++i)
+          if (p->dimensions[i] != q->dimensions[i] || p->strides[i] != q->strides[i]) return false;
+        return true;
+      },
+      py::arg("a"), py::arg("b"));
 
   m.attr("__version__") = NORMLAB_VERSION;
   m.attr("compiler") = NORMLAB_COMPILER;

@@ -302,17 +302,8 @@ def _sum_output(sum_out, x_in, residual_in, shape, dtype, others):
     array that overlaps no input."""
     if sum_out is None:
         return _core.empty_result(shape, dtype)
-    in_place = any(
-        sum_out is a
-        or (
-            isinstance(sum_out, np.ndarray)
-            and isinstance(a, np.ndarray)
-            and sum_out.shape == a.shape
-            and sum_out.strides == a.strides
-            and sum_out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
-        )
-        for a in (x_in, residual_in)
-    )
+    in_place = sum_out is x_in or sum_out is residual_in or _core.same_view(sum_out, x_in) \
+        or _core.same_view(sum_out, residual_in)
     inputs = others if in_place else ((x_in, "x"), (residual_in, "residual")) + others
     return output(sum_out, "sum_out", dtype, shape, inputs)
 
