@@ -24,9 +24,9 @@ def empty_result(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
 def same_view(a: object, b: object) -> bool: ...  # ndarrays with the same data, shape and strides
 def parallel_add_twice(a: np.ndarray, b: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None: ...
 
-# The plain calls of the row norms (float32 or float64 ndarrays, last axis, C-contiguous, out not
-# overlapping an input, float eps): run them and return what the public function returns; None
-# for any other call, which the Python layer then checks in full.
+# The plain calls of the row and channel norms (float32 or float64 ndarrays, C-contiguous, out
+# not overlapping an input, float eps, bool flags): run them and return what the public
+# function returns; None for any other call, which the Python layer then checks in full.
 def layer_norm_plain(x: object, weight: object, bias: object, out: object, eps: object,
                      return_stats: object) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
 def rms_norm_plain(x: object, weight: object, out: object, eps: object,
@@ -39,6 +39,18 @@ def layer_norm_backward_plain(dy: object, x: object, mean: object, rstd: object,
                               out: object) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None: ...
 def rms_norm_backward_plain(dy: object, x: object, rstd: object, weight: object, ds: object,
                             out: object) -> tuple[np.ndarray, np.ndarray | None] | None: ...
+def batch_norm_plain(x: object, weight: object, bias: object, running_mean: object, running_var: object,
+                     training: object, momentum: object, eps: object, channel_axis: object, out: object,
+                     return_stats: object) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def batch_norm_backward_plain(dy: object, x: object, mean: object, invstd: object, weight: object,
+                              training: object, channel_axis: object,
+                              out: object) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None: ...
+def group_norm_plain(x: object, num_groups: object, weight: object, bias: object, eps: object, channel_axis: object,
+                     out: object, return_stats: object,
+                     instance: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def group_norm_backward_plain(dy: object, x: object, mean: object, rstd: object, num_groups: object, weight: object,
+                              channel_axis: object, out: object,
+                              instance: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None: ...
 
 # Norm kernels; suffix f32 takes float32 data, f64 float64, f16 numpy.float16, bf16
 # ml_dtypes.bfloat16 (weight, bias and statistics float32 for f16/bf16). Arrays must be

@@ -153,6 +153,10 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
 
     Channels that are constant give exactly ``bias`` (0 without bias).
     """
+    result = _core.batch_norm_plain(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                    channel_axis, out, return_stats)
+    if result is not None:  # a plain call runs in one C++ step
+        return result
     x_in, x = x, float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
@@ -216,6 +220,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     dweight, dbias : ndarray of shape ``(C,)``, or None when weight is None (summed in a fixed
         order: identical for every thread count).
     """
+    result = _core.batch_norm_backward_plain(dy, x, mean, invstd, weight, training, channel_axis, out)
+    if result is not None:  # as in batch_norm
+        return result
     originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight"))
     x = float_input(x, "x")
     dtype, shape = x.dtype, x.shape
@@ -237,6 +244,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
 
 
 def _group_forward(x, groups, weight, bias, eps, channel_axis, out, return_stats, instance):
+    result = _core.group_norm_plain(x, groups, weight, bias, eps, channel_axis, out, return_stats, instance)
+    if result is not None:  # as in batch_norm
+        return result
     x_in, x = x, float_input(x, "x")
     dtype, shape = x.dtype, x.shape
     n, c, s, cl = _layout(shape, channel_axis)
@@ -280,6 +290,9 @@ def _gradients(out, dtype, shape, c, weight, originals):
 
 
 def _group_backward(dy, x, mean, rstd, groups, weight, channel_axis, out, instance):
+    result = _core.group_norm_backward_plain(dy, x, mean, rstd, groups, weight, channel_axis, out, instance)
+    if result is not None:  # as in batch_norm
+        return result
     originals = ((dy, "dy"), (x, "x"), (mean, "mean"), (rstd, "rstd"), (weight, "weight"))
     x = float_input(x, "x")
     dtype, shape = x.dtype, x.shape
