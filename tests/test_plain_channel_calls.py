@@ -2,13 +2,14 @@
 C++ step (normlab._core.*_plain): their results must be bitwise those of the fully checked
 path, and every other call must be turned down (None) so that the Python layer checks it."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import normlab
 from normlab import _core
 
-DTYPES = [np.float32, np.float64]
+DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]  # half: float32 parameters
 LAYOUTS = [((2, 8, 4, 4), 1), ((2, 4, 4, 8), -1), ((3, 8, 5), 1), ((3, 5, 8), -1), ((4, 8), 1), ((4, 8), -1)]
 
 
@@ -36,6 +37,7 @@ def test_plain_channel_calls_match_the_checked_path(cpu_target, dtype, shape, ax
     dy = rng.standard_normal(shape).astype(dtype)
     c = shape[axis]
     n, s = shape[0], int(np.prod(shape)) // (shape[0] * c)
+    dtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype  # of parameters and statistics
     w, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
     checked_axis = np.int64(axis)  # not an int: the Python layer checks the call in full
     for weight, bias in ((None, None), (w, None), (w, b)):
@@ -122,7 +124,12 @@ def _not_plain():
         ("channel_axis 1.0", "group_norm_plain", gn(channel_axis=1.0)),
         ("huge channel_axis", "group_norm_plain", gn(channel_axis=2**70)),
         ("1-d x", "batch_norm_plain", bn(x=np.ones(8, np.float32))),
-        ("float16 x", "batch_norm_plain", bn(x=x.astype(np.float16), weight=None)),
+        ("float16 x with float16 weight", "batch_norm_plain", bn(x=x.astype(np.float16), weight=w.astype(np.float16))),
+        ("bfloat16 x with bfloat16 running_mean", "batch_norm_plain",
+         bn(x=x.astype(ml_dtypes.bfloat16), running_mean=st.astype(ml_dtypes.bfloat16), running_var=st.copy())),
+        ("float16 x with float16 stats", "group_norm_backward_plain",
+         gnb(dy=x.astype(np.float16), x=x.astype(np.float16), mean=gst.astype(np.float16))),
+        ("int x", "batch_norm_plain", bn(x=x.astype(np.int32), weight=None)),
         ("strided x", "group_norm_plain", gn(x=np.ones((2, 8, 4, 8), np.float32)[..., ::2])),
         ("no spatial elements", "group_norm_plain", gn(x=np.ones((2, 8, 0), np.float32))),
         ("training numpy bool", "batch_norm_plain", bn(training=np.True_)),

@@ -1086,7 +1086,20 @@ def test_row_results_do_not_depend_on_neighbouring_rows(cpu_target, rng, n, dtyp
 # every other call goes through the full checks of the Python layer
 # --------------------------------------------------------------------------------------------
 
+import ml_dtypes  # noqa: E402
+
 from normlab import _core  # noqa: E402
+
+# Plain calls take the half types too, with float32 parameters and statistics.
+PLAIN_DTYPES = DTYPES + [np.float16, ml_dtypes.bfloat16]
+
+
+def _param_dtype(dtype):
+    return np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+
+
+def _machine_eps(dtype):
+    return float(ml_dtypes.finfo(dtype).eps)
 
 
 def _same(a, b):
@@ -1098,13 +1111,13 @@ def _same(a, b):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", PLAIN_DTYPES)
 @pytest.mark.parametrize("shape", [(33,), (4, 64), (3, 5, 48), (37, 100)])
 @pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("stats", [False, True])
 def test_plain_calls_match_the_checked_path(cpu_target, rng, dtype, shape, with_out, stats):
     x = make_x(rng, shape, dtype, offset=3.0)
-    weight, bias = make_affine(rng, shape[-1:], dtype)
+    weight, bias = make_affine(rng, shape[-1:], _param_dtype(dtype))
     eps = 1e-3
     for w, b in ((None, None), (weight, None), (None, bias), (weight, bias)):
         out = np.full_like(x, np.nan) if with_out else None
@@ -1120,7 +1133,7 @@ def test_plain_calls_match_the_checked_path(cpu_target, rng, dtype, shape, with_
         plain = _core.rms_norm_plain(x, w, out, None, stats)
         assert plain is not None
         # eps=None is the dtype's machine epsilon on both paths
-        checked = normlab.rms_norm(x, w, axis=(-1,), eps=float(np.finfo(dtype).eps), return_stats=stats)
+        checked = normlab.rms_norm(x, w, axis=(-1,), eps=_machine_eps(dtype), return_stats=stats)
         assert _same(plain, checked)
         assert _same(normlab.rms_norm(x, w, out=out, return_stats=stats), checked)
 
@@ -1139,7 +1152,10 @@ def _not_plain_calls():
     calls = [
         ("strided x", (np.ones((4, 16), np.float32)[:, ::2], w, None, None, 1e-5, False)),
         ("subclass x", (x.view(_Subclass), w, None, None, 1e-5, False)),
-        ("float16 x", (x.astype(np.float16), None, None, None, 1e-5, False)),
+        ("float16 x with float16 weight", (x.astype(np.float16), w.astype(np.float16), None, None, 1e-5, False)),
+        ("bfloat16 x with float16 out", (x.astype(ml_dtypes.bfloat16), None, None, np.empty((4, 8), np.float16),
+                                         1e-5, False)),
+        ("float16 x with float32 out", (x.astype(np.float16), None, None, out, 1e-5, False)),
         ("int x", (x.astype(np.int32), None, None, None, 1e-5, False)),
         ("big-endian x", (x.astype(">f4"), None, None, None, 1e-5, False)),
         ("0-d x", (np.array(1.0, np.float32), None, None, None, 1e-5, False)),
@@ -1175,12 +1191,12 @@ def test_calls_that_are_not_plain_are_turned_down(label, args):
     assert _core.rms_norm_plain(x, w if w is not None else b, out, eps, stats) is None
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", PLAIN_DTYPES)
 @pytest.mark.parametrize("shape", [(33,), (4, 64), (3, 5, 48)])
 @pytest.mark.parametrize("stats", [False, True])
 def test_plain_fused_and_backward_calls_match_the_checked_path(cpu_target, rng, dtype, shape, stats):
     x, r, dy, ds = (make_x(rng, shape, dtype, offset=2.0) for _ in range(4))
-    weight, bias = make_affine(rng, shape[-1:], dtype)
+    weight, bias = make_affine(rng, shape[-1:], _param_dtype(dtype))
     lead = shape[:-1]
     for w, b in ((None, None), (weight, None), (weight, bias)):
         for sum_to in ("new", "x", "residual", "other"):
@@ -1198,7 +1214,8 @@ def test_plain_fused_and_backward_calls_match_the_checked_path(cpu_target, rng, 
             checked = normlab.add_rms_norm(x, r, w, axis=(-1,), return_stats=stats)
             assert _same(plain, checked)
 
-        mean, rstd = np.array(rng.standard_normal(lead), dtype), np.array(rng.random(lead) + 0.5, dtype)
+        pdtype = _param_dtype(dtype)
+        mean, rstd = np.array(rng.standard_normal(lead), pdtype), np.array(rng.random(lead) + 0.5, pdtype)
         for extra in (None, ds):
             for out in (None, np.empty_like(x)):
                 plain = _core.layer_norm_backward_plain(dy, x, mean, rstd, w, extra, out)

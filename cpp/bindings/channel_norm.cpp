@@ -111,7 +111,7 @@ py::object batch_norm_plain(handle x, handle weight, handle bias, handle running
   else p.require(!running_mean.is_none() && !running_var.is_none());
   if (!p) return py::none();
   py::array y = p.result(out);
-  auto run = p.is_float() ? &batch_norm_py<float> : &batch_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &batch_norm_py<decltype(t)>; });
   py::object mean = py::none(), invstd = py::none();
   if (p.stats()) mean = p.new_stat({p.cols()}), invstd = p.new_stat({p.cols()});
   run(x, weight, bias, y, mean, invstd, running_mean, running_var, p.batch(), p.cols(), p.spatial(),
@@ -133,7 +133,7 @@ py::object batch_norm_backward_plain(handle dy, handle x, handle mean, handle in
   if (!p) return py::none();
   py::array dx = p.result(out);
   py::object dweight = p.new_param(weight), dbias = p.new_param(weight);
-  auto run = p.is_float() ? &batch_norm_backward_py<float> : &batch_norm_backward_py<double>;
+  auto run = p.with_type([](auto t) { return &batch_norm_backward_py<decltype(t)>; });
   run(dy, x, mean, invstd, weight, dx, dweight, dbias, p.batch(), p.cols(), p.spatial(), p.channels_last(), train);
   return py::make_tuple(dx, dweight, dbias);
 }
@@ -148,7 +148,7 @@ py::object group_norm_plain(handle x, handle num_groups, handle weight, handle b
   p.forward(x, weight, bias, out, eps, return_stats);
   if (!p) return py::none();
   py::array y = p.result(out);
-  auto run = p.is_float() ? &group_norm_py<float> : &group_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &group_norm_py<decltype(t)>; });
   if (!p.stats()) {
     run(x, weight, bias, y, py::none(), py::none(), p.batch(), p.cols(), p.spatial(), g, p.channels_last(),
         p.eps());
@@ -172,7 +172,7 @@ py::object group_norm_backward_plain(handle dy, handle x, handle mean, handle rs
   if (!p) return py::none();
   py::array dx = p.result(out);
   py::object dweight = p.new_param(weight), dbias = p.new_param(weight);
-  auto run = p.is_float() ? &group_norm_backward_py<float> : &group_norm_backward_py<double>;
+  auto run = p.with_type([](auto t) { return &group_norm_backward_py<decltype(t)>; });
   run(dy, x, mean, rstd, weight, dx, dweight, dbias, p.batch(), p.cols(), p.spatial(), g, p.channels_last());
   return py::make_tuple(dx, dweight, dbias);
 }

@@ -125,7 +125,7 @@ py::object layer_norm_plain(handle x, handle weight, handle bias, handle out, ha
   p.forward(x, weight, bias, out, eps, return_stats);
   if (!p) return py::none();
   py::array y = p.result(out);
-  auto run = p.is_float() ? &layer_norm_py<float> : &layer_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &layer_norm_py<decltype(t)>; });
   if (!p.stats()) {
     run(x, weight, bias, y, py::none(), py::none(), p.rows(), p.cols(), p.eps());
     return std::move(y);
@@ -140,7 +140,7 @@ py::object rms_norm_plain(handle x, handle weight, handle out, handle eps, handl
   p.forward(x, weight, py::none(), out, eps, return_stats, true);
   if (!p) return py::none();
   py::array y = p.result(out);
-  auto run = p.is_float() ? &rms_norm_py<float> : &rms_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &rms_norm_py<decltype(t)>; });
   if (!p.stats()) {
     run(x, weight, y, py::none(), p.rows(), p.cols(), p.eps());
     return std::move(y);
@@ -162,7 +162,7 @@ py::object add_layer_norm_plain(handle x, handle residual, handle weight, handle
   p.return_stats(return_stats);
   if (!p) return py::none();
   py::array y = p.result(out), s = p.result(sum_out);
-  auto run = p.is_float() ? &add_layer_norm_py<float> : &add_layer_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &add_layer_norm_py<decltype(t)>; });
   if (!p.stats()) {
     run(x, residual, weight, bias, y, s, py::none(), py::none(), p.rows(), p.cols(), p.eps());
     return py::make_tuple(y, s);
@@ -183,7 +183,7 @@ py::object add_rms_norm_plain(handle x, handle residual, handle weight, handle o
   p.return_stats(return_stats);
   if (!p) return py::none();
   py::array y = p.result(out), s = p.result(sum_out);
-  auto run = p.is_float() ? &add_rms_norm_py<float> : &add_rms_norm_py<double>;
+  auto run = p.with_type([](auto t) { return &add_rms_norm_py<decltype(t)>; });
   if (!p.stats()) {
     run(x, residual, weight, y, s, py::none(), p.rows(), p.cols(), p.eps());
     return py::make_tuple(y, s);
@@ -206,7 +206,7 @@ py::object layer_norm_backward_plain(handle dy, handle x, handle mean, handle rs
   if (!p) return py::none();
   py::array dx = p.result(out);
   py::object dweight = p.new_param(weight), dbias = p.new_param(weight);
-  auto run = p.is_float() ? &layer_norm_backward_py<float> : &layer_norm_backward_py<double>;
+  auto run = p.with_type([](auto t) { return &layer_norm_backward_py<decltype(t)>; });
   run(dy, x, mean, rstd, weight, ds, dx, dweight, dbias, p.rows(), p.cols());
   return py::make_tuple(dx, dweight, dbias);
 }
@@ -222,7 +222,7 @@ py::object rms_norm_backward_plain(handle dy, handle x, handle rstd, handle weig
   if (!p) return py::none();
   py::array dx = p.result(out);
   py::object dweight = p.new_param(weight);
-  auto run = p.is_float() ? &rms_norm_backward_py<float> : &rms_norm_backward_py<double>;
+  auto run = p.with_type([](auto t) { return &rms_norm_backward_py<decltype(t)>; });
   run(dy, x, rstd, weight, ds, dx, dweight, p.rows(), p.cols());
   return py::make_tuple(dx, dweight);
 }

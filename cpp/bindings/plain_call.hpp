@@ -1,7 +1,8 @@
-// Plain calls: x (and every data array: residual, dy, ds) a float32 or float64 numpy.ndarray
-// (the type itself, native byte order, C-contiguous) with elements; weight and bias None or of
-// x's dtype, C-contiguous, of shape (cols,) (the row norms' last axis, the channel norms'
-// channels); statistics of x's dtype and their shape; out (and sum_out) None or x-like,
+// Plain calls: x (and every data array: residual, dy, ds) a float32, float64, float16 or
+// bfloat16 numpy.ndarray (the type itself, native byte order, C-contiguous) with elements;
+// weight and bias None or of x's parameter dtype (float32 for the half types), C-contiguous, of
+// shape (cols,) (the row norms' last axis, the channel norms' channels); statistics of the
+// parameter dtype and their shape; out (and sum_out) None or x-like,
 // writeable, overlapping no input (sum_out may be x or residual itself); eps a float in
 // (0, inf) (or None, the dtype's machine epsilon, for rms); flags True or False. Such a call
 // runs in one C++ step. Any other is turned down (None) and the Python layer checks it in full,
@@ -27,10 +28,16 @@ class PlainCall {
     namespace pd = py::detail;
     a_ = array(x, -1);
     if (a_ && a_->nd >= 1) type_num_ = pd::array_descriptor_proxy(a_->descr)->type_num;
-    if (type_num_ != float_num() && type_num_ != double_num()) {
+    kind_ = type_num_ == type_num<float>()    ? 0
+            : type_num_ == type_num<double>() ? 1
+            : type_num_ == type_num<float16>() ? 2
+            : type_num_ >= 0 && type_num_ == bfloat16_num() ? 3
+                                                : -1;
+    if (kind_ < 0) {
       fail();
       return;
     }
+    param_num_ = kind_ == 1 ? type_num_ : type_num<float>();
     cols_ = a_->dimensions[a_->nd - 1];
     rows_ = 1;
     for (int i = 0; i + 1 < a_->nd; ++i) rows_ *= a_->dimensions[i];
@@ -61,7 +68,16 @@ class PlainCall {
     if (batch_ * cols_ * spatial_ == 0) fail();
   }
   explicit operator bool() const { return a_ != nullptr; }
-  bool is_float() const { return type_num_ == float_num(); }
+  // f(T()) with T x's element type.
+  template <class F>
+  decltype(auto) with_type(const F& f) const {
+    switch (kind_) {
+      case 0: return f(float());
+      case 1: return f(double());
+      case 2: return f(float16());
+      default: return f(bfloat16());
+    }
+  }
   std::int64_t rows() const { return rows_; }
   std::int64_t batch() const { return batch_; }
   std::int64_t spatial() const { return spatial_; }
@@ -78,17 +94,17 @@ class PlainCall {
   // None or an array of shape (cols,).
   void param(handle h) {
     if (h.is_none() || !a_) return;
-    const py::detail::PyArray_Proxy* d = array(h, type_num_);
+    const py::detail::PyArray_Proxy* d = array(h, param_num_);
     if (!d || d->nd != 1 || d->dimensions[0] != cols_) fail();
   }
   // An array of x's leading shape.
   void stat(handle h) {
-    const py::detail::PyArray_Proxy* d = a_ ? array(h, type_num_) : nullptr;
+    const py::detail::PyArray_Proxy* d = a_ ? array(h, param_num_) : nullptr;
     if (!d || !same_dims(d, a_->nd - 1)) fail();
   }
   // An array of the given shape.
   void stat(handle h, std::initializer_list<std::int64_t> shape) {
-    const py::detail::PyArray_Proxy* d = a_ ? array(h, type_num_) : nullptr;
+    const py::detail::PyArray_Proxy* d = a_ ? array(h, param_num_) : nullptr;
     if (!d || d->nd != int(shape.size())) return fail();
     int i = 0;
     for (std::int64_t n : shape)
@@ -154,7 +170,10 @@ class PlainCall {
       eps_ = PyFloat_AS_DOUBLE(h.ptr());
       if (!(eps_ > 0.0 && eps_ < std::numeric_limits<double>::infinity())) fail();
     } else if (h.is_none() && none_is_machine_eps) {
-      eps_ = is_float() ? double(std::numeric_limits<float>::epsilon()) : std::numeric_limits<double>::epsilon();
+      eps_ = kind_ == 0 ? double(std::numeric_limits<float>::epsilon())
+             : kind_ == 1 ? std::numeric_limits<double>::epsilon()
+             : kind_ == 2 ? 0x1p-10  // numpy.finfo(float16).eps
+                          : 0x1p-7;  // ml_dtypes.finfo(bfloat16).eps
     } else {
       fail();
     }
@@ -177,23 +196,34 @@ class PlainCall {
     return empty_result(std::vector<py::ssize_t>(a_->dimensions, a_->dimensions + a_->nd), dtype());
   }
   py::array new_stat() const {
-    return py::array(dtype(), std::vector<py::ssize_t>(a_->dimensions, a_->dimensions + a_->nd - 1));
+    return py::array(param_dtype(), std::vector<py::ssize_t>(a_->dimensions, a_->dimensions + a_->nd - 1));
   }
   py::array new_stat(std::initializer_list<py::ssize_t> shape) const {
-    return py::array(dtype(), std::vector<py::ssize_t>(shape));
+    return py::array(param_dtype(), std::vector<py::ssize_t>(shape));
   }
   py::object new_param(handle weight) const {
     if (weight.is_none()) return py::none();
-    return py::array(dtype(), std::vector<py::ssize_t>{cols_});
+    return py::array(param_dtype(), std::vector<py::ssize_t>{cols_});
   }
 
  private:
-  static int float_num() {
-    static const int num = dtype_of<float>().num();
+  template <class T>
+  static int type_num() {
+    static const int num = dtype_of<T>().num();
     return num;
   }
-  static int double_num() {
-    static const int num = dtype_of<double>().num();
+  // ml_dtypes.bfloat16's number once ml_dtypes is imported (an array of it means it is), else -1.
+  static int bfloat16_num() {
+    static int num = -1;
+    if (num < 0) {
+      PyObject* module = PyImport_GetModule(py::str("ml_dtypes").ptr());
+      if (module) {
+        Py_DECREF(module);
+        num = type_num<bfloat16>();
+      } else if (PyErr_Occurred()) {
+        PyErr_Clear();
+      }
+    }
     return num;
   }
   static const py::detail::PyArray_Proxy* array(handle h, int type_num) {
@@ -221,10 +251,12 @@ class PlainCall {
     return a_lo < b_hi && b_lo < a_hi;
   }
   py::dtype dtype() const { return py::reinterpret_borrow<py::dtype>(a_->descr); }
+  py::dtype param_dtype() const { return kind_ == 1 ? dtype() : dtype_of<float>(); }
   void fail() { a_ = nullptr; }
 
   const py::detail::PyArray_Proxy* a_ = nullptr;
-  int type_num_ = -1;
+  int type_num_ = -1, param_num_ = -1;
+  int kind_ = -1;  // x's element type: float, double, float16, bfloat16
   std::int64_t rows_ = 0, cols_ = 0, batch_ = 0, spatial_ = 0;
   bool channels_last_ = false;
   double eps_ = 0;

@@ -24,9 +24,10 @@ def empty_result(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
 def same_view(a: object, b: object) -> bool: ...  # ndarrays with the same data, shape and strides
 def parallel_add_twice(a: np.ndarray, b: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None: ...
 
-# The plain calls of the row and channel norms (float32 or float64 ndarrays, C-contiguous, out
-# not overlapping an input, float eps, bool flags): run them and return what the public
-# function returns; None for any other call, which the Python layer then checks in full.
+# The plain calls of the row and channel norms (C-contiguous ndarrays of float32, float64,
+# float16 or bfloat16 with float32 parameters, out not overlapping an input, float eps, bool
+# flags): run them and return what the public function returns; None for any other call, which
+# the Python layer then checks in full.
 def layer_norm_plain(x: object, weight: object, bias: object, out: object, eps: object,
                      return_stats: object) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
 def rms_norm_plain(x: object, weight: object, out: object, eps: object,
