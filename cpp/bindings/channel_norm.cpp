@@ -148,15 +148,12 @@ py::object group_norm_plain(handle x, handle num_groups, handle weight, handle b
   p.forward(x, weight, bias, out, eps, return_stats);
   if (!p) return py::none();
   py::array y = p.result(out);
+  py::object mean = py::none(), rstd = py::none();
+  if (p.stats()) mean = p.new_stat({p.batch(), g}), rstd = p.new_stat({p.batch(), g});
   auto run = p.with_type([](auto t) { return &group_norm_py<decltype(t)>; });
-  if (!p.stats()) {
-    run(x, weight, bias, y, py::none(), py::none(), p.batch(), p.cols(), p.spatial(), g, p.channels_last(),
-        p.eps());
-    return std::move(y);
-  }
-  py::array mean = p.new_stat({p.batch(), g}), rstd = p.new_stat({p.batch(), g});
   run(x, weight, bias, y, mean, rstd, p.batch(), p.cols(), p.spatial(), g, p.channels_last(), p.eps());
-  return py::make_tuple(y, mean, rstd);
+  if (p.stats()) return py::make_tuple(y, mean, rstd);
+  return std::move(y);
 }
 
 py::object group_norm_backward_plain(handle dy, handle x, handle mean, handle rstd, handle num_groups,

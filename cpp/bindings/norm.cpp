@@ -125,14 +125,11 @@ py::object layer_norm_plain(handle x, handle weight, handle bias, handle out, ha
   p.forward(x, weight, bias, out, eps, return_stats);
   if (!p) return py::none();
   py::array y = p.result(out);
+  py::object mean = p.requested_stat(), rstd = p.requested_stat();
   auto run = p.with_type([](auto t) { return &layer_norm_py<decltype(t)>; });
-  if (!p.stats()) {
-    run(x, weight, bias, y, py::none(), py::none(), p.rows(), p.cols(), p.eps());
-    return std::move(y);
-  }
-  py::array mean = p.new_stat(), rstd = p.new_stat();
   run(x, weight, bias, y, mean, rstd, p.rows(), p.cols(), p.eps());
-  return py::make_tuple(y, mean, rstd);
+  if (p.stats()) return py::make_tuple(y, mean, rstd);
+  return std::move(y);
 }
 
 py::object rms_norm_plain(handle x, handle weight, handle out, handle eps, handle return_stats) {
@@ -140,57 +137,37 @@ py::object rms_norm_plain(handle x, handle weight, handle out, handle eps, handl
   p.forward(x, weight, py::none(), out, eps, return_stats, true);
   if (!p) return py::none();
   py::array y = p.result(out);
+  py::object rstd = p.requested_stat();
   auto run = p.with_type([](auto t) { return &rms_norm_py<decltype(t)>; });
-  if (!p.stats()) {
-    run(x, weight, y, py::none(), p.rows(), p.cols(), p.eps());
-    return std::move(y);
-  }
-  py::array rstd = p.new_stat();
   run(x, weight, y, rstd, p.rows(), p.cols(), p.eps());
-  return py::make_tuple(y, rstd);
+  if (p.stats()) return py::make_tuple(y, rstd);
+  return std::move(y);
 }
 
 py::object add_layer_norm_plain(handle x, handle residual, handle weight, handle bias, handle out, handle sum_out,
                                 handle eps, handle return_stats) {
   PlainCall p(x);
-  p.data(residual);
-  p.param(weight);
-  p.param(bias);
-  p.sum_output(sum_out, x, residual, {weight, bias});
-  p.output(out, {x, residual, sum_out, weight, bias});
-  p.eps(eps, false);
-  p.return_stats(return_stats);
+  p.fused_forward(x, residual, weight, bias, out, sum_out, eps, return_stats);
   if (!p) return py::none();
   py::array y = p.result(out), s = p.result(sum_out);
+  py::object mean = p.requested_stat(), rstd = p.requested_stat();
   auto run = p.with_type([](auto t) { return &add_layer_norm_py<decltype(t)>; });
-  if (!p.stats()) {
-    run(x, residual, weight, bias, y, s, py::none(), py::none(), p.rows(), p.cols(), p.eps());
-    return py::make_tuple(y, s);
-  }
-  py::array mean = p.new_stat(), rstd = p.new_stat();
   run(x, residual, weight, bias, y, s, mean, rstd, p.rows(), p.cols(), p.eps());
-  return py::make_tuple(y, s, mean, rstd);
+  if (p.stats()) return py::make_tuple(y, s, mean, rstd);
+  return py::make_tuple(y, s);
 }
 
 py::object add_rms_norm_plain(handle x, handle residual, handle weight, handle out, handle sum_out, handle eps,
                               handle return_stats) {
   PlainCall p(x);
-  p.data(residual);
-  p.param(weight);
-  p.sum_output(sum_out, x, residual, {weight});
-  p.output(out, {x, residual, sum_out, weight});
-  p.eps(eps, true);
-  p.return_stats(return_stats);
+  p.fused_forward(x, residual, weight, py::none(), out, sum_out, eps, return_stats, true);
   if (!p) return py::none();
   py::array y = p.result(out), s = p.result(sum_out);
+  py::object rstd = p.requested_stat();
   auto run = p.with_type([](auto t) { return &add_rms_norm_py<decltype(t)>; });
-  if (!p.stats()) {
-    run(x, residual, weight, y, s, py::none(), p.rows(), p.cols(), p.eps());
-    return py::make_tuple(y, s);
-  }
-  py::array rstd = p.new_stat();
   run(x, residual, weight, y, s, rstd, p.rows(), p.cols(), p.eps());
-  return py::make_tuple(y, s, rstd);
+  if (p.stats()) return py::make_tuple(y, s, rstd);
+  return py::make_tuple(y, s);
 }
 
 // layer_norm_backward (ds None) and add_layer_norm_backward.

@@ -189,6 +189,21 @@ class PlainCall {
     this->eps(eps, none_eps_is_machine_eps);
     return_stats(stats);
   }
+  // The arguments of a fused add + norm forward: residual like x, weight and bias, sum_out
+  // (sum_output), out (overlapping none of x, residual, sum_out, weight, bias), eps and
+  // return_stats.
+  void fused_forward(handle x, handle residual, handle weight, handle bias, handle out, handle sum_out,
+                     handle eps, handle stats, bool none_eps_is_machine_eps = false) {
+    data(residual);
+    param(weight);
+    param(bias);
+    sum_output(sum_out, x, residual, {weight, bias});
+    output(out, {x, residual, sum_out, weight, bias});
+    this->eps(eps, none_eps_is_machine_eps);
+    return_stats(stats);
+  }
+  // New statistics of x's leading shape where return_stats asked for them, else None.
+  py::object requested_stat() const { return stats_ ? py::object(new_stat()) : py::object(py::none()); }
 
   // out, or a new array like x.
   py::array result(handle out) const {
