@@ -532,6 +532,29 @@ def test_rms_norm_backward_float32(cpu_target, rng, shape, axis, with_weight):
     assert np.all(np.abs(dweight - dweight_ref) <= 1e-6 * dw_scale)
 
 
+@pytest.mark.parametrize("cols", [16, 32, 48, 64, 1000])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_float32_backward_sums_that_overflow(cpu_target, rng, norm, cols):
+    """A row whose float products dy * w * xhat overflow, though its dx is in range, is summed
+    again in double; the rows beside it, in the same block of narrow rows, are not disturbed."""
+    x, dy, _, _ = _backward_inputs(rng, (11, cols), -1, np.float32)
+    x[3] = 0.0
+    x[3, 0] = 100.0  # xhat[0] near sqrt(cols)
+    dy[3, 0] = 1.5e38
+    for w in (None, np.full(cols, 0.75, np.float32)):
+        if norm == "layer":
+            _, mean, rstd = normlab.layer_norm(x, w, return_stats=True)
+            dx = normlab.layer_norm_backward(dy, x, mean, rstd, w)[0]
+            dx_ref = ref.layer_norm_backward(dy, x, mean, rstd, w)[0]
+        else:
+            _, rstd = normlab.rms_norm(x, w, return_stats=True)
+            dx = normlab.rms_norm_backward(dy, x, rstd, w)[0]
+            dx_ref = ref.rms_norm_backward(dy, x, rstd, w)[0]
+        assert np.all(np.isfinite(dx))
+        g = dy.astype(np.float64) * (1.0 if w is None else w.astype(np.float64))
+        _assert_dx32_close(dx, dx_ref, rstd, g, -1)
+
+
 # --------------------------------------------------------------------------------------------
 # determinism across thread counts
 # --------------------------------------------------------------------------------------------
