@@ -272,6 +272,7 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
   const vwide count = splat<vwide>(double(n)), inv_n = splat<vwide>(1.0 / double(n));
   using Mask = decltype(count < count);
   Mask again[kSumVectors];
+  bool any_again = false;
   for (int p = 0; p < kSumVectors; ++p) {
     const vwide q = sum_q[p] + 0.0;
     if constexpr (Centered) {
@@ -289,13 +290,16 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
       store(mean + p * kWide, vwide{});
       store(var + p * kWide, mean_square);
     }
+    any_again |= any_lane(again[p]);
   }
+  for (std::int64_t b = nb; b < kRowBlock; ++b) {
+    mean[b] = 0.0;
+    var[b] = 1.0;
+  }
+  if (!any_again) return;  // the common case: no lane read back one by one from memory
 #pragma GCC unroll 1
-  for (int b = 0; b < kRowBlock; ++b) {
-    if (b >= nb) {
-      mean[b] = 0.0;
-      var[b] = 1.0;
-    } else if (again[b / kWide][b % kWide]) {
+  for (int b = 0; b < nb; ++b) {
+    if (again[b / kWide][b % kWide]) {
       const S* values = (Add ? sum : x) + b * n;
       if constexpr (Centered) {
         const Moments m = finish_row_moments(values, n, double(first[b]), sum_s[b / kWide][b % kWide] + 0.0,
@@ -855,6 +859,7 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
   const vwide inv_n = splat<vwide>(1.0 / double(n));
   float c0f[kRowBlock], k1f[kRowBlock];
   double c0[kRowBlock], c1[kRowBlock];
+  bool any_overflow = false;
   for (int p = 0; p < kSumVectors; ++p) {
     const vwide g0 = Centered ? (sum_g[p] + 0.0) * inv_n : vwide{};
     const vwide g1 = (sum_gx[p] + 0.0) * inv_n;
@@ -862,13 +867,16 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
     store(c1 + p * kWide, g1);
     store_narrow(c0f + p * kWide, g0);
     store_narrow(k1f + p * kWide, g1 * load_wide(row_rstd + p * kWide));
+    any_overflow |= any_lane(~((g0 - g0 == 0.0) & (g1 - g1 == 0.0)));  // Inf or NaN
   }
+  if (any_overflow) {
 #pragma GCC unroll 1
-  for (int b = 0; b < nb; ++b) {
-    if (__builtin_isfinite(c0[b]) && __builtin_isfinite(c1[b])) continue;
-    row(b).sums(c0[b], c1[b]);
-    c0f[b] = float(c0[b]);
-    k1f[b] = float(c1[b] * row_rstd[b]);
+    for (int b = 0; b < nb; ++b) {
+      if (__builtin_isfinite(c0[b]) && __builtin_isfinite(c1[b])) continue;
+      row(b).sums(c0[b], c1[b]);
+      c0f[b] = float(c0[b]);
+      k1f[b] = float(c1[b] * row_rstd[b]);
+    }
   }
   for (int b = 0; b < nb; ++b) {
     const RowBackward<Centered, HasW, float> r = row(b);

@@ -124,6 +124,21 @@ __attribute__((always_inline)) inline void lane_sums_inline(const V (&v)[R], V (
 #endif
 }
 
+// Whether any lane of a comparison's result (lanes 0 or -1) is set, tested in registers: read
+// back lane by lane from memory, a vector just stored stalls on store-to-load forwarding.
+template <class M>
+__attribute__((always_inline)) inline bool any_lane(M m) {
+#if defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(M) == 64) return _mm512_test_epi64_mask(__m512i(m), __m512i(m)) != 0;
+#endif
+#if defined(NL_TARGET_AVX2) || defined(NL_TARGET_AVX512)
+  if constexpr (sizeof(M) == 32) return !_mm256_testz_si256(__m256i(m), __m256i(m));
+#endif
+  bool any = false;
+  for (int i = 0; i < int(sizeof(M) / sizeof(m[0])); ++i) any |= m[i] != 0;
+  return any;
+}
+
 // a * b + c, rounded once where the target has FMA (kernels build with -ffp-contract=off, so
 // every fused operation is this explicit one and results never depend on compiler choices).
 template <class V>
