@@ -168,6 +168,7 @@ ROW_CASES = [
     ((6, 100), -1),
     ((3, 769), -1),
     ((2, 4099), -1),
+    ((13, 4099), -1),  # backward: rows of 8 KiB go in groups of 4 (remainders one by one)
     ((2, 3, 17), -1),
     ((4, 6, 16), (-2, -1)),
     ((1, 16), -1),

@@ -374,6 +374,9 @@ BACKWARD_CASES = [
     ((530, 48), -1),
     ((520, 32), -1),
     ((515, 24), -1),
+    # rows of 8 KiB or more go in groups of 4 for the column sums (remainders one by one)
+    ((21, 2053), -1),
+    ((40, 4096), -1),
 ]
 
 
@@ -553,6 +556,45 @@ def test_float32_backward_sums_that_overflow(cpu_target, rng, norm, cols):
         assert np.all(np.isfinite(dx))
         g = dy.astype(np.float64) * (1.0 if w is None else w.astype(np.float64))
         _assert_dx32_close(dx, dx_ref, rstd, g, -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, norm, fused):
+    """Rows of 8 KiB or more share their column-sum stage in groups of 4, dx written for the
+    group side by side: each row's dx is bitwise the dx of that row on its own (one row goes
+    alone), with weight, with ds (the fused backward) and with a tail shorter than a vector."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    cols = 4099 if np.dtype(dtype).itemsize == 2 else 2053
+    x = make_x(rng, (22, cols), np.float32, offset=0.5).astype(dtype)
+    dy = make_x(rng, x.shape, np.float32).astype(dtype)
+    ds = make_x(rng, x.shape, np.float32).astype(dtype) if fused else None
+    weight = make_affine(rng, (cols,), np.float32)[0]
+    if norm == "layer":
+        _, mean, rstd = normlab.layer_norm(x, weight, return_stats=True)
+        stats = (mean, rstd)
+        backward = normlab.add_layer_norm_backward if fused else normlab.layer_norm_backward
+    else:
+        _, rstd = normlab.rms_norm(x, weight, return_stats=True)
+        stats = (rstd,)
+        backward = normlab.add_rms_norm_backward if fused else normlab.rms_norm_backward
+
+    def call(rows):
+        kw = {"ds": ds[rows]} if fused else {}
+        return backward(dy[rows], x[rows], *(s[rows] for s in stats), weight, **kw)
+
+    together = call(slice(None))
+    for i in range(x.shape[0]):
+        alone = call(slice(i, i + 1))
+        assert np.array_equal(together[0][i].view(np.uint8), alone[0][0].view(np.uint8)), f"row {i}"
+    want = (ref.layer_norm_backward if norm == "layer" else ref.rms_norm_backward)(dy, x, *stats, weight)
+    xhat = x.astype(np.float64) * expand(rstd, 2)
+    if norm == "layer":
+        xhat -= expand(mean.astype(np.float64) * rstd, 2)
+    scale = np.abs(dy.astype(np.float64) * xhat).sum(axis=0)
+    assert np.all(np.abs(together[1] - want[1]) <= 1e-6 * scale)
 
 
 # --------------------------------------------------------------------------------------------
