@@ -128,6 +128,14 @@ inline Geom make_geom(std::int64_t n, std::int64_t c, std::int64_t s, std::int64
   return q;
 }
 
+// The channels-last loops prefetch the float (and double) data they read, kPrefetchFloats
+// elements ahead: batch_norm (32, 64, 56, 56) took 0.77-0.88x the time, its backward 0.90x.
+// Half data, its tensors half the size, is not prefetched (1.03-1.05x the time with it).
+template <class T>
+__attribute__((always_inline)) inline void prefetch_ahead(const T* p) {
+  if constexpr (sizeof(T) >= 4) __builtin_prefetch(p + kPrefetchFloats);
+}
+
 // ---- unit drivers -----------------------------------------------------------------------------
 
 // Per-plane sums of two quantities: cf(p, j0, j1, out2) adds over elements [j0, j1) of
@@ -410,11 +418,13 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
   auto group = [&](auto nv, std::int64_t e0, int rows, const V* kv, V* sv, V* qv) {
     constexpr int NV = decltype(nv)::value;
     for (int t = 0; t < NV; ++t) {
+      prefetch_ahead(xb + e0 + t * L);
       sv[t] = load<V>(xb + e0 + t * L) - kv[t];
       qv[t] = sv[t] * sv[t];
     }
     for (int u = 1; u < rows; ++u)
       for (int t = 0; t < NV; ++t) {
+        prefetch_ahead(xb + e0 + u * len + t * L);
         const V d = load<V>(xb + e0 + u * len + t * L) - kv[t];
         sv[t] += d;
         qv[t] = fmadd(d, d, qv[t]);
@@ -727,6 +737,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
                 const V h = load<V>(hdl + j), sv = load<V>(scl + j), bv = load<V>(bsl + j);
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
+                  prefetch_ahead(xb + e);
                   store(yb + e, (load<V>(xb + e) - h) * sv + bv);
                 }
               }
@@ -760,6 +771,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
             for (std::int64_t r = 0; r < nr; ++r)
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
+                prefetch_ahead(xb + e);
                 store(yb + e, (load<V>(xb + e) - h[t]) * sv[t] + bv[t]);
               }
           });
@@ -864,6 +876,8 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
   auto float_rows = [&](auto nv, std::int64_t e0, int rows, const V* hv, V* sa, V* sb) {
     constexpr int NV = decltype(nv)::value;
     for (int t = 0; t < NV; ++t) {
+      prefetch_ahead(db + e0 + t * L);
+      prefetch_ahead(xb + e0 + t * L);
       const V g = load<V>(db + e0 + t * L);
       sa[t] = g;
       sb[t] = g * (load<V>(xb + e0 + t * L) - hv[t]);
@@ -871,6 +885,8 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
     for (int u = 1; u < rows; ++u)
       for (int t = 0; t < NV; ++t) {
         const std::int64_t e = e0 + u * len + t * L;
+        prefetch_ahead(db + e);
+        prefetch_ahead(xb + e);
         const V g = load<V>(db + e);
         sa[t] += g;
         sb[t] = fmadd(g, load<V>(xb + e) - hv[t], sb[t]);
@@ -1139,6 +1155,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                 const V h = load<V>(hv + j), a = load<V>(av + j), b = load<V>(bv + j), cc = load<V>(cv + j);
                 for (int t = 0; t < 4; ++t) {
                   const std::int64_t e = e0 + t * len + j;
+                  prefetch_ahead(db + e);
+                  prefetch_ahead(xb + e);
                   store(ob + e, (a * load<V>(db + e) - cc) - (load<V>(xb + e) - h) * b);
                 }
               }
@@ -1174,6 +1192,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
             for (std::int64_t r = 0; r < nr; ++r)
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
+                prefetch_ahead(db + e);
+                prefetch_ahead(xb + e);
                 store(ob + e, (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]);
               }
           });

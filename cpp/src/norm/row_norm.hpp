@@ -21,6 +21,11 @@ struct Moments {
   double var;  // biased
 };
 
+// Row reads (and the channel norms' channels-last reads) are prefetched this many elements
+// ahead: a row is read once from memory between stretches of arithmetic that let the hardware
+// prefetcher fall behind.
+constexpr std::int64_t kPrefetchFloats = 512;
+
 // Short rows go in blocks of kRowBlock; float rows in tensors over kBlockedFloatBytes do not
 // (normalize_rows).
 constexpr std::int64_t kRowBlock = 8;
@@ -99,9 +104,6 @@ constexpr int kRowFlushEvery = 8;
 // Mean squares outside this range may have overflowed, or lost digits to underflow, as float
 // squares: such rows are summed again in double.
 constexpr double kFloatSquaresMin = 1e-30, kFloatSquaresMax = 1e30;
-// Row reads are prefetched this far ahead: a row is read once from memory between stretches of
-// arithmetic that let the hardware prefetcher fall behind.
-constexpr std::int64_t kPrefetchFloats = 512;
 
 inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); }
 
