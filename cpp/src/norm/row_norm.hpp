@@ -840,6 +840,13 @@ struct RowBackward {
 };
 
 #if NL_VEC_BYTES
+// Rows of fewer bytes go one by one (their stage stays in L1): grouped, float (8192, 768) took
+// 1.13-1.24x the time, half (8192, 768) 0.96-1.08x.
+constexpr std::int64_t kGroupedRowBytes = std::int64_t(8) << 10;
+// Half rows read the next group's rows during a group's dx pass where the two groups' x and dy
+// take at most this much (they stay in L2).
+constexpr std::int64_t kGroupPrefetchBytes = std::int64_t(512) << 10;
+
 // RowBackward::run_f32 with weight of R rows (first and the R - 1 after it, still in cache
 // from their sums) side by side in the dx pass: per column vector the weight and the stage are
 // read once and the stage written once for all R rows, whose contributions are added in
@@ -847,10 +854,6 @@ struct RowBackward {
 // Row by row, the stage's loads and stores per element were as many as the rows' own. Stream:
 // as run_f32, where every row's dx has the same alignment; groups whose rows differ are
 // written cached. HasDs: first.ds is set.
-constexpr std::int64_t kGroupPrefetchBytes = std::int64_t(512) << 10;
-// Rows of fewer bytes go one by one (their stage stays in L1): grouped, float (8192, 768) took
-// 1.13-1.24x the time, half (8192, 768) 0.96-1.08x.
-constexpr std::int64_t kGroupedRowBytes = std::int64_t(8) << 10;
 template <int R, bool Stream, bool HasDs, bool Centered, class T>
 __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Centered, true, T>& first,
                                                             const float* mean, const float* rstd, float* stage) {
@@ -877,9 +880,8 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
     vc0[b] = splat<V>(float(c0));
     vk1[b] = splat<V>(float(c1 * r.rstd));
   }
-  // Half rows: the next group's rows are read while this one's are written, where both groups
-  // stay in L2 (float16 layer_norm_backward (2048, 4096) 0.75x the time of no prefetch; float
-  // rows 1.06-1.16x).
+  // Half rows: the next group's rows are read while this one's are written (float16
+  // layer_norm_backward (2048, 4096) 0.75x the time of no prefetch; float rows 1.06-1.16x).
   const bool prefetch_next = kHalf<T> && 2 * R * n * std::int64_t(sizeof(T)) * 2 <= kGroupPrefetchBytes;
   // Columns [j, j + count); Full: count == L.
   auto columns = [&](auto full, auto streamed, std::int64_t j, int count) __attribute__((always_inline)) {
