@@ -120,7 +120,10 @@ struct RowReader {
     if constexpr (Prefetch) __builtin_prefetch(x + j + kPrefetchFloats);
     vnative<float> v = load<vnative<float>>(x + j);
     if constexpr (Add) {
-      if constexpr (Prefetch) __builtin_prefetch(r + j + kPrefetchFloats);
+      if constexpr (Prefetch) {
+        __builtin_prefetch(r + j + kPrefetchFloats);
+        prefetch_for_write(sum + j);
+      }
       v += load<vnative<float>>(r + j);
       store(sum + j, v);
       if constexpr (kHalf<S>) v = load<vnative<float>>(sum + j);  // the rounded sum
@@ -176,7 +179,10 @@ __attribute__((always_inline)) inline std::int64_t row_vectors_f32(const S* x, c
         const std::int64_t e = j + std::int64_t(t) * L;
         if ((std::int64_t(t) * L) % kLineElements == 0) {
           __builtin_prefetch(x + e + kPrefetchFloats);
-          if constexpr (Add) __builtin_prefetch(r + e + kPrefetchFloats);
+          if constexpr (Add) {
+            __builtin_prefetch(r + e + kPrefetchFloats);
+            prefetch_for_write(sum + e);
+          }
         }
         each(row.vector(e), t & 1);
       }
@@ -748,7 +754,10 @@ struct RowBackward {
         return;
       }
     }
-    for (j = 0; j < n; j += L) dx_vector<false>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+    for (j = 0; j < n; j += L) {
+      prefetch_for_write(dx + j);
+      dx_vector<false>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+    }
   }
 
   // dx[j .. j+count) of run_f32 (Stream: a whole aligned vector, written past the caches), then
@@ -939,7 +948,10 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
       return;
     }
   }
-  for (; j + L <= n; j += L) columns(yes(), no(), j, L);
+  for (; j + L <= n; j += L) {
+    for (int b = 0; b < R; ++b) prefetch_for_write(dx + b * n + j);
+    columns(yes(), no(), j, L);
+  }
   if (j < n) columns(no(), no(), j, int(n - j));
 }
 

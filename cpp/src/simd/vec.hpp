@@ -520,6 +520,17 @@ inline void stream_fence() {
 #endif
 }
 
+// Cached outputs are prefetched kWritePrefetchBytes ahead of their stores. A store whose line
+// is not in L1 waits in the store buffer for it; a loop storing faster than lines arrive fills
+// the buffer and stalls. On Intel (Emerald Rapids, lines from L3 or memory) row-norm backwards
+// with weight took 0.56-0.82x the time with it, forwards of rows from memory 0.73-0.97x. This
+// is a read prefetch (no -mprfchw): PREFETCHW measured the same or up to 1.1x slower.
+constexpr std::int64_t kWritePrefetchBytes = 2048;
+template <class T>
+__attribute__((always_inline)) inline void prefetch_for_write(T* p) {
+  __builtin_prefetch(reinterpret_cast<char*>(p) + kWritePrefetchBytes, 1);
+}
+
 // Elements of y before its first vector-aligned one, where a row of n is long enough to stream
 // (16 vectors or more); -1 where it is not.
 template <class T>
@@ -555,7 +566,10 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
   if (stream) {
     for (; j + L <= n; j += L) store_stream(y + j, f(j, L));
   } else {
-    for (; j + L <= n; j += L) store(y + j, f(j, L));
+    for (; j + L <= n; j += L) {
+      prefetch_for_write(y + j);
+      store(y + j, f(j, L));
+    }
   }
   if (j < n) store_partial(y + j, f(j, int(n - j)), int(n - j));
 }
