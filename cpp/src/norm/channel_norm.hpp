@@ -679,7 +679,10 @@ inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C s
   constexpr int L = kLanes<C>;
   const V vh = splat<V>(head), vt = splat<V>(tail), vs = splat<V>(scale), vb = splat<V>(bias);
   std::int64_t j = 0;
-  for (; j + L <= n; j += L) store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
+  for (; j + L <= n; j += L) {
+    prefetch_for_write(y + j);
+    store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
+  }
   for (; j < n; ++j) y[j] = narrow<T>(((to_c(x[j]) - head) - tail) * scale + bias);
 }
 
@@ -735,6 +738,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               for (; j + L <= len; j += L) {
                 const std::int64_t e = r * len + j;
                 prefetch_ahead(xb + e);
+                prefetch_for_write(yb + e);
                 store(yb + e, (load<V>(xb + e) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
               }
               for (; j < len; ++j) {
@@ -756,6 +760,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(xb + e);
+                prefetch_for_write(yb + e);
                 store(yb + e, (load<V>(xb + e) - h[t]) * sv[t] + bv[t]);
               }
           });
@@ -922,8 +927,10 @@ inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mea
   const GradCoef<C> k = grad_coef<C>(mean, ka, kb, kc);
   const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
   std::int64_t j = 0;
-  for (; j + L <= n; j += L)
+  for (; j + L <= n; j += L) {
+    prefetch_for_write(dx + j);
     store(dx + j, (va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb);
+  }
   for (; j < n; ++j) dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b);
 }
 
@@ -1142,6 +1149,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                 const std::int64_t e = r * len + j;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
+                prefetch_for_write(ob + e);
                 store(ob + e, (load<V>(al + j) * load<V>(db + e) - load<V>(cl + j)) -
                                   (load<V>(xb + e) - load<V>(hl + j)) * load<V>(bl + j));
               }
@@ -1166,6 +1174,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
+                prefetch_for_write(ob + e);
                 store(ob + e, (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]);
               }
           });
