@@ -60,7 +60,16 @@ def test_last_level_cache_comes_from_sysfs_where_it_is_listed():
     if expected is not None:
         assert got == expected
     if "NORMLAB_STREAM_MIN_BYTES" not in os.environ:
-        assert _core.stream_min_bytes() == got // 2
+        assert _core.stream_min_bytes() == _core.cache_counted_bytes() // 2
+
+
+def test_cache_counted_is_at_most_32_mib_per_usable_cpu():
+    """A VM's sysfs can list the whole host socket's L3 (260 MiB for 2 vCPUs): at most 32 MiB
+    per CPU of the process's affinity mask count towards the streaming threshold."""
+    from normlab import _core
+
+    cpus = len(os.sched_getaffinity(0))
+    assert _core.cache_counted_bytes() == min(_core.last_level_cache_bytes(), cpus * (32 << 20))
 
 
 def test_show_config_reports_the_streaming_threshold(capsys):

@@ -72,6 +72,7 @@ void bind_runtime(py::module_& m) {
   m.def("in_forked_child", &in_forked_child);
   m.def("openmp_version", [] { return _OPENMP; });
   m.def("last_level_cache_bytes", &last_level_cache_bytes);
+  m.def("cache_counted_bytes", &cache_counted_bytes);
   m.def("stream_min_bytes", &stream_min_bytes);
 
   m.def(

@@ -145,6 +145,7 @@ def show_config() -> None:
         f"  threads:            {get_num_threads()}"
         + (" (forked child: single-threaded)" if _core.in_forked_child() else ""),
         f"  streamed outputs:   from {_bytes(_core.stream_min_bytes())}"
-        f" (last-level cache {_bytes(_core.last_level_cache_bytes())})",
+        f" (last-level cache {_bytes(_core.last_level_cache_bytes())},"
+        f" counted {_bytes(_core.cache_counted_bytes())})",
     ]
     print("\n".join(lines))

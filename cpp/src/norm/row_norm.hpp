@@ -403,7 +403,7 @@ Moments row_moments_of(const T* x, const T* residual, T* sum, std::int64_t i, st
 
 // Whether the output of a row kernel, data_bytes in all, is written past the caches (map_row).
 // Where one row's reads and writes (row_bytes: its inputs, weights, stages and output) fill L1,
-// from stream_min_bytes() (half the last-level cache): cached stores would pull every output
+// from stream_min_bytes() (half the cache counted as ours): cached stores would pull every output
 // line into L1 and evict the row and weights the second pass reads again (streamed, float32
 // layer_norm with weight and bias took 0.58-0.78x the time on rows of 2048-4096, its backward
 // 0.78-0.88x). Smaller rows stream only from twice that, where input and output cannot both

@@ -95,10 +95,19 @@ std::int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+std::int64_t cache_counted_bytes() {
+  static const std::int64_t bytes = [] {
+    const std::int64_t cpus = omp_get_num_procs() > 0 ? omp_get_num_procs() : 1;
+    const std::int64_t cap = kCachePerCpuBytes * cpus;
+    return last_level_cache_bytes() < cap ? last_level_cache_bytes() : cap;
+  }();
+  return bytes;
+}
+
 std::int64_t stream_min_bytes() {
   static const std::int64_t bytes = [] {
     if (const char* env = std::getenv("NORMLAB_STREAM_MIN_BYTES")) return std::int64_t(std::atoll(env));
-    return last_level_cache_bytes() / 2;
+    return cache_counted_bytes() / 2;
   }();
   return bytes;
 }
