@@ -9,14 +9,19 @@ namespace {
 
 // y = (x - mean) * rstd * w + b over one row, in C = compute_t<T>. mean is split into a C-sized
 // head and tail so that x - mean keeps its digits in float even when |mean| >> std. NV > 0: a
-// narrow row (with_narrow_rows).
+// narrow row (with_narrow_rows). Streamed, the next row's inputs next0 and next1 (or null) are
+// prefetched meanwhile.
 template <class T, bool HasW, bool HasB, int NV, class C = compute_t<T>>
 void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, double mean,
-                    double rstd, bool stream) {
+                    double rstd, bool stream, const T* next0, const T* next1) {
   using V = vnative<C>;
   const C head = C(mean), tail = C(mean - double(head));
   const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(C(rstd));
   map_row<NV>(y, n, stream, [&](std::int64_t j, int count) {
+    if (stream) {
+      prefetch_next_row(next0 + j);
+      if (next1) prefetch_next_row(next1 + j);
+    }
     const V d = (load_n(x + j, count) - vhead) - vtail;
     V scale = vr;
     if constexpr (HasW) scale *= load_n(w + j, count);
@@ -37,7 +42,8 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
                              if (a.mean) a.mean[i] = compute_t<T>(mean);
                              if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
                              layer_norm_row<T, HasW, HasB, NV>(rows + i * n, a.weight, a.bias, a.y + i * n, n,
-                                                               mean, rstd, stream);
+                                                               mean, rstd, stream, a.x + next_row(i, a.rows) * n,
+                                                               residual ? residual + next_row(i, a.rows) * n : nullptr);
                            });
   if (stream) stream_fence();
 }

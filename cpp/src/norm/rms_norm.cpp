@@ -22,6 +22,11 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
                               const T* x = rows + i * n;
                               const V vr = splat<V>(C(rstd));
                               map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
+                                if (stream) {
+                                  const std::int64_t next = next_row(i, a.rows) * n;
+                                  prefetch_next_row(a.x + next + j);
+                                  if (residual) prefetch_next_row(residual + next + j);
+                                }
                                 V scale = vr;
                                 if constexpr (HasW) scale *= load_n(a.weight + j, count);
                                 return V(load_n(x + j, count) * scale);

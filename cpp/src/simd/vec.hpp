@@ -531,6 +531,17 @@ __attribute__((always_inline)) inline void prefetch_for_write(T* p) {
   __builtin_prefetch(reinterpret_cast<char*>(p) + kWritePrefetchBytes, 1);
 }
 
+// Rows whose outputs stream come from memory: while one row is written, the same place of the
+// next row is fetched into L2, so that reads and writes overlap instead of alternating row by
+// row (float32 rows of (2048, 4096) and (256, 65536) took 0.73-0.92x the time on Intel
+// Emerald Rapids; rows from L3 1.07-1.10x, so cached rows do not).
+template <class T>
+__attribute__((always_inline)) inline void prefetch_next_row(const T* p) {
+  __builtin_prefetch(p, 0, 2);
+}
+// The row after row i of rows (the last row itself: pointers stay inside the array).
+inline std::int64_t next_row(std::int64_t i, std::int64_t rows) { return i + 1 < rows ? i + 1 : i; }
+
 // Elements of y before its first vector-aligned one, where a row of n is long enough to stream
 // (16 vectors or more); -1 where it is not.
 template <class T>
