@@ -590,10 +590,13 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
         const double* p = partials + b * padded + c;
         for (std::int64_t j = 0; j < len; ++j) acc[j] += p[j];
       }
-      for (std::int64_t j = 0; j < len; ++j) outs[(c + j) / cols][(c + j) % cols] = T(acc[j]);
+      std::int64_t k = c / cols, col = c % cols;  // one division per chunk, not per column
+      for (std::int64_t j = 0; j < len; ++j) {
+        outs[k][col] = T(acc[j]);
+        if (++col == cols) col = 0, ++k;
+      }
     }
   });
-  std::free(memory);
 }
 
 // The backward of one row of layer_norm (Centered) or rms_norm:
