@@ -1,5 +1,6 @@
 #include "memory/mappings.hpp"
 
+#include <cstdlib>
 #include <new>
 
 #if defined(__linux__)
@@ -33,7 +34,7 @@ void MappingCache::put(void* p, std::size_t bytes) {
     return;
   }
 #if defined(MADV_FREE)
-  madvise(p, bytes, MADV_FREE);
+  if (lazy_free_) madvise(p, bytes, MADV_FREE);
 #endif
   if (ptr_[slot]) munmap(ptr_[slot], size_[slot]);
   ptr_[slot] = p;
@@ -43,10 +44,12 @@ void MappingCache::put(void* p, std::size_t bytes) {
 namespace {
 MappingCache* run_cache = nullptr;
 MappingCache* output_cache = nullptr;
+MappingCache* scratch_cache = nullptr;
 
 void make_caches() {
   run_cache = new MappingCache;
   output_cache = new MappingCache;
+  scratch_cache = new MappingCache(false);
 }
 
 void ensure_caches() {
@@ -69,6 +72,11 @@ MappingCache& output_mappings() {
   return *output_cache;
 }
 
+MappingCache& scratch_mappings() {
+  ensure_caches();
+  return *scratch_cache;
+}
+
 void* map_pages(std::size_t bytes, bool noreserve) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (noreserve ? MAP_NORESERVE : 0),
                  -1, 0);
@@ -88,6 +96,7 @@ MappingCache& run_mappings() {
   return *cache;
 }
 MappingCache& output_mappings() { return run_mappings(); }
+MappingCache& scratch_mappings() { return run_mappings(); }
 void* map_pages(std::size_t, bool) { throw std::bad_alloc(); }
 
 #endif
@@ -95,6 +104,21 @@ void* map_pages(std::size_t, bool) { throw std::bad_alloc(); }
 void* MappingCache::get(std::size_t& bytes, bool noreserve) {
   void* p = take(bytes);
   return p ? p : map_pages(bytes, noreserve);
+}
+
+ScratchBytes::ScratchBytes(std::size_t bytes) : bytes_(bytes) {
+  if (kHaveMappings && bytes_ >= kScratchMapBytes) {
+    data_ = scratch_mappings().get(bytes_, false);  // page-aligned; bytes_ becomes its size
+    mapped_ = true;
+    return;
+  }
+  data_ = std::aligned_alloc(64, (bytes_ + 63) / 64 * 64 + 64);
+  if (!data_) throw std::bad_alloc();
+}
+
+ScratchBytes::~ScratchBytes() {
+  if (mapped_) scratch_mappings().put(data_, bytes_);
+  else std::free(data_);
 }
 
 }  // namespace normlab

@@ -17,6 +17,10 @@ constexpr bool kHaveMappings = false;
 
 class MappingCache {
  public:
+  // lazy_free: kept mappings are advised MADV_FREE (the kernel may take their pages back when
+  // memory runs short); that call costs a page-table walk and, with other threads, TLB
+  // shootdowns, too much for small scratch kept every call.
+  explicit MappingCache(bool lazy_free = true) : lazy_free_(lazy_free) {}
   // A kept mapping of at least `bytes` (and at most 4x; `bytes` becomes its size), else a fresh
   // one from map_pages(bytes, noreserve).
   void* get(std::size_t& bytes, bool noreserve);
@@ -27,16 +31,38 @@ class MappingCache {
   void* take(std::size_t& bytes);  // the kept part of get(); null if none fits
   static constexpr int kSlots = 4;
   static constexpr std::size_t kMaxBytes = std::size_t(1) << 30;  // larger ones are not kept
+  const bool lazy_free_;
   std::mutex lock_;
   void* ptr_[kSlots] = {};
   std::size_t size_[kSlots] = {};
 };
 
-// The caches of labelling's run arrays and of the arrays normlab returns to Python. Never
-// destroyed: a thread may still return a mapping while the process exits. A fork()ed child
-// starts caches of its own: another thread may have held a lock at the fork.
+// The caches of labelling's run arrays, of the arrays normlab returns to Python and of kernels'
+// scratch (ScratchBytes). Never destroyed: a thread may still return a mapping while the
+// process exits. A fork()ed child starts caches of its own: another thread may have held a
+// lock at the fork.
 MappingCache& run_mappings();
 MappingCache& output_mappings();
+MappingCache& scratch_mappings();
+
+// A kernel's scratch memory, 64-byte aligned. From kScratchMapBytes on, pages kept from an
+// earlier call (scratch_mappings()): glibc maps and unmaps allocations that large, so a kernel
+// called in a loop faulted in and cleared its scratch every call (the column sums of a
+// (1024, 4096) layer_norm_backward with weight, 1.5 MiB: 8% of its time).
+class ScratchBytes {
+ public:
+  explicit ScratchBytes(std::size_t bytes);
+  ScratchBytes(const ScratchBytes&) = delete;
+  ScratchBytes& operator=(const ScratchBytes&) = delete;
+  ~ScratchBytes();
+  void* data() const { return data_; }
+
+ private:
+  static constexpr std::size_t kScratchMapBytes = std::size_t(128) << 10;
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+  bool mapped_ = false;
+};
 
 // A fresh anonymous mapping of `bytes` with huge pages advised (advice only); with noreserve,
 // only the pages written are committed. Throws std::bad_alloc when the kernel refuses.

@@ -8,6 +8,7 @@
 #include <new>
 #include <type_traits>
 
+#include "memory/mappings.hpp"
 #include "parallel/parallel.hpp"
 #include "parallel/parallel_for.hpp"
 #include "simd/vec.hpp"
@@ -546,9 +547,8 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   const std::int64_t stride = std::int64_t(nsums) * cols;
   // Each block's stage and partial start on their own cache lines: threads never share one.
   const std::int64_t padded = (stride + 15) / 16 * 16;
-  void* memory = std::aligned_alloc(64, (sizeof(double) + sizeof(T)) * std::size_t(nb * padded));
-  if (!memory) throw std::bad_alloc();
-  double* partials = static_cast<double*>(memory);
+  ScratchBytes memory((sizeof(double) + sizeof(T)) * std::size_t(nb * padded));
+  double* partials = static_cast<double*>(memory.data());
   T* stages = reinterpret_cast<T*>(partials + nb * padded);
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
     double* partial = partials + b * padded;
