@@ -77,7 +77,7 @@ void bind_runtime(py::module_& m) {
 
   m.def(
       "parallel_copy",
-      [](py::array src, py::array dst) {
+      [](py::array src, py::array dst, bool stream) {
         if (!(src.flags() & py::array::c_style) || !(dst.flags() & py::array::c_style))
           throw py::value_error("src and dst must be C-contiguous");
         require_size(std::int64_t(dst.nbytes()), std::int64_t(src.nbytes()), "dst bytes");
@@ -85,12 +85,12 @@ void bind_runtime(py::module_& m) {
         void* d = dst.mutable_data();
         const std::size_t n = std::size_t(src.nbytes());
         py::gil_scoped_release release;
-        parallel_copy(s, d, n);
+        parallel_copy(s, d, n, stream);
       },
-      py::arg("src"), py::arg("dst"));
+      py::arg("src"), py::arg("dst"), py::arg("stream") = false);
   m.def(
       "parallel_add",
-      [](carray<float> a, carray<float> b, carray<float> out) {
+      [](carray<float> a, carray<float> b, carray<float> out, bool stream) {
         require_size(std::int64_t(b.size()), std::int64_t(a.size()), "b");
         require_size(std::int64_t(out.size()), std::int64_t(a.size()), "out");
         const float* pa = a.data();
@@ -98,22 +98,22 @@ void bind_runtime(py::module_& m) {
         float* po = out.mutable_data();
         const std::size_t n = std::size_t(a.size());
         py::gil_scoped_release release;
-        parallel_add(pa, pb, po, n);
+        parallel_add(pa, pb, po, n, stream);
       },
-      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("out").noconvert());
+      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("out").noconvert(), py::arg("stream") = false);
 
   m.def(
       "parallel_add_twice",
-      [](py::handle a, py::handle b, py::handle out1, py::handle out2) {
+      [](py::handle a, py::handle b, py::handle out1, py::handle out2, bool stream) {
         const std::int64_t n = std::int64_t(py::array(py::reinterpret_borrow<py::object>(a)).size());
         const float* pa = input<float>(a, "a", n);
         const float* pb = input<float>(b, "b", n);
         float* p1 = output<float>(out1, "out1", n);
         float* p2 = output<float>(out2, "out2", n);
         py::gil_scoped_release release;
-        parallel_add_twice(pa, pb, p1, p2, std::size_t(n));
+        parallel_add_twice(pa, pb, p1, p2, std::size_t(n), stream);
       },
-      py::arg("a"), py::arg("b"), py::arg("out1"), py::arg("out2"));
+      py::arg("a"), py::arg("b"), py::arg("out1"), py::arg("out2"), py::arg("stream") = false);
 
   // The name of the first (array, name) pair in `inputs` whose memory may overlap `out`, else
   // None: numpy.may_share_memory's bounds test in one call for all of a call's inputs.

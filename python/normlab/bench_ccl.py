@@ -94,7 +94,8 @@ def _fmt_x(ratio):
 PEERS = ("opencv", "scipy", "skimage", "cc3d")
 
 
-def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
+def run(quick: bool = False, rounds: int | None = None, stream=None) -> list[dict]:
+    stream = stream or sys.stdout  # at call time: redirected or captured output goes there too
     cv2 = _optional("cv2")
     threads = normlab.get_num_threads()
     if cv2 is not None:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 import normlab
-from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, setup
+from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, roofline_time, rooflines, setup
 
 FULL_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28), (64, 3, 224, 224)]
 QUICK_SHAPES = [(32, 64, 56, 56), (8, 256, 28, 28)]
@@ -40,8 +40,8 @@ def _cases(shape, channels_last, torch, ops):
     rv = np.ones(c, np.float32)
     out = np.empty_like(x)
     copy_dst = np.empty_like(x)
-    copy = lambda: normlab._core.parallel_copy(x, copy_dst)  # noqa: E731
-    add = lambda: normlab._core.parallel_add(x, dy, copy_dst)  # noqa: E731
+    copy = rooflines(lambda stream: normlab._core.parallel_copy(x, copy_dst, stream))
+    add = rooflines(lambda stream: normlab._core.parallel_add(x, dy, copy_dst, stream))
     cases = {}
     if torch is not None:
         F = torch.nn.functional
@@ -55,12 +55,12 @@ def _cases(shape, channels_last, torch, ops):
         _, mean, invstd = normlab.batch_norm(x, w, b, rm.copy(), rv.copy(), channel_axis=ax,
                                              return_stats=True)
         cases["batch_norm"] = dict(
-            roofline=copy, scale=1.5,
+            **copy, scale=1.5,
             normlab_out=lambda: normlab.batch_norm(x, w, b, rm, rv, channel_axis=ax, out=out),
             normlab=lambda: normlab.batch_norm(x, w, b, rm, rv, channel_axis=ax),
         )
         cases["batch_norm_backward"] = dict(
-            roofline=add, scale=5 / 3,
+            **add, scale=5 / 3,
             normlab_out=lambda: normlab.batch_norm_backward(dy, x, mean, invstd, w, channel_axis=ax,
                                                             out=out),
             normlab=lambda: normlab.batch_norm_backward(dy, x, mean, invstd, w, channel_axis=ax),
@@ -75,12 +75,12 @@ def _cases(shape, channels_last, torch, ops):
             continue
         _, mean, rstd = normlab.group_norm(x, groups, w, b, channel_axis=ax, return_stats=True)
         cases[op] = dict(
-            roofline=copy, scale=1.5,
+            **copy, scale=1.5,
             normlab_out=lambda g=groups: normlab.group_norm(x, g, w, b, channel_axis=ax, out=out),
             normlab=lambda g=groups: normlab.group_norm(x, g, w, b, channel_axis=ax),
         )
         cases[op + "_backward"] = dict(
-            roofline=add, scale=5 / 3,
+            **add, scale=5 / 3,
             normlab_out=lambda g=groups, m=mean, r=rstd: normlab.group_norm_backward(
                 dy, x, m, r, g, w, channel_axis=ax, out=out),
             normlab=lambda g=groups, m=mean, r=rstd: normlab.group_norm_backward(
@@ -96,7 +96,8 @@ def _cases(shape, channels_last, torch, ops):
     return cases
 
 
-def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
+def run(quick: bool = False, rounds: int | None = None, stream=None) -> list[dict]:
+    stream = stream or sys.stdout  # at call time: redirected or captured output goes there too
     torch, threads, rounds, budget = setup(quick, rounds, stream, "  (float32)")
     print(f"{'op':<24}{'shape':>20}{'layout':>7}{'normlab us':>12}{'roof us':>10}{'vs roof':>9}"
           f"{'alloc us':>10}{'torch us':>10}{'vs torch':>10}", file=stream)
@@ -108,7 +109,7 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
             for op, cand in _cases(shape, channels_last, torch, ops).items():
                 scale = cand.pop("scale")
                 t = measure(cand, rounds, budget)
-                roof = t["roofline"] * scale
+                roof = roofline_time(t) * scale
                 row = measured_row(
                     t, roof, op=op, shape=list(shape), layout="NSC" if channels_last else "NCS",
                     dtype="float32", threads=threads,

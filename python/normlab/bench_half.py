@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 import normlab
-from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, setup
+from normlab.bench import _fmt_us, _fmt_x, measure, measured_row, roofline_time, rooflines, setup
 
 ROW_SHAPES = [(8192, 768), (2048, 4096), (256, 65536)]
 QUICK_ROW_SHAPES = [(8192, 768), (2048, 4096)]
@@ -95,13 +95,13 @@ def _cases(op, shape, dtype, torch):
     copy_dst = np.empty_like(x)
     if op == "add_layer_norm":
         roof_args = [_as_float32(a) for a in (*inputs, copy_dst, np.empty_like(x))]
-        roofline, kind, scale = (lambda: normlab._core.parallel_add_twice(*roof_args),
-                                 "read 2, write 2", 1.0)
+        roofline = rooflines(lambda stream: normlab._core.parallel_add_twice(*roof_args, stream))
+        kind, scale = "read 2, write 2", 1.0
     else:
-        roofline = lambda: normlab._core.parallel_copy(x, copy_dst)  # noqa: E731
+        roofline = rooflines(lambda stream: normlab._core.parallel_copy(x, copy_dst, stream))
         kind, scale = ("1.5x copy", 1.5) if op == "batch_norm" else ("copy", 1.0)
     cand = dict(
-        roofline=roofline,
+        **roofline,
         normlab_out=preallocated(inputs),
         float32_out=preallocated(inputs32),
         normlab=lambda: norm(*inputs),
@@ -122,7 +122,8 @@ def _cases(op, shape, dtype, torch):
     return cand, kind, scale
 
 
-def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> list[dict]:
+def run(quick: bool = False, rounds: int | None = None, stream=None) -> list[dict]:
+    stream = stream or sys.stdout  # at call time: redirected or captured output goes there too
     dtypes = _half_dtypes()
     torch, threads, rounds, budget = setup(
         quick, rounds, stream, "" if "bfloat16" in dtypes else "  (no ml_dtypes: float16 only)")
@@ -133,7 +134,7 @@ def run(quick: bool = False, rounds: int | None = None, stream=sys.stdout) -> li
     for op, shape, name in _plan(quick, dtypes):
         cand, kind, scale = _cases(op, shape, dtypes[name], torch)
         t = measure(cand, rounds, budget)
-        roof = t["roofline"] * scale
+        roof = roofline_time(t) * scale
         row = measured_row(
             t, roof, op=op, shape=list(shape), dtype=name, threads=threads, roofline_kind=kind,
             float32_out_s=t["float32_out"], vs_float32=t["normlab_out"] / t["float32_out"],

@@ -28,9 +28,11 @@ bool in_forked_child();
 
 // Memory-roofline helpers for benchmarks, run with the same threads as the kernels:
 // a parallel copy, out = a + b (two reads and one write), and out1 = out2 = a + b (two reads
-// and two writes).
-void parallel_copy(const void* src, void* dst, std::size_t bytes);
-void parallel_add(const float* a, const float* b, float* out, std::size_t n);
-void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n);
+// and two writes). stream: outputs written past the caches (non-temporal stores), else cached;
+// which is faster depends on the machine and the size, so benchmarks time both.
+void parallel_copy(const void* src, void* dst, std::size_t bytes, bool stream = false);
+void parallel_add(const float* a, const float* b, float* out, std::size_t n, bool stream = false);
+void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n,
+                        bool stream = false);
 
 }  // namespace normlab

@@ -31,9 +31,10 @@ struct ChannelNormKernels {
 };
 
 struct RooflineKernels {
-  void (*copy)(const void* src, void* dst, std::size_t bytes, int nthreads) = nullptr;
-  void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads) = nullptr;
-  void (*add_twice)(const float* a, const float* b, float* out1, float* out2, std::size_t n, int nthreads) = nullptr;
+  void (*copy)(const void* src, void* dst, std::size_t bytes, int nthreads, bool stream) = nullptr;
+  void (*add)(const float* a, const float* b, float* out, std::size_t n, int nthreads, bool stream) = nullptr;
+  void (*add_twice)(const float* a, const float* b, float* out1, float* out2, std::size_t n, int nthreads,
+                    bool stream) = nullptr;
 };
 
 struct CclKernels {

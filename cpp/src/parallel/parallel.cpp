@@ -112,16 +112,16 @@ std::int64_t stream_min_bytes() {
   return bytes;
 }
 
-void parallel_copy(const void* src, void* dst, std::size_t bytes) {
-  active_kernels().roofline.copy(src, dst, bytes, threads_for(std::int64_t(bytes) * 2));
+void parallel_copy(const void* src, void* dst, std::size_t bytes, bool stream) {
+  active_kernels().roofline.copy(src, dst, bytes, threads_for(std::int64_t(bytes) * 2), stream);
 }
 
-void parallel_add(const float* a, const float* b, float* out, std::size_t n) {
-  active_kernels().roofline.add(a, b, out, n, threads_for(std::int64_t(n) * 12));
+void parallel_add(const float* a, const float* b, float* out, std::size_t n, bool stream) {
+  active_kernels().roofline.add(a, b, out, n, threads_for(std::int64_t(n) * 12), stream);
 }
 
-void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n) {
-  active_kernels().roofline.add_twice(a, b, out1, out2, n, threads_for(std::int64_t(n) * 16));
+void parallel_add_twice(const float* a, const float* b, float* out1, float* out2, std::size_t n, bool stream) {
+  active_kernels().roofline.add_twice(a, b, out1, out2, n, threads_for(std::int64_t(n) * 16), stream);
 }
 
 }  // namespace normlab

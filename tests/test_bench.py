@@ -1,0 +1,83 @@
+"""The benchmark's own pieces: the roofline kernels it holds normlab to (cached and streamed,
+on every SIMD target) and `python -m normlab bench` end to end on its quick set. Timings are
+never asserted; only that the rows are there, complete and consistent."""
+
+import json
+
+import numpy as np
+import pytest
+
+import normlab
+from normlab import _core
+from normlab.bench import main, roofline_time
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("n", [1, 15, 17, 1000, 4099, 300_001])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_roofline_kernels_compute_what_they_claim(cpu_target, num_threads, rng, n, offset, stream):
+    """Copy, add and add-twice give exact results for every length and alignment, in both store
+    modes and with 1 and 2 threads (the streamed loops start at the first aligned vector)."""
+    a = rng.standard_normal(n + offset, dtype=np.float32)[offset:]
+    b = rng.standard_normal(n + 1, dtype=np.float32)[1:]
+    for threads in (1, 2):
+        normlab.set_num_threads(threads)
+        out1 = np.full(n + 2, np.nan, np.float32)[2:]
+        out2 = np.full(n + 1, np.nan, np.float32)[1:]
+        _core.parallel_copy(a, out1, stream)
+        np.testing.assert_array_equal(out1, a)
+        _core.parallel_add(a, b, out1, stream)
+        np.testing.assert_array_equal(out1, a + b)
+        out1[:] = np.nan
+        _core.parallel_add_twice(a, b, out1, out2, stream)
+        np.testing.assert_array_equal(out1, a + b)
+        np.testing.assert_array_equal(out2, a + b)
+
+
+def test_roofline_copy_of_bytes_that_are_not_whole_floats():
+    src = np.arange(4099, dtype=np.uint8)
+    for stream in (False, True):
+        dst = np.zeros_like(src)
+        _core.parallel_copy(src, dst, stream)
+        np.testing.assert_array_equal(dst, src)
+
+
+def test_roofline_time_takes_the_faster_store_mode():
+    assert roofline_time({"roofline": 2.0, "roofline_streamed": 1.5, "normlab": 9.0}) == 1.5
+    assert roofline_time({"roofline": 1.0, "roofline_streamed": 1.5}) == 1.0
+
+
+@pytest.mark.parametrize("suite", ["row_norms", "channel_norms", "half"])
+def test_bench_quick_writes_complete_rows(tmp_path, capfd, suite):
+    """The main job runs (one round of its quick set) and every row it prints carries positive
+    times, a roofline that is its kind's multiple of the faster store mode, and their ratio."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--rounds", "1", "--only", suite, "--json", str(path)]) == 0
+    printed = capfd.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["cpu_target"] == normlab.get_cpu_target()
+    rows = report["suites"][suite]
+    assert rows and len(printed.strip().splitlines()) >= len(rows) + 2
+    for row in rows:
+        assert row["normlab_out_s"] > 0 and row["normlab_s"] > 0 and row["roofline_s"] > 0
+        assert row["vs_roofline"] == pytest.approx(row["normlab_out_s"] / row["roofline_s"])
+        fastest = min(row["roofline_cached_s"], row["roofline_streamed_s"])
+        scale = {"1.5x copy": 1.5, "5/3 x add (read 2, write 1)": 5 / 3}.get(row["roofline_kind"], 1.0)
+        assert row["roofline_s"] == pytest.approx(scale * fastest)
+        assert row["op"] in printed
+
+
+def test_bench_quick_ccl_rows(tmp_path, capfd):
+    """The labelling suite: a row per image, connectivity and stats flag, with normlab's times
+    and a speed-up for every peer that ran."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--rounds", "1", "--only", "ccl", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["suites"]["ccl"]
+    assert {(r["image"], r["connectivity"], r["stats"]) for r in rows} == {
+        (r["image"], c, s) for r in rows for c in (4, 8) for s in (False, True)}
+    for row in rows:
+        assert row["normlab_s"] > 0 and row["normlab_out_s"] > 0 and row["components"] > 0
+        for peer in ("opencv", "scipy", "skimage", "cc3d"):
+            if row[f"{peer}_s"] is not None:
+                assert row[f"speedup_vs_{peer}"] == pytest.approx(row[f"{peer}_s"] / row["normlab_s"])
+    assert "label" in capfd.readouterr().out
