@@ -528,3 +528,35 @@ def test_out_overlapping_a_strided_input_raises(fn):
     args = (x, 2) if fn == "group_norm" else (x,)
     with pytest.raises(ValueError, match="out"):
         getattr(normlab, fn)(*args, out=out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["batch", "group"])
+def test_sets_in_cache_fused_match_the_two_pass_path(cpu_target, rng, kind, dtype):
+    """Channels-first sets that fit in cache go one task per set (statistics, then output while
+    the set is still in cache) where there are 8 sets or more; fewer go through the two passes
+    over the whole tensor. A set's results depend on its own data only, in either path: the first
+    4 channels of an 8-set tensor (fused) equal the same 4 channels alone (two-pass) bitwise."""
+    n, c = (6, 8) if kind == "batch" else (1, 32)
+    g = None if kind == "batch" else 8
+    x = (rng.standard_normal((n, c, 9, 7)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = rng.standard_normal(c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    half = c // 2
+    fused = calls.forward(kind, x, w, b, False, g)
+    alone = calls.forward(kind, np.ascontiguousarray(x[:, :half]), w[:half], b[:half], False, g and g // 2)
+    assert np.array_equal(fused[0][:, :half], alone[0])
+    for full, part in zip(fused[1:], alone[1:]):
+        assert np.array_equal(full.reshape(n, -1)[:, : part.size // n] if kind == "group" else full[:half], part)
+    dx, dw, db = calls.backward(kind, dy, x, fused[1], fused[2], w, False, g)
+    part_stats = [a.reshape(n, -1)[:, : g // 2] if kind == "group" else a[:half] for a in fused[1:]]
+    dxa, dwa, dba = calls.backward(kind, np.ascontiguousarray(dy[:, :half]), np.ascontiguousarray(x[:, :half]),
+                                   *part_stats, w[:half], False, g and g // 2)
+    assert np.array_equal(dx[:, :half], dxa)
+    assert np.array_equal(dw[:half], dwa) and np.array_equal(db[:half], dba)
+    if kind == "batch":  # inference backward too
+        dx, dw, _ = normlab.batch_norm_backward(dy, x, fused[1], fused[2], w, training=False)
+        dxa, dwa, _ = normlab.batch_norm_backward(np.ascontiguousarray(dy[:, :half]), np.ascontiguousarray(x[:, :half]),
+                                                  fused[1][:half], fused[2][:half], w[:half], training=False)
+        assert np.array_equal(dx[:, :half], dxa) and np.array_equal(dw[:half], dwa)

@@ -16,36 +16,37 @@ template <class T>
 void batch_norm_forward(const BatchNormForward<T>& a, int nthreads) {
   const Geom q = batch_geom<T>(a.batch, a.channels, a.spatial, a.channels_last);
   const std::int64_t c = a.channels;
+  const double mom = a.momentum, unbias = q.count / (q.count - 1.0);
+  // A channel's outputs: its statistics, and in training its running statistics updated.
+  auto outputs = [&](std::int64_t ch, double m, double v, double r) {
+    if (a.training && a.running_mean)
+      a.running_mean[ch] = compute_t<T>((1.0 - mom) * double(a.running_mean[ch]) + mom * m);
+    if (a.training && a.running_var)
+      a.running_var[ch] = compute_t<T>((1.0 - mom) * double(a.running_var[ch]) + mom * v * unbias);
+    if (a.mean) a.mean[ch] = compute_t<T>(m);
+    if (a.invstd) a.invstd[ch] = compute_t<T>(r);
+  };
+  if (a.training && fused_sets(q, sizeof(T))) return fused_forward(q, a.x, a.weight, a.bias, a.y, a.eps, nthreads, outputs);
   const std::size_t nc = static_cast<std::size_t>(c);
   std::vector<double> mean(nc), rstd(nc), var(nc);
   if (a.training) {
     set_moments(q, a.x, a.eps, nthreads, mean.data(), rstd.data(), var.data());
-    const double mom = a.momentum, unbias = q.count / (q.count - 1.0);
-    for (std::int64_t ch = 0; ch < c; ++ch) {
-      if (a.running_mean)
-        a.running_mean[ch] = compute_t<T>((1.0 - mom) * double(a.running_mean[ch]) + mom * mean[std::size_t(ch)]);
-      if (a.running_var)
-        a.running_var[ch] =
-            compute_t<T>((1.0 - mom) * double(a.running_var[ch]) + mom * var[std::size_t(ch)] * unbias);
-    }
   } else {
     for (std::int64_t ch = 0; ch < c; ++ch) {
       mean[std::size_t(ch)] = double(a.running_mean[ch]);
       rstd[std::size_t(ch)] = 1.0 / std::sqrt(double(a.running_var[ch]) + a.eps);
     }
   }
-  for (std::int64_t ch = 0; ch < c; ++ch) {
-    if (a.mean) a.mean[ch] = compute_t<T>(mean[std::size_t(ch)]);
-    if (a.invstd) a.invstd[ch] = compute_t<T>(rstd[std::size_t(ch)]);
-  }
+  for (std::int64_t ch = 0; ch < c; ++ch) outputs(ch, mean[std::size_t(ch)], var[std::size_t(ch)], rstd[std::size_t(ch)]);
   normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
 }
 
 template <class T>
 void batch_norm_backward(const BatchNormBackward<T>& a, int nthreads) {
   const Geom q = batch_geom<T>(a.batch, a.channels, a.spatial, a.channels_last);
-  channel_backward(q, a.dy, a.x, a.mean, a.invstd, a.weight, a.dx, a.weight ? a.dweight : nullptr,
-                   a.weight ? a.dbias : nullptr, a.training, nthreads);
+  auto backward = fused_sets(q, sizeof(T)) ? &fused_backward<T> : &channel_backward<T>;
+  backward(q, a.dy, a.x, a.mean, a.invstd, a.weight, a.dx, a.weight ? a.dweight : nullptr,
+           a.weight ? a.dbias : nullptr, a.training, nthreads);
 }
 
 template <class T>

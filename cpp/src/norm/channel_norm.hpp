@@ -1187,6 +1187,103 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
       });
 }
 
+// ---- fused sets ---------------------------------------------------------------------------------
+
+// Channels-first sets small enough to stay in cache go one task per set: its statistics (or
+// gradient sums), then its normalization (or dx), while its planes are still there: x (and dy)
+// read from memory once instead of twice. A group norm set is cg contiguous planes, a batch norm
+// set one plane per sample, C planes apart. The arithmetic and its order are those of the
+// two-pass path (one sum per plane, planes added in order), except that a set whose float sums
+// cannot be trusted is summed again alone. The choice depends on the shape alone.
+constexpr std::int64_t kFusedMaxBytes = 1 << 20;
+
+inline bool fused_sets(const Geom& q, std::size_t elem_bytes) {
+  return !q.cl && q.units > 0 && q.nch == 1 && q.nsets >= 8 && q.count * double(elem_bytes) <= double(kFusedMaxBytes);
+}
+
+inline std::int64_t planes_per_set(const Geom& q) { return q.batch ? q.n : q.cg; }
+
+// The plane index of the k-th plane of set st (its channel is the index % c).
+inline std::int64_t set_plane(const Geom& q, std::int64_t st, std::int64_t k) {
+  return q.batch ? k * q.c + st : (st / q.g) * q.c + (st % q.g) * q.cg + k;
+}
+
+// Forward of fused sets: moments as set_moments() computes them, on_moments(st, mean, var, rstd)
+// (statistics and running-statistics outputs), then y as normalize() writes it.
+template <class T, class OnMoments, class C = compute_t<T>>
+void fused_forward(const Geom& q, const T* x, const C* w, const C* b, T* y, double eps, int nthreads,
+                   const OnMoments& on_moments) {
+  const std::int64_t s = q.s, planes = planes_per_set(q);
+  parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
+    double shift = set_shift(q, x, st), md, v;
+    for (bool wide = false;; wide = true) {  // as set_moments: float sums, else double
+      double sum = 0, sq = 0;
+      for (std::int64_t k = 0; k < planes; ++k) {
+        const T* plane = x + set_plane(q, st, k) * s;
+        double part[2] = {0.0, 0.0};
+        if (wide) shifted_sums_wide(plane, s, shift, part);
+        else shifted_sums(plane, s, shift, part);
+        sum += part[0];
+        sq += part[1];
+      }
+      md = sum / q.count;
+      v = sq / q.count - md * md;
+      if (!(v > 0)) v = v != v ? v : 0.0;
+      if (wide || !kFloatSums<T> || float_sums_trusted(md, v)) break;
+      if (std::isfinite(md)) shift += md;  // else float sums overflowed: keep the shift
+    }
+    const double mean = shift + md, rstd = 1.0 / std::sqrt(v + eps);
+    on_moments(st, mean, v, rstd);
+    const C head = C(mean), tail = C(mean - double(head));
+    for (std::int64_t k = 0; k < planes; ++k) {
+      const std::int64_t p = set_plane(q, st, k), ch = p % q.c;
+      const C scale = C(rstd * (w ? double(w[ch]) : 1.0));
+      normalize_span(x + p * s, y + p * s, s, head, tail, scale, b ? b[ch] : C(0));
+    }
+  });
+}
+
+// channel_backward() of fused sets.
+template <class T, class C = compute_t<T>>
+void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in, const C* w,
+                    T* dx, C* dweight, C* dbias, bool training, int nthreads) {
+  const std::int64_t c = q.c, s = q.s, np = q.nplanes(), planes = planes_per_set(q);
+  const bool column_sums = dweight || dbias, need_sums = training || column_sums;
+  std::vector<double> psum(column_sums ? std::size_t(2 * np) : 0);
+  parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
+    const double mean = double(mean_in[st]), r = double(rstd_in[st]);
+    double sg = 0, sgx = 0;
+    for (std::int64_t k = 0; k < planes && need_sums; ++k) {
+      const std::int64_t p = set_plane(q, st, k);
+      double part[2] = {0.0, 0.0};
+      grad_sums(dy + p * s, x + p * s, s, mean, part);
+      if (column_sums) {
+        psum[std::size_t(p)] = part[0];
+        psum[std::size_t(np + p)] = part[1];
+      }
+      const double wc = w ? double(w[p % c]) : 1.0;
+      sg += wc * part[0];
+      sgx += wc * part[1];
+    }
+    const double kc = training ? r * (sg / q.count) : 0.0, kb = training ? r * r * (r * sgx / q.count) : 0.0;
+    for (std::int64_t k = 0; k < planes; ++k) {
+      const std::int64_t p = set_plane(q, st, k);
+      const double ka = r * (w ? double(w[p % c]) : 1.0);
+      grad_span(dy + p * s, x + p * s, dx + p * s, s, mean, ka, kb, kc);
+    }
+  });
+  if (!column_sums) return;
+  for (std::int64_t ch = 0; ch < c; ++ch) {
+    double sa = 0, sb = 0;
+    for (std::int64_t i = 0; i < q.pn; ++i) {
+      sa += psum[std::size_t(i * c + ch)];
+      sb += psum[std::size_t(np + i * c + ch)] * double(rstd_in[q.set_of(i, ch)]);
+    }
+    if (dbias) dbias[ch] = C(sa);
+    if (dweight) dweight[ch] = C(sb);
+  }
+}
+
 }  // namespace
 }  // namespace NL_TARGET
 }  // namespace normlab
