@@ -553,16 +553,17 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
   parallel_blocks(nb, nthreads, [&](std::int64_t b) {
     double* partial = partials + b * padded;
     T* stage = stages + b * padded;
-    for (std::int64_t j = 0; j < stride; ++j) {
-      partial[j] = 0.0;
-      stage[j] = T(0);
-    }
+    for (std::int64_t j = 0; j < stride; ++j) stage[j] = T(0);
     const std::int64_t r0 = rows * b / nb, r1 = rows * (b + 1) / nb;
+    bool first = true;  // the partial starts at the first flush (0.0 + s, as when cleared first)
     auto flush = [&] {
-      for (std::int64_t j = 0; j < stride; ++j) {
-        partial[j] += double(stage[j]);
-        stage[j] = T(0);
+      if (first) {
+        for (std::int64_t j = 0; j < stride; ++j) partial[j] = 0.0 + double(stage[j]);
+      } else {
+        for (std::int64_t j = 0; j < stride; ++j) partial[j] += double(stage[j]);
       }
+      for (std::int64_t j = 0; j < stride; ++j) stage[j] = T(0);
+      first = false;
     };
     if constexpr (!std::is_same<StageRows, std::nullptr_t>::value) {
       for (std::int64_t i = r0; i < r1; i += kStageRows) {
@@ -577,24 +578,24 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
     }
     stream_fence();  // rows may stream their outputs
   });
-  // Column sums, blocks added in order; a chunk of columns at a time so every block's partial
-  // is read sequentially.
+  // Column sums, blocks added in order; a chunk of one sum's columns at a time, so that every
+  // block's partial is read and the output written sequentially (written column by column
+  // through outs[k], the output loop took 15 us of a 27 us (1, 4096) backward).
   constexpr std::int64_t kChunk = 256;
+  const std::int64_t chunks = (cols + kChunk - 1) / kChunk;
   const int combine_threads = nb * stride * 8 >= (1 << 20) ? nthreads : 1;
-  parallel_ranges((stride + kChunk - 1) / kChunk, combine_threads, [&](std::int64_t c0, std::int64_t c1) {
+  parallel_ranges(nsums * chunks, combine_threads, [&](std::int64_t t0, std::int64_t t1) {
     double acc[kChunk];
-    for (std::int64_t c = c0 * kChunk; c < c1 * kChunk && c < stride; c += kChunk) {
-      const std::int64_t len = stride - c < kChunk ? stride - c : kChunk;
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t k = t / chunks, col = (t % chunks) * kChunk, c = k * cols + col;
+      const std::int64_t len = cols - col < kChunk ? cols - col : kChunk;
       for (std::int64_t j = 0; j < len; ++j) acc[j] = partials[c + j];
       for (std::int64_t b = 1; b < nb; ++b) {
         const double* p = partials + b * padded + c;
         for (std::int64_t j = 0; j < len; ++j) acc[j] += p[j];
       }
-      std::int64_t k = c / cols, col = c % cols;  // one division per chunk, not per column
-      for (std::int64_t j = 0; j < len; ++j) {
-        outs[k][col] = T(acc[j]);
-        if (++col == cols) col = 0, ++k;
-      }
+      T* const out = outs[k] + col;
+      for (std::int64_t j = 0; j < len; ++j) out[j] = T(acc[j]);
     }
   });
 }
