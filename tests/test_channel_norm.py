@@ -126,6 +126,9 @@ CASES = [
     ("batch", 2, 301, (3,)),  # odd channel count too wide for a vector period: scalar tails
     ("group", 3, 258, (5,)),
     ("instance", 2, 72, (2, 9)),
+    # 8 samples or more: channels-last group and instance norm go one task per sample
+    ("group", 8, 16, (5, 3)),
+    ("instance", 9, 6, (4, 4)),
 ]
 
 
@@ -560,3 +563,38 @@ def test_sets_in_cache_fused_match_the_two_pass_path(cpu_target, rng, kind, dtyp
         dxa, dwa, _ = normlab.batch_norm_backward(np.ascontiguousarray(dy[:, :half]), np.ascontiguousarray(x[:, :half]),
                                                   fused[1][:half], fused[2][:half], w[:half], training=False)
         assert np.array_equal(dx[:, :half], dxa) and np.array_equal(dw[:half], dwa)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["instance", "group"])
+def test_samples_in_cache_fused_match_the_two_pass_path(cpu_target, num_threads, rng, kind, dtype):
+    """Channels-last group and instance norm samples that fit in cache go one task per sample
+    (statistics, then output while the sample is still in cache) where there are 8 samples or
+    more; fewer go through the two passes over the whole tensor. A sample's results depend on its
+    own data only: the first 4 samples of 8 (fused) equal the same 4 alone (two-pass) bitwise,
+    for every thread count, and dweight/dbias add every sample's sums."""
+    n, c = 8, 32
+    g = 8 if kind == "group" else None
+    x = (rng.standard_normal((n, 9, 7, c)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = rng.standard_normal(c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    alone = calls.forward(kind, x[:4].copy(), w, b, True, g)
+    alone_dx = calls.backward(kind, dy[:4].copy(), x[:4].copy(), alone[1], alone[2], w, True, g)[0]
+    for threads in (1, 2, 3):
+        normlab.set_num_threads(threads)
+        fused = calls.forward(kind, x, w, b, True, g)
+        for full, part in zip(fused, alone):
+            assert np.array_equal(full[:4], part)
+        dx, dw, db = calls.backward(kind, dy, x, fused[1], fused[2], w, True, g)
+        assert np.array_equal(dx[:4], alone_dx)
+        _, rdw, rdb = ref_backward(dy, x, fused[1], fused[2], kind, g, w, True)
+        tol = 2e-5 if dtype == np.float32 else 1e-11
+        assert np.abs(dw - rdw).max() < tol * (np.abs(rdw).max() + 1)
+        assert np.abs(db - rdb).max() < tol * (np.abs(rdb).max() + 1)
+    # One sample far from its shift is summed again in double; the others are untouched.
+    x[5, 0, 0, :] = 1e18
+    y = calls.forward(kind, x, None, None, True, g)[0]
+    ry = ref_forward(x, kind, g, cl=True)[0]
+    assert (np.abs(y - ry) / np.maximum(1.0, np.abs(ry))).max() < 2e-6
+    assert np.array_equal(y[:4], calls.forward(kind, x[:4].copy(), None, None, True, g)[0])

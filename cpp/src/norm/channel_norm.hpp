@@ -934,12 +934,30 @@ inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mea
   for (; j < n; ++j) dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b);
 }
 
+// dbias[ch] = sum dy, dweight[ch] = sum dy * xhat (when non-null) from the per-plane gradient
+// sums psum (sum dy, then sum dy * (x - mean)), planes added in order.
+template <class C>
+void column_sums_from_planes(const Geom& q, const double* psum, const C* rstd, C* dweight, C* dbias) {
+  const std::int64_t c = q.c, np = q.nplanes();
+  for (std::int64_t ch = 0; ch < c; ++ch) {
+    double sa = 0, sb = 0;
+    for (std::int64_t i = 0; i < q.pn; ++i) {
+      sa += psum[std::size_t(i * c + ch)];
+      sb += psum[std::size_t(np + i * c + ch)] * double(rstd[q.set_of(i, ch)]);
+    }
+    if (dbias) dbias[ch] = C(sa);
+    if (dweight) dweight[ch] = C(sb);
+  }
+}
+
 // The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
 // dx = rstd * (g - mean_set(g) - xhat * mean_set(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
 // without, dx = rstd * w * dy. dweight[c] = sum dy * xhat, dbias[c] = sum dy (when non-null).
+// plane_sums_out (when non-null) gets the per-plane gradient sums (column_sums_from_planes).
 template <class T, class C = compute_t<T>>
-void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
-                      const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads) {
+void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
+                           const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads,
+                           double* plane_sums_out) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> mean(std::size_t(q.nsets)), rstd(std::size_t(q.nsets));
   for (std::int64_t st = 0; st < q.nsets; ++st) {
@@ -947,7 +965,7 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
     rstd[std::size_t(st)] = double(rstd_in[st]);
   }
   std::vector<double> kb(std::size_t(q.nsets), 0.0), kc(std::size_t(q.nsets), 0.0);
-  const bool need_sums = training || dweight || dbias;
+  const bool need_sums = training || dweight || dbias || plane_sums_out;
   if (need_sums) {
     std::vector<double> psum(std::size_t(2 * np));
     plane_sums(
@@ -1064,17 +1082,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
           for (std::int64_t ch = 0; ch < c; ++ch)
             out[c + ch] -= (mean[std::size_t(q.set_of(i, ch))] - mv[ch]) * out[ch];
         });
-    if (dweight || dbias) {
-      for (std::int64_t ch = 0; ch < c; ++ch) {
-        double sa = 0, sb = 0;
-        for (std::int64_t i = 0; i < q.pn; ++i) {
-          sa += psum[std::size_t(i * c + ch)];
-          sb += psum[std::size_t(np + i * c + ch)] * rstd[std::size_t(q.set_of(i, ch))];
-        }
-        if (dbias) dbias[ch] = C(sa);
-        if (dweight) dweight[ch] = C(sb);
-      }
-    }
+    if (dweight || dbias) column_sums_from_planes(q, psum.data(), rstd_in, dweight, dbias);
+    if (plane_sums_out) std::copy(psum.begin(), psum.end(), plane_sums_out);
     if (training) {
       for (std::int64_t st = 0; st < q.nsets; ++st) {
         double sg = 0, sgx = 0;
@@ -1187,6 +1196,12 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
       });
 }
 
+template <class T, class C = compute_t<T>>
+void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
+                      const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads) {
+  channel_backward_sums(q, dy, x, mean_in, rstd_in, w, dx, dweight, dbias, training, nthreads, nullptr);
+}
+
 // ---- fused sets ---------------------------------------------------------------------------------
 
 // Channels-first sets small enough to stay in cache go one task per set: its statistics (or
@@ -1272,16 +1287,65 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
       grad_span(dy + p * s, x + p * s, dx + p * s, s, mean, ka, kb, kc);
     }
   });
-  if (!column_sums) return;
-  for (std::int64_t ch = 0; ch < c; ++ch) {
-    double sa = 0, sb = 0;
-    for (std::int64_t i = 0; i < q.pn; ++i) {
-      sa += psum[std::size_t(i * c + ch)];
-      sb += psum[std::size_t(np + i * c + ch)] * double(rstd_in[q.set_of(i, ch)]);
-    }
-    if (dbias) dbias[ch] = C(sa);
-    if (dweight) dweight[ch] = C(sb);
-  }
+  if (column_sums) column_sums_from_planes(q, psum.data(), rstd_in, dweight, dbias);
+}
+
+// Channels-last group and instance norm samples small enough to stay in cache go one task per
+// sample, as fused_sets: the sample's statistics (or gradient sums), then its output while its
+// rows are still there. The units, sums and their order are those of the two-pass path on the
+// sample, except that a sample with a set whose float sums cannot be trusted has its sets summed
+// again (the two-pass path sums every set again). The choice depends on the shape alone.
+constexpr std::int64_t kFusedSampleMaxBytes = 1 << 20;
+
+inline bool fused_samples(const Geom& q, std::size_t elem_bytes) {
+  return q.cl && !q.batch && q.units > 0 && q.n >= 8 &&
+         double(q.s) * double(q.c) * double(elem_bytes) <= double(kFusedSampleMaxBytes);
+}
+
+// One sample of q, with the units q gives it.
+inline Geom sample_geom(const Geom& q) {
+  Geom one = q;
+  one.n = one.pn = 1;
+  one.nsets = q.g;
+  one.units = q.blocks;
+  return one;
+}
+
+// Forward of fused samples: set_moments(), on_moments(st, mean, var, rstd), normalize() per sample.
+template <class T, class OnMoments, class C = compute_t<T>>
+void fused_sample_forward(const Geom& q, const T* x, const C* w, const C* b, T* y, double eps, int nthreads,
+                          const OnMoments& on_moments) {
+  const Geom one = sample_geom(q);
+  const std::int64_t elems = q.s * q.c, g = q.g;
+  parallel_blocks(q.n, nthreads, [&](std::int64_t i) {
+    std::vector<double> buf(std::size_t(3 * g));
+    double* mean = buf.data();
+    double* rstd = mean + g;
+    double* var = rstd + g;
+    set_moments(one, x + i * elems, eps, 1, mean, rstd, var);
+    for (std::int64_t st = 0; st < g; ++st) on_moments(i * g + st, mean[st], var[st], rstd[st]);
+    normalize(one, x + i * elems, w, b, y + i * elems, mean, rstd, 1);
+  });
+}
+
+// channel_backward() of fused samples; dweight/dbias from every sample's plane sums, in order.
+template <class T, class C = compute_t<T>>
+void fused_sample_backward(const Geom& q, const T* dy, const T* x, const C* mean, const C* rstd, const C* w,
+                           T* dx, C* dweight, C* dbias, bool training, int nthreads) {
+  const Geom one = sample_geom(q);
+  const std::int64_t elems = q.s * q.c, c = q.c, g = q.g, np = q.nplanes();
+  const bool column_sums = dweight || dbias;
+  std::vector<double> psum(column_sums ? std::size_t(2 * np) : 0);
+  parallel_blocks(q.n, nthreads, [&](std::int64_t i) {
+    std::vector<double> part(column_sums ? std::size_t(2 * c) : 0);
+    const std::int64_t o = i * elems;
+    channel_backward_sums(one, dy + o, x + o, mean + i * g, rstd + i * g, w, dx + o, static_cast<C*>(nullptr),
+                          static_cast<C*>(nullptr), training, 1, column_sums ? part.data() : nullptr);
+    if (!column_sums) return;
+    std::copy(part.begin(), part.begin() + c, psum.begin() + i * c);
+    std::copy(part.begin() + c, part.end(), psum.begin() + np + i * c);
+  });
+  if (column_sums) column_sums_from_planes(q, psum.data(), rstd, dweight, dbias);
 }
 
 }  // namespace

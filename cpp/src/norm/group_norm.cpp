@@ -22,6 +22,8 @@ void group_norm_forward(const GroupNormForward<T>& a, int nthreads) {
     if (a.rstd) a.rstd[st] = compute_t<T>(rstd);
   };
   if (fused_sets(q, sizeof(T))) return fused_forward(q, a.x, a.weight, a.bias, a.y, a.eps, nthreads, outputs);
+  if (fused_samples(q, sizeof(T)))
+    return fused_sample_forward(q, a.x, a.weight, a.bias, a.y, a.eps, nthreads, outputs);
   const std::size_t ns = std::size_t(q.nsets);
   std::vector<double> mean(ns), rstd(ns), var(ns);
   set_moments(q, a.x, a.eps, nthreads, mean.data(), rstd.data(), var.data());
@@ -33,6 +35,7 @@ template <class T>
 void group_norm_backward(const GroupNormBackward<T>& a, int nthreads) {
   const Geom q = group_geom<T>(a.batch, a.channels, a.spatial, a.groups, a.channels_last);
   auto backward = fused_sets(q, sizeof(T)) ? &fused_backward<T> : &channel_backward<T>;
+  if (fused_samples(q, sizeof(T))) backward = &fused_sample_backward<T>;
   backward(q, a.dy, a.x, a.mean, a.rstd, a.weight, a.dx, a.weight ? a.dweight : nullptr, a.weight ? a.dbias : nullptr,
            true, nthreads);
 }
