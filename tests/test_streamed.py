@@ -1,5 +1,5 @@
 """Outputs written past the caches (non-temporal stores, used for large outputs: y of the row
-norms and dx of their backward) are bitwise the outputs of the cached path: a child process streams every output (NORMLAB_STREAM_MIN_BYTES=0)
+and channel norms and dx of their backward) are bitwise the outputs of the cached path: a child process streams every output (NORMLAB_STREAM_MIN_BYTES=0)
 and its results are compared with this process's, which stream none of these small ones."""
 
 from __future__ import annotations
@@ -61,6 +61,31 @@ CASES = textwrap.dedent(
                 _, rstd = normlab.rms_norm(x, w, axis=axis, return_stats=True)
                 dx, dw = normlab.rms_norm_backward(dy, x, rstd, w, axis=axis, out=out)
                 yield key + "-rms-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel()])
+
+        # Channel norms: channels-first planes of 16 vectors or more (spans aligned by a scalar
+        # head), channels-last rows whose aligned vectors stream; fused sets and samples too.
+        channel_shapes = [((9, 5, 33, 17), 1), ((2, 3, 70, 70), 1), ((9, 33, 17, 5), -1), ((8, 20, 20, 48), -1)]
+        for target in normlab.cpu_targets():
+            normlab.set_cpu_target(target)
+            for threads, (shape, ax), dtype in itertools.product((1, 3), channel_shapes, dtypes):
+                normlab.set_num_threads(threads)
+                x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+                dy = rng.standard_normal(shape).astype(dtype)
+                w = rng.random(shape[ax]).astype(np.float32 if dtype != np.float64 else dtype)
+                out = np.empty(x.size + 1, dtype)[1:].reshape(shape)  # off the vector width
+                key = f"{target}-{threads}-{shape}-{np.dtype(dtype).name}"
+                for kind, fwd, bwd in (
+                    ("batch", lambda o: normlab.batch_norm(x, w, w, channel_axis=ax, out=o, return_stats=True),
+                     lambda m, r: normlab.batch_norm_backward(dy, x, m, r, w, channel_axis=ax)),
+                    ("group", lambda o: normlab.group_norm(x, 1, w, w, channel_axis=ax, out=o, return_stats=True),
+                     lambda m, r: normlab.group_norm_backward(dy, x, m, r, 1, w, channel_axis=ax)),
+                    ("instance", lambda o: normlab.instance_norm(x, w, w, channel_axis=ax, out=o, return_stats=True),
+                     lambda m, r: normlab.instance_norm_backward(dy, x, m, r, w, channel_axis=ax)),
+                ):
+                    y, m, r = fwd(None)
+                    shifted = fwd(out)[0].copy()
+                    parts = [y, shifted, *bwd(m, r)]
+                    yield f"{key}-{kind}", np.concatenate([bits(a).ravel() for a in parts])
 
     def bits(a):
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]

@@ -38,7 +38,7 @@ void batch_norm_forward(const BatchNormForward<T>& a, int nthreads) {
     }
   }
   for (std::int64_t ch = 0; ch < c; ++ch) outputs(ch, mean[std::size_t(ch)], var[std::size_t(ch)], rstd[std::size_t(ch)]);
-  normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
+  normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads, stream_output<T>(q));
 }
 
 template <class T>

@@ -672,24 +672,40 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
   }
 }
 
-// y = ((x - head) - tail) * scale + bias over n elements (scalar coefficients).
+// Elements of a span of n at y written one by one before its vectors, so that streamed vectors
+// are aligned (stream_head); stream is cleared for spans too short to stream.
+template <class T>
+inline std::int64_t span_head(const T* y, std::int64_t n, bool& stream) {
+  const std::int64_t head = stream ? stream_head(y, n) : -1;
+  if (head < 0) stream = false;
+  return head > 0 ? head : 0;
+}
+
+// y = ((x - head) - tail) * scale + bias over n elements (scalar coefficients); streamed past
+// the caches with stream (the scalar and vector arithmetic round alike).
 template <class T, class C = compute_t<T>>
-inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C scale, C bias) {
+inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C scale, C bias, bool stream) {
   using V = vnative<C>;
   constexpr int L = kLanes<C>;
   const V vh = splat<V>(head), vt = splat<V>(tail), vs = splat<V>(scale), vb = splat<V>(bias);
+  auto one = [&](std::int64_t j) { y[j] = narrow<T>(((to_c(x[j]) - head) - tail) * scale + bias); };
   std::int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    prefetch_for_write(y + j);
-    store(y + j, ((load<V>(x + j) - vh) - vt) * vs + vb);
-  }
-  for (; j < n; ++j) y[j] = narrow<T>(((to_c(x[j]) - head) - tail) * scale + bias);
+  for (const std::int64_t h = span_head(y, n, stream); j < h; ++j) one(j);
+  for (; j + L <= n; j += L) store_out(y + j, V(((load<V>(x + j) - vh) - vt) * vs + vb), stream);
+  for (; j < n; ++j) one(j);
+}
+
+// Whether a channel norm writes its output (x's size) past the caches: from stream_min_bytes(),
+// as the row norms do for rows that fill L1 (x and the output cannot both stay in the cache).
+template <class T>
+inline bool stream_output(const Geom& q) {
+  return double(q.n) * double(q.s) * double(q.c) * double(sizeof(T)) >= double(stream_min_bytes());
 }
 
 // y = (x - mean) * rstd * w + b with per-set mean/rstd and per-channel w/b (either may be null).
 template <class T, class C = compute_t<T>>
 void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const double* mean,
-               const double* rstd, int nthreads) {
+               const double* rstd, int nthreads, bool stream) {
   const std::int64_t c = q.c;
   auto coef = [&](std::int64_t i, std::int64_t ch, C& head, C& tail, C& scale, C& bias) {
     const std::int64_t st = q.set_of(i, ch);
@@ -703,7 +719,8 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
         C head, tail, scale, bias;
         coef(p / c, p % c, head, tail, scale, bias);
-        normalize_span(x + p * q.s + j0, y + p * q.s + j0, j1 - j0, head, tail, scale, bias);
+        normalize_span(x + p * q.s + j0, y + p * q.s + j0, j1 - j0, head, tail, scale, bias, stream);
+        if (stream) stream_fence();
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         using V = vnative<C>;
@@ -738,8 +755,8 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               for (; j + L <= len; j += L) {
                 const std::int64_t e = r * len + j;
                 prefetch_ahead(xb + e);
-                prefetch_for_write(yb + e);
-                store(yb + e, (load<V>(xb + e) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
+                store_out(yb + e, V((load<V>(xb + e) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j)),
+                          stream);
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
@@ -760,8 +777,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(xb + e);
-                prefetch_for_write(yb + e);
-                store(yb + e, (load<V>(xb + e) - h[t]) * sv[t] + bv[t]);
+                store_out(yb + e, V((load<V>(xb + e) - h[t]) * sv[t] + bv[t]), stream);
               }
           });
           for (std::int64_t jj = j; jj < len; ++jj) {
@@ -770,6 +786,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
             for (std::int64_t r = 0; r < nr; ++r) yb[r * len + j] = narrow<T>((to_c(xb[r * len + j]) - h) * sv + bv);
           }
         });
+        if (stream) stream_fence();
       });
 }
 
@@ -921,17 +938,16 @@ inline GradCoef<T> grad_coef(double mean, double ka, double kb, double kc) {
 
 template <class T, class C = compute_t<T>>
 inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
-                      double kb, double kc) {
+                      double kb, double kc, bool stream) {
   using V = vnative<C>;
   constexpr int L = kLanes<C>;
   const GradCoef<C> k = grad_coef<C>(mean, ka, kb, kc);
   const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
+  auto one = [&](std::int64_t j) { dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b); };
   std::int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    prefetch_for_write(dx + j);
-    store(dx + j, (va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb);
-  }
-  for (; j < n; ++j) dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b);
+  for (const std::int64_t h = span_head(dx, n, stream); j < h; ++j) one(j);
+  for (; j + L <= n; j += L) store_out(dx + j, V((va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb), stream);
+  for (; j < n; ++j) one(j);
 }
 
 // dbias[ch] = sum dy, dweight[ch] = sum dy * xhat (when non-null) from the per-plane gradient
@@ -953,11 +969,12 @@ void column_sums_from_planes(const Geom& q, const double* psum, const C* rstd, C
 // The backward pass shared by batch and group norm. mean/rstd are per set. With `training`,
 // dx = rstd * (g - mean_set(g) - xhat * mean_set(g * xhat)), g = dy * w, xhat = (x - mean) * rstd;
 // without, dx = rstd * w * dy. dweight[c] = sum dy * xhat, dbias[c] = sum dy (when non-null).
-// plane_sums_out (when non-null) gets the per-plane gradient sums (column_sums_from_planes).
+// dx streams past the caches with stream; plane_sums_out (when non-null) gets the per-plane
+// gradient sums (column_sums_from_planes).
 template <class T, class C = compute_t<T>>
 void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
                            const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads,
-                           double* plane_sums_out) {
+                           bool stream, double* plane_sums_out) {
   const std::int64_t np = q.nplanes(), c = q.c;
   std::vector<double> mean(std::size_t(q.nsets)), rstd(std::size_t(q.nsets));
   for (std::int64_t st = 0; st < q.nsets; ++st) {
@@ -1121,7 +1138,8 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
         double m, ka, kbv, kcv;
         coef(p / c, p % c, m, ka, kbv, kcv);
         const std::int64_t off = p * q.s + j0;
-        grad_span(dy + off, x + off, dx + off, j1 - j0, m, ka, kbv, kcv);
+        grad_span(dy + off, x + off, dx + off, j1 - j0, m, ka, kbv, kcv, stream);
+        if (stream) stream_fence();
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         const std::int64_t W = q.W;
@@ -1158,9 +1176,10 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
                 const std::int64_t e = r * len + j;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
-                prefetch_for_write(ob + e);
-                store(ob + e, (load<V>(al + j) * load<V>(db + e) - load<V>(cl + j)) -
-                                  (load<V>(xb + e) - load<V>(hl + j)) * load<V>(bl + j));
+                store_out(ob + e,
+                          V((load<V>(al + j) * load<V>(db + e) - load<V>(cl + j)) -
+                            (load<V>(xb + e) - load<V>(hl + j)) * load<V>(bl + j)),
+                          stream);
               }
               for (; j < len; ++j) {
                 const std::int64_t e = r * len + j;
@@ -1183,8 +1202,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
-                prefetch_for_write(ob + e);
-                store(ob + e, (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]);
+                store_out(ob + e, V((a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]), stream);
               }
           });
           for (std::int64_t jj = j; jj < len; ++jj)
@@ -1193,13 +1211,15 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
               ob[e] = narrow<T>((av[jj] * to_c(db[e]) - cv[jj]) - (to_c(xb[e]) - hv[jj]) * bv[jj]);
             }
         });
+        if (stream) stream_fence();
       });
 }
 
 template <class T, class C = compute_t<T>>
 void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, const C* rstd_in,
                       const C* w, T* dx, C* dweight, C* dbias, bool training, int nthreads) {
-  channel_backward_sums(q, dy, x, mean_in, rstd_in, w, dx, dweight, dbias, training, nthreads, nullptr);
+  channel_backward_sums(q, dy, x, mean_in, rstd_in, w, dx, dweight, dbias, training, nthreads, stream_output<T>(q),
+                        nullptr);
 }
 
 // ---- fused sets ---------------------------------------------------------------------------------
@@ -1229,6 +1249,7 @@ template <class T, class OnMoments, class C = compute_t<T>>
 void fused_forward(const Geom& q, const T* x, const C* w, const C* b, T* y, double eps, int nthreads,
                    const OnMoments& on_moments) {
   const std::int64_t s = q.s, planes = planes_per_set(q);
+  const bool stream = stream_output<T>(q);
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     double shift = set_shift(q, x, st), md, v;
     for (bool wide = false;; wide = true) {  // as set_moments: float sums, else double
@@ -1253,8 +1274,9 @@ void fused_forward(const Geom& q, const T* x, const C* w, const C* b, T* y, doub
     for (std::int64_t k = 0; k < planes; ++k) {
       const std::int64_t p = set_plane(q, st, k), ch = p % q.c;
       const C scale = C(rstd * (w ? double(w[ch]) : 1.0));
-      normalize_span(x + p * s, y + p * s, s, head, tail, scale, b ? b[ch] : C(0));
+      normalize_span(x + p * s, y + p * s, s, head, tail, scale, b ? b[ch] : C(0), stream);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -1264,6 +1286,7 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
                     T* dx, C* dweight, C* dbias, bool training, int nthreads) {
   const std::int64_t c = q.c, s = q.s, np = q.nplanes(), planes = planes_per_set(q);
   const bool column_sums = dweight || dbias, need_sums = training || column_sums;
+  const bool stream = stream_output<T>(q);
   std::vector<double> psum(column_sums ? std::size_t(2 * np) : 0);
   parallel_blocks(q.nsets, nthreads, [&](std::int64_t st) {
     const double mean = double(mean_in[st]), r = double(rstd_in[st]);
@@ -1284,8 +1307,9 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
     for (std::int64_t k = 0; k < planes; ++k) {
       const std::int64_t p = set_plane(q, st, k);
       const double ka = r * (w ? double(w[p % c]) : 1.0);
-      grad_span(dy + p * s, x + p * s, dx + p * s, s, mean, ka, kb, kc);
+      grad_span(dy + p * s, x + p * s, dx + p * s, s, mean, ka, kb, kc, stream);
     }
+    if (stream) stream_fence();
   });
   if (column_sums) column_sums_from_planes(q, psum.data(), rstd_in, dweight, dbias);
 }
@@ -1317,6 +1341,7 @@ void fused_sample_forward(const Geom& q, const T* x, const C* w, const C* b, T* 
                           const OnMoments& on_moments) {
   const Geom one = sample_geom(q);
   const std::int64_t elems = q.s * q.c, g = q.g;
+  const bool stream = stream_output<T>(q);
   parallel_blocks(q.n, nthreads, [&](std::int64_t i) {
     std::vector<double> buf(std::size_t(3 * g));
     double* mean = buf.data();
@@ -1324,7 +1349,7 @@ void fused_sample_forward(const Geom& q, const T* x, const C* w, const C* b, T* 
     double* var = rstd + g;
     set_moments(one, x + i * elems, eps, 1, mean, rstd, var);
     for (std::int64_t st = 0; st < g; ++st) on_moments(i * g + st, mean[st], var[st], rstd[st]);
-    normalize(one, x + i * elems, w, b, y + i * elems, mean, rstd, 1);
+    normalize(one, x + i * elems, w, b, y + i * elems, mean, rstd, 1, stream);
   });
 }
 
@@ -1334,13 +1359,13 @@ void fused_sample_backward(const Geom& q, const T* dy, const T* x, const C* mean
                            T* dx, C* dweight, C* dbias, bool training, int nthreads) {
   const Geom one = sample_geom(q);
   const std::int64_t elems = q.s * q.c, c = q.c, g = q.g, np = q.nplanes();
-  const bool column_sums = dweight || dbias;
+  const bool column_sums = dweight || dbias, stream = stream_output<T>(q);
   std::vector<double> psum(column_sums ? std::size_t(2 * np) : 0);
   parallel_blocks(q.n, nthreads, [&](std::int64_t i) {
     std::vector<double> part(column_sums ? std::size_t(2 * c) : 0);
     const std::int64_t o = i * elems;
     channel_backward_sums(one, dy + o, x + o, mean + i * g, rstd + i * g, w, dx + o, static_cast<C*>(nullptr),
-                          static_cast<C*>(nullptr), training, 1, column_sums ? part.data() : nullptr);
+                          static_cast<C*>(nullptr), training, 1, stream, column_sums ? part.data() : nullptr);
     if (!column_sums) return;
     std::copy(part.begin(), part.begin() + c, psum.begin() + i * c);
     std::copy(part.begin() + c, part.end(), psum.begin() + np + i * c);

@@ -28,7 +28,7 @@ void group_norm_forward(const GroupNormForward<T>& a, int nthreads) {
   std::vector<double> mean(ns), rstd(ns), var(ns);
   set_moments(q, a.x, a.eps, nthreads, mean.data(), rstd.data(), var.data());
   for (std::size_t st = 0; st < ns; ++st) outputs(std::int64_t(st), mean[st], var[st], rstd[st]);
-  normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads);
+  normalize(q, a.x, a.weight, a.bias, a.y, mean.data(), rstd.data(), nthreads, stream_output<T>(q));
 }
 
 template <class T>

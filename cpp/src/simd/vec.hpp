@@ -531,6 +531,19 @@ __attribute__((always_inline)) inline void prefetch_for_write(T* p) {
   __builtin_prefetch(reinterpret_cast<char*>(p) + kWritePrefetchBytes, 1);
 }
 
+// A store of an output written in place of its layout: past the caches with stream where p is
+// aligned to the vector width (store_stream), else through them, fetched ahead.
+template <class T>
+__attribute__((always_inline)) inline void store_out(T* p, vnative<compute_t<T>> v, bool stream) {
+  constexpr std::uintptr_t width = kLanes<compute_t<T>> * sizeof(T);
+  if (stream && reinterpret_cast<std::uintptr_t>(p) % width == 0) {
+    store_stream(p, v);
+  } else {
+    prefetch_for_write(p);
+    store(p, v);
+  }
+}
+
 // Rows whose outputs stream come from memory: while one row is written, the same place of the
 // next row is fetched into L2, so that reads and writes overlap instead of alternating row by
 // row (float32 rows of (2048, 4096) and (256, 65536) took 0.73-0.92x the time on Intel
