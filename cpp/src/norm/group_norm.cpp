@@ -34,8 +34,9 @@ void group_norm_forward(const GroupNormForward<T>& a, int nthreads) {
 template <class T>
 void group_norm_backward(const GroupNormBackward<T>& a, int nthreads) {
   const Geom q = group_geom<T>(a.batch, a.channels, a.spatial, a.groups, a.channels_last);
-  auto backward = fused_sets(q, sizeof(T)) ? &fused_backward<T> : &channel_backward<T>;
-  if (fused_samples(q, sizeof(T))) backward = &fused_sample_backward<T>;
+  auto backward = fused_sets(q, sizeof(T))      ? &fused_backward<T>
+                  : fused_samples(q, sizeof(T)) ? &fused_sample_backward<T>
+                                                : &channel_backward<T>;
   backward(q, a.dy, a.x, a.mean, a.rstd, a.weight, a.dx, a.weight ? a.dweight : nullptr, a.weight ? a.dbias : nullptr,
            true, nthreads);
 }

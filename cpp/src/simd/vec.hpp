@@ -531,8 +531,8 @@ __attribute__((always_inline)) inline void prefetch_for_write(T* p) {
   __builtin_prefetch(reinterpret_cast<char*>(p) + kWritePrefetchBytes, 1);
 }
 
-// A store of an output written in place of its layout: past the caches with stream where p is
-// aligned to the vector width (store_stream), else through them, fetched ahead.
+// One vector of an output: stored past the caches with stream where p is aligned to the vector
+// width (store_stream), else through them, its line prefetched ahead (prefetch_for_write).
 template <class T>
 __attribute__((always_inline)) inline void store_out(T* p, vnative<compute_t<T>> v, bool stream) {
   constexpr std::uintptr_t width = kLanes<compute_t<T>> * sizeof(T);
