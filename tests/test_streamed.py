@@ -64,7 +64,11 @@ CASES = textwrap.dedent(
 
         # Channel norms: channels-first planes of 16 vectors or more (spans aligned by a scalar
         # head), channels-last rows whose aligned vectors stream; fused sets and samples too.
-        channel_shapes = [((9, 5, 33, 17), 1), ((2, 3, 70, 70), 1), ((9, 33, 17, 5), -1), ((8, 20, 20, 48), -1)]
+        # Channels-last outputs off the vector width stream their rows shifted to the width.
+        channel_shapes = [
+            ((9, 5, 33, 17), 1), ((2, 3, 70, 70), 1), ((9, 33, 17, 5), -1), ((8, 20, 20, 48), -1),
+            ((2, 9, 7, 200), -1),
+        ]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)
             for threads, (shape, ax), dtype in itertools.product((1, 3), channel_shapes, dtypes):
@@ -76,15 +80,16 @@ CASES = textwrap.dedent(
                 key = f"{target}-{threads}-{shape}-{np.dtype(dtype).name}"
                 for kind, fwd, bwd in (
                     ("batch", lambda o: normlab.batch_norm(x, w, w, channel_axis=ax, out=o, return_stats=True),
-                     lambda m, r: normlab.batch_norm_backward(dy, x, m, r, w, channel_axis=ax)),
+                      lambda m, r, o: normlab.batch_norm_backward(dy, x, m, r, w, channel_axis=ax, out=o)),
                     ("group", lambda o: normlab.group_norm(x, 1, w, w, channel_axis=ax, out=o, return_stats=True),
-                     lambda m, r: normlab.group_norm_backward(dy, x, m, r, 1, w, channel_axis=ax)),
+                     lambda m, r, o: normlab.group_norm_backward(dy, x, m, r, 1, w, channel_axis=ax, out=o)),
                     ("instance", lambda o: normlab.instance_norm(x, w, w, channel_axis=ax, out=o, return_stats=True),
-                     lambda m, r: normlab.instance_norm_backward(dy, x, m, r, w, channel_axis=ax)),
+                     lambda m, r, o: normlab.instance_norm_backward(dy, x, m, r, w, channel_axis=ax, out=o)),
                 ):
                     y, m, r = fwd(None)
                     shifted = fwd(out)[0].copy()
-                    parts = [y, shifted, *bwd(m, r)]
+                    shifted_dx = bwd(m, r, out)[0].copy()
+                    parts = [y, shifted, *bwd(m, r, None), shifted_dx]
                     yield f"{key}-{kind}", np.concatenate([bits(a).ravel() for a in parts])
 
     def bits(a):

@@ -229,6 +229,41 @@ inline void cl_runs(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t
   if (left) run(off + nsuper * q.W, left, q.c);
 }
 
+// Elements from a channels-last output's rows [r0, r1) of plane row i to its first vector-aligned
+// element, where its period-W rows all start that far off the vector width and can stream
+// (W whole vectors); 0 where they are aligned or cannot be shifted.
+template <class T>
+inline std::int64_t cl_shift(const Geom& q, const T* out, std::int64_t i, std::int64_t r0, std::int64_t r1,
+                             bool stream) {
+  constexpr int L = kLanes<compute_t<T>>;
+  constexpr std::uintptr_t width = L * sizeof(T);
+  const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(out + (i * q.rows + r0) * q.c);
+  if (!stream || L == 1 || q.W % L != 0 || (r1 - r0) / q.m == 0 || addr % sizeof(T) != 0) return 0;
+  return std::int64_t((width - addr % width) % width / sizeof(T));
+}
+
+// cl_runs() for loops that write an output: run(base, nrows, len, k0), the coefficients of
+// column j at index k0 + j of the period-W arrays, extended to W + L entries. With a shift
+// (cl_shift), the period-W rows are walked `shift` elements later, so that every streamed vector
+// is aligned: the first `shift` elements, then W-long rows with the coefficients rotated by
+// shift (k0 = shift), then the last row's remaining W - shift elements. Every element gets the
+// coefficients of its column, in the same arithmetic.
+template <class Run>
+inline void cl_out_runs(const Geom& q, std::int64_t i, std::int64_t r0, std::int64_t r1, std::int64_t shift,
+                        const Run& run) {
+  if (shift == 0) {
+    cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) { run(base, nr, len, 0); });
+    return;
+  }
+  const std::int64_t off = (i * q.rows + r0) * q.c, W = q.W;
+  const std::int64_t nsuper = (r1 - r0) / q.m, left = (r1 - r0) % q.m;
+  run(off, 1, shift, 0);
+  for (std::int64_t k = 0; k + 1 < nsuper; k += kRunRows)
+    run(off + shift + k * W, nsuper - 1 - k < kRunRows ? nsuper - 1 - k : kRunRows, W, shift);
+  run(off + (nsuper - 1) * W + shift, 1, W - shift, shift);
+  if (left) run(off + nsuper * W, left, q.c, 0);
+}
+
 template <int NV>
 using nv_t = std::integral_constant<int, NV>;
 
@@ -727,26 +762,28 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
         constexpr int L = kLanes<C>;
         const std::int64_t W = q.W;
         // y = (x - head) * scale + (bias - tail * scale): three coefficient loads per vector.
-        std::vector<C> buf(std::size_t(3 * W));
+        const std::int64_t P = W + L;  // the period and a vector more, for shifted rows
+        std::vector<C> buf(std::size_t(3 * P));
         C* hd = buf.data();
-        C* sc = hd + W;
-        C* bs = sc + W;
+        C* sc = hd + P;
+        C* bs = sc + P;
         for (std::int64_t j = 0; j < c; ++j) {
           C tail;
           coef(i, j, hd[j], tail, sc[j], bs[j]);
           bs[j] = C(double(bs[j]) - double(tail) * double(sc[j]));
         }
-        periodic(hd, c, W);
-        periodic(sc, c, W);
-        periodic(bs, c, W);
+        periodic(hd, c, P);
+        periodic(sc, c, P);
+        periodic(bs, c, P);
         constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
-        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+        const std::int64_t shift = cl_shift(q, y, i, r0, r1, stream);
+        cl_out_runs(q, i, r0, r1, shift, [&](std::int64_t base, std::int64_t nr, std::int64_t len, std::int64_t k0) {
           const T* xb = x + base;
           T* yb = y + base;
           // local copies: store() may alias anything, so captured pointers are reloaded after it
-          const C* const hdl = hd;
-          const C* const scl = sc;
-          const C* const bsl = bs;
+          const C* const hdl = hd + k0;
+          const C* const scl = sc + k0;
+          const C* const bsl = bs + k0;
           if (len > 2 * TV * L) {
             // Wide rows: row by row, the coefficients reloaded from L1 for every vector. Four
             // rows per coefficient load took 1.6-1.8x the time on Intel (Emerald Rapids).
@@ -1143,33 +1180,35 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         const std::int64_t W = q.W;
-        std::vector<C> buf(std::size_t(4 * W));
+        const std::int64_t P = W + L;  // the period and a vector more, for shifted rows
+        std::vector<C> buf(std::size_t(4 * P));
         C* hv = buf.data();
-        C* av = hv + W;
-        C* bv = av + W;
-        C* cv = bv + W;
+        C* av = hv + P;
+        C* bv = av + P;
+        C* cv = bv + P;
         for (std::int64_t j = 0; j < c; ++j) {
           double m, ka, kbv, kcv;
           coef(i, j, m, ka, kbv, kcv);
           const GradCoef<C> k = grad_coef<C>(m, ka, kbv, kcv);
           hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
         }
-        periodic(hv, c, W);
-        periodic(av, c, W);
-        periodic(bv, c, W);
-        periodic(cv, c, W);
-        cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+        periodic(hv, c, P);
+        periodic(av, c, P);
+        periodic(bv, c, P);
+        periodic(cv, c, P);
+        const std::int64_t shift = cl_shift(q, dx, i, r0, r1, stream);
+        cl_out_runs(q, i, r0, r1, shift, [&](std::int64_t base, std::int64_t nr, std::int64_t len, std::int64_t k0) {
           const T* xb = x + base;
           const T* db = dy + base;
           T* ob = dx + base;
+          // Local copies: store() may alias anything, so captured pointers would be reloaded after it.
+          const C* const hl = hv + k0;
+          const C* const al = av + k0;
+          const C* const bl = bv + k0;
+          const C* const cl = cv + k0;
           if (len > 2 * TV * L) {
             // Wide rows: row by row, the coefficients reloaded from L1 for every vector (four rows
-            // per coefficient load took 1.5x the time on Intel; strided tiles 1.2x). Local copies:
-            // store() may alias anything, so captured pointers would be reloaded after it.
-            const C* const hl = hv;
-            const C* const al = av;
-            const C* const bl = bv;
-            const C* const cl = cv;
+            // per coefficient load took 1.5x the time on Intel; strided tiles 1.2x).
             for (std::int64_t r = 0; r < nr; ++r) {
               std::int64_t j = 0;
               for (; j + L <= len; j += L) {
@@ -1192,10 +1231,10 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
             constexpr int NV = decltype(nv)::value;
             V h[NV], a[NV], b[NV], cc[NV];
             for (int t = 0; t < NV; ++t) {
-              h[t] = load<V>(hv + j0 + t * L);
-              a[t] = load<V>(av + j0 + t * L);
-              b[t] = load<V>(bv + j0 + t * L);
-              cc[t] = load<V>(cv + j0 + t * L);
+              h[t] = load<V>(hl + j0 + t * L);
+              a[t] = load<V>(al + j0 + t * L);
+              b[t] = load<V>(bl + j0 + t * L);
+              cc[t] = load<V>(cl + j0 + t * L);
             }
             for (std::int64_t r = 0; r < nr; ++r)
               for (int t = 0; t < NV; ++t) {
@@ -1208,7 +1247,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
           for (std::int64_t jj = j; jj < len; ++jj)
             for (std::int64_t r = 0; r < nr; ++r) {
               const std::int64_t e = r * len + jj;
-              ob[e] = narrow<T>((av[jj] * to_c(db[e]) - cv[jj]) - (to_c(xb[e]) - hv[jj]) * bv[jj]);
+              ob[e] = narrow<T>((al[jj] * to_c(db[e]) - cl[jj]) - (to_c(xb[e]) - hl[jj]) * bl[jj]);
             }
         });
         if (stream) stream_fence();
