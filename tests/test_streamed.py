@@ -27,7 +27,7 @@ CASES = textwrap.dedent(
 
     def results():
         rng = np.random.default_rng(11)
-        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33)]
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096)]  # (8, 4096): grouped rows
         dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)

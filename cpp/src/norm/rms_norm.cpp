@@ -39,7 +39,7 @@ template <class T>
 void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight.
-  const bool stream = stream_rows(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, a.weight ? 1 : 0), bytes);
+  const bool stream = stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, a.weight ? 1 : 0), bytes);
   with_narrow_rows<T>(a.cols, rows_in_blocks<T>(a.cols, bytes), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;

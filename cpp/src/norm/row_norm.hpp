@@ -421,6 +421,17 @@ inline bool stream_rows(std::int64_t row_bytes, std::int64_t data_bytes) {
   const std::int64_t from = stream_min_bytes();
   return data_bytes >= from && (row_bytes >= kL1Bytes || data_bytes > 2 * from);
 }
+// stream_rows() of the forward kernels (norm, fused add and norm). Float rows stream from
+// stream_min_bytes() at every length: with their partial vectors unmasked and streamed lines
+// whole, float32 layer_norm rows of 256-768 (16-64 MiB, out= 16 bytes off a line) took
+// 0.74-0.95x the cached time, add_layer_norm 0.74-0.97x. Their backward took 1.04-1.26x, and
+// float16 rows of 768-1024 1.2-1.3x (their 32-byte vectors fill half a line): those keep
+// stream_rows().
+template <class T>
+inline bool stream_forward_rows(std::int64_t row_bytes, std::int64_t data_bytes) {
+  if constexpr (kHalf<T>) return stream_rows(row_bytes, data_bytes);
+  return data_bytes >= stream_min_bytes();
+}
 
 // Whether rows of n in a tensor of data_bytes go in blocks of kRowBlock (normalize_rows).
 template <class T>
@@ -747,26 +758,31 @@ struct RowBackward {
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
     // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
-    // whole vectors from its first aligned element, as map_row. Two instantiations: a call to a
-    // streamed loop on the side slowed the cached one by 4-16%.
+    // whole lines from its first line-aligned element, as map_row. Two instantiations: a call to
+    // a streamed loop on the side slowed the cached one by 4-16%.
     if constexpr (Stream) {
       const std::int64_t head = stream_head(dx, n);
       if (head >= 0) {
-        if (head > 0) dx_vector<false>(0, int(head), stage, vm, vr, vc0, vk1);
-        for (j = head; j + L <= n; j += L) dx_vector<true>(j, L, stage, vm, vr, vc0, vk1);
-        if (j < n) dx_vector<false>(j, int(n - j), stage, vm, vr, vc0, vk1);
+        for (j = 0; j < head; j += L) dx_vector<kBesideStream>(j, head - j < L ? int(head - j) : L, stage, vm, vr, vc0, vk1);
+        j = head;
+        for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L)
+          dx_vector<kStreamed>(j, L, stage, vm, vr, vc0, vk1);
+        for (; j < n; j += L) dx_vector<kBesideStream>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
         return;
       }
     }
     for (j = 0; j < n; j += L) {
       prefetch_for_write(dx + j);
-      dx_vector<false>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+      dx_vector<kCached>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
     }
   }
 
-  // dx[j .. j+count) of run_f32 (Stream: a whole aligned vector, written past the caches), then
-  // the row's part of the stage there.
-  template <bool Stream>
+  // How dx_vector stores: through the caches, a whole line-aligned vector past them, or through
+  // them beside streamed lines (partial vectors unmasked).
+  enum StoreMode { kCached, kStreamed, kBesideStream };
+
+  // dx[j .. j+count) of run_f32, stored as Mode says, then the row's part of the stage there.
+  template <StoreMode Mode>
   __attribute__((always_inline)) void dx_vector(std::int64_t j, int count, float* stage, vnative<float> vm,
                                                 vnative<float> vr, vnative<float> vc0, vnative<float> vk1) const {
     using V = vnative<float>;
@@ -780,8 +796,9 @@ struct RowBackward {
     if constexpr (Centered) gv -= vc0;
     V out = vr * gv - vk1 * xh;
     if (ds) out += load_n(ds + j, count);
-    if (Stream) store_stream(dx + j, out);
+    if (Mode == kStreamed) store_stream(dx + j, out);
     else if (count == L) store(dx + j, out);
+    else if (Mode == kBesideStream) store_partial_unmasked(dx + j, out, count);
     else store_partial(dx + j, out, count);
     if constexpr (HasW) {
       if (count == L) {
@@ -897,9 +914,15 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
   // are written (float16 layer_norm_backward (2048, 4096) 0.75x the time of no prefetch, float32
   // streamed 0.92-0.96x on Intel; cached float rows 1.06-1.16x).
   const bool prefetch_next = (kHalf<T> || Stream) && 2 * R * n * std::int64_t(sizeof(T)) * 2 <= kGroupPrefetchBytes;
-  // Columns [j, j + count); Full: count == L.
-  auto columns = [&](auto full, auto streamed, std::int64_t j, int count) __attribute__((always_inline)) {
-    constexpr bool kFull = decltype(full)::value, kStreamed = decltype(streamed)::value;
+  using yes = std::true_type;
+  using no = std::false_type;
+  struct beside {};
+  // Columns [j, j + count); Full: count == L; how dx is stored: streamed (yes: a whole
+  // line-aligned vector), cached (no) or cached beside streamed lines (beside: partial vectors
+  // unmasked).
+  auto columns = [&](auto full, auto how, std::int64_t j, int count) __attribute__((always_inline)) {
+    constexpr bool kFull = decltype(full)::value, kStreamed = std::is_same<decltype(how), yes>::value,
+                   kBeside = std::is_same<decltype(how), beside>::value;
     auto get = [&](const auto* p) __attribute__((always_inline)) {
       if constexpr (kFull) return load<V>(p);
       else return load_partial(p, count);
@@ -927,6 +950,7 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
       if constexpr (HasDs) out += get(ds + o);
       if constexpr (kStreamed) store_stream(dx + o, out);
       else if constexpr (kFull) store(dx + o, out);
+      else if constexpr (kBeside) store_partial_unmasked(dx + o, out, count);
       else store_partial(dx + o, out, count);
       s0 = fmadd(d, xh, s0);
       if constexpr (Centered) s1 += d;
@@ -939,17 +963,20 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
       if constexpr (Centered) store_partial(stage + n + j, s1, count);
     }
   };
-  using yes = std::true_type;
-  using no = std::false_type;
   std::int64_t j = 0;
   if constexpr (Stream) {
     const std::int64_t head = stream_head(dx, n);
     bool same = head >= 0;
     for (int b = 1; b < R; ++b) same = same && stream_head(dx + b * n, n) == head;
     if (same) {
-      if (head > 0) columns(no(), no(), 0, int(head));
-      for (j = head; j + L <= n; j += L) columns(yes(), yes(), j, L);
-      if (j < n) columns(no(), no(), j, int(n - j));
+      for (; j < head; j += L) {
+        if (head - j >= L) columns(yes(), beside(), j, L);
+        else columns(no(), beside(), j, int(head - j));
+      }
+      j = head;
+      for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L) columns(yes(), yes(), j, L);
+      for (; j + L <= n; j += L) columns(yes(), beside(), j, L);
+      if (j < n) columns(no(), beside(), j, int(n - j));
       return;
     }
   }

@@ -66,21 +66,21 @@ void parallel_add_twice(const float* a, const float* b, float* out1, float* out2
     const std::int64_t head = stream_head(o1, len);
     // Streamed where both outputs line up alike; else cached.
     if (stream && head >= 0 && stream_head(o2, len) == head) {
-      if (head > 0) both(0, int(head));
-      for (j = head; j + L <= len; j += L) {
+      for (; j < head; j += L) both(j, head - j < L ? int(head - j) : L);
+      j = head;
+      for (const std::int64_t end = stream_end<float>(j, len); j < end; j += L) {
         const V s = sum(j, L);
         store_stream(o1 + j, s);
         store_stream(o2 + j, s);
       }
       stream_fence();
-    } else {
-      for (; j + L <= len; j += L) {
-        prefetch_for_write(o1 + j);
-        prefetch_for_write(o2 + j);
-        const V s = sum(j, L);
-        store(o1 + j, s);
-        store(o2 + j, s);
-      }
+    }
+    for (; j + L <= len; j += L) {
+      prefetch_for_write(o1 + j);
+      prefetch_for_write(o2 + j);
+      const V s = sum(j, L);
+      store(o1 + j, s);
+      store(o2 + j, s);
     }
     if (j < len) both(j, int(len - j));
   });
