@@ -754,7 +754,6 @@ struct RowBackward {
     const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
     double c0, c1;
     sums_f32(c0, c1);
-    std::int64_t j;
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
     // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
@@ -763,15 +762,15 @@ struct RowBackward {
     if constexpr (Stream) {
       const std::int64_t head = stream_head(dx, n);
       if (head >= 0) {
-        for (j = 0; j < head; j += L) dx_vector<kBesideStream>(j, head - j < L ? int(head - j) : L, stage, vm, vr, vc0, vk1);
-        j = head;
-        for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L)
-          dx_vector<kStreamed>(j, L, stage, vm, vr, vc0, vk1);
-        for (; j < n; j += L) dx_vector<kBesideStream>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+        walk_lines<T>(
+            head, n,
+            [&](std::int64_t i, int count)
+                __attribute__((always_inline)) { dx_vector<kBesideStream>(i, count, stage, vm, vr, vc0, vk1); },
+            [&](std::int64_t i) __attribute__((always_inline)) { dx_vector<kStreamed>(i, L, stage, vm, vr, vc0, vk1); });
         return;
       }
     }
-    for (j = 0; j < n; j += L) {
+    for (std::int64_t j = 0; j < n; j += L) {
       prefetch_for_write(dx + j);
       dx_vector<kCached>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
     }
@@ -969,14 +968,13 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
     bool same = head >= 0;
     for (int b = 1; b < R; ++b) same = same && stream_head(dx + b * n, n) == head;
     if (same) {
-      for (; j < head; j += L) {
-        if (head - j >= L) columns(yes(), beside(), j, L);
-        else columns(no(), beside(), j, int(head - j));
-      }
-      j = head;
-      for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L) columns(yes(), yes(), j, L);
-      for (; j + L <= n; j += L) columns(yes(), beside(), j, L);
-      if (j < n) columns(no(), beside(), j, int(n - j));
+      walk_lines<T>(
+          head, n,
+          [&](std::int64_t i, int count) __attribute__((always_inline)) {
+            if (count == L) columns(yes(), beside(), i, L);
+            else columns(no(), beside(), i, count);
+          },
+          [&](std::int64_t i) __attribute__((always_inline)) { columns(yes(), yes(), i, L); });
       return;
     }
   }

@@ -57,24 +57,30 @@ void parallel_add_twice(const float* a, const float* b, float* out1, float* out2
     float* o1 = out1 + i0;
     float* o2 = out2 + i0;
     auto sum = [&](std::int64_t j, int count) { return V(load_n(a + i0 + j, count) + load_n(b + i0 + j, count)); };
-    auto both = [&](std::int64_t j, int count) {
-      const V s = sum(j, count);
-      store_partial(o1 + j, s, count);
-      store_partial(o2 + j, s, count);
-    };
-    std::int64_t j = 0;
     const std::int64_t head = stream_head(o1, len);
     // Streamed where both outputs line up alike; else cached.
     if (stream && head >= 0 && stream_head(o2, len) == head) {
-      for (; j < head; j += L) both(j, head - j < L ? int(head - j) : L);
-      j = head;
-      for (const std::int64_t end = stream_end<float>(j, len); j < end; j += L) {
-        const V s = sum(j, L);
-        store_stream(o1 + j, s);
-        store_stream(o2 + j, s);
-      }
+      walk_lines<float>(
+          head, len,
+          [&](std::int64_t j, int count) {
+            const V s = sum(j, count);
+            if (count == L) {
+              store(o1 + j, s);
+              store(o2 + j, s);
+            } else {
+              store_partial_unmasked(o1 + j, s, count);
+              store_partial_unmasked(o2 + j, s, count);
+            }
+          },
+          [&](std::int64_t j) {
+            const V s = sum(j, L);
+            store_stream(o1 + j, s);
+            store_stream(o2 + j, s);
+          });
       stream_fence();
+      return;
     }
+    std::int64_t j = 0;
     for (; j + L <= len; j += L) {
       prefetch_for_write(o1 + j);
       prefetch_for_write(o2 + j);
@@ -82,7 +88,12 @@ void parallel_add_twice(const float* a, const float* b, float* out1, float* out2
       store(o1 + j, s);
       store(o2 + j, s);
     }
-    if (j < len) both(j, int(len - j));
+    if (j < len) {
+      const int count = int(len - j);
+      const V s = sum(j, count);
+      store_partial(o1 + j, s, count);
+      store_partial(o2 + j, s, count);
+    }
   });
 }
 

@@ -591,12 +591,25 @@ inline std::int64_t stream_end(std::int64_t head, std::int64_t n) {
   return head + (n - head) / line * line;
 }
 
+// Walks a row of n elements whose first line-aligned one is head >= 0 (stream_head), a vector at
+// a time: edge(j, count) for the partial vectors before head, whole(j) for the whole vectors from
+// head over whole lines (stream_end), then edge(j, count) for the rest (count <= lanes).
+template <class T, class Edge, class Whole>
+__attribute__((always_inline)) inline void walk_lines(std::int64_t head, std::int64_t n, const Edge& edge, const Whole& whole) {
+  constexpr int L = kLanes<compute_t<T>>;
+  std::int64_t j = 0;
+  for (; j < head; j += L) edge(j, head - j < L ? int(head - j) : L);
+  j = head;
+  for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L) whole(j);
+  for (; j < n; j += L) edge(j, n - j < L ? int(n - j) : L);
+}
+
 // y[j .. j+count) = f(j, count) over a row of n elements, one vector at a time: for long rows
 // partial vectors up to the first line-aligned element, then full vectors (streamed past the
-// caches when stream is set, over whole lines), then a partial tail. Every element goes through
-// the same vector code. Short rows skip the alignment: a split store costs less than a partial
-// vector there. NV > 0: a row of NV whole vectors (n == NV * lanes, not streamed), stored as
-// they come.
+// caches when stream is set, over whole lines), then the rest (walk_lines). Every element goes
+// through the same vector code. Short rows skip the alignment: a split store costs less than a
+// partial vector there. NV > 0: a row of NV whole vectors (n == NV * lanes, not streamed), stored
+// as they come.
 template <int NV = 0, class T, class F>
 inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
   constexpr int L = kLanes<compute_t<T>>;
@@ -604,23 +617,26 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
     for (int t = 0; t < NV; ++t) store(y + t * L, f(std::int64_t(t) * L, L));
     return;
   }
-  // Beside streamed lines, partial vectors are stored unmasked (store_partial_unmasked).
-  auto partial = [&](std::int64_t j, int count) {
-    if (stream) store_partial_unmasked(y + j, f(j, count), count);
+  auto cached = [&](std::int64_t j, int count) {
+    prefetch_for_write(y + j);
+    if (count == L) store(y + j, f(j, L));
     else store_partial(y + j, f(j, count), count);
   };
-  std::int64_t j = 0;
   const std::int64_t head = stream_head(y, n);
-  if (head < 0) stream = false;
-  for (; j < head; j += L) partial(j, head - j < L ? int(head - j) : L);
-  j = head > 0 ? head : 0;
-  if (stream)
-    for (const std::int64_t end = stream_end<T>(j, n); j < end; j += L) store_stream(y + j, f(j, L));
-  for (; j + L <= n; j += L) {
-    prefetch_for_write(y + j);
-    store(y + j, f(j, L));
+  if (head < 0) {
+    for (std::int64_t j = 0; j < n; j += L) cached(j, n - j < L ? int(n - j) : L);
+  } else if (stream) {
+    // Beside streamed lines, partial vectors are stored unmasked (store_partial_unmasked).
+    walk_lines<T>(
+        head, n,
+        [&](std::int64_t j, int count) {
+          if (count == L) store(y + j, f(j, L));
+          else store_partial_unmasked(y + j, f(j, count), count);
+        },
+        [&](std::int64_t j) { store_stream(y + j, f(j, L)); });
+  } else {
+    walk_lines<T>(head, n, cached, [&](std::int64_t j) { cached(j, L); });
   }
-  if (j < n) partial(j, int(n - j));
 }
 
 }  // namespace
