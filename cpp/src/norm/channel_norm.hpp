@@ -14,8 +14,8 @@
 // Threads only decide which unit runs where, so results are identical for every thread count.
 // Channels-last rows are walked m at a time as one "row" of period W = m * c, m chosen so that W
 // is whole vectors; per-column coefficients and sums are replicated over the period, kept in
-// registers over runs of periods (narrow rows: sum_run_rows, kRunRows) or kept in L1 and applied four
-// rows per load (wide rows).
+// registers over runs of periods (narrow rows: sum_run_rows, kRunRows) or kept in L1 and
+// applied four rows per load (wide rows).
 // Sums are shifted by the mean of a few of the set's first elements (set_shift), so var =
 // E[d^2] - E[d]^2 keeps its digits when |mean| >> std; channels-first sums run in float lanes
 // flushed to double, and sets whose float sums cannot be trusted are summed again in double.

@@ -1094,7 +1094,7 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
 
 // Float rows whose x and dy together pass this size (beyond L2) fetch the next row's x and dy
 // into L2 during a row's dx pass (RowBackward::ahead): layer_norm_backward with weight of
-// (8192, 768), (4096, 768) and (2048, 1024) took 0.91-0.96x the time, without weight 0.98-1.04x;
+// (8192, 768), (4096, 768) and (2048, 1024) took 0.82-0.97x the time, without weight 0.95-1.05x;
 // half rows 0.96-1.01x, so they do not (AMD Zen 4).
 constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 
