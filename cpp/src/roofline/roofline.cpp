@@ -64,13 +64,8 @@ void parallel_add_twice(const float* a, const float* b, float* out1, float* out2
           head, len,
           [&](std::int64_t j, int count) {
             const V s = sum(j, count);
-            if (count == L) {
-              store(o1 + j, s);
-              store(o2 + j, s);
-            } else {
-              store_partial_unmasked(o1 + j, s, count);
-              store_partial_unmasked(o2 + j, s, count);
-            }
+            store_partial_unmasked(o1 + j, s, count);
+            store_partial_unmasked(o2 + j, s, count);
           },
           [&](std::int64_t j) {
             const V s = sum(j, L);

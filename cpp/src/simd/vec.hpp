@@ -484,9 +484,11 @@ inline void store_partial(T* p, vnative<compute_t<T>> v, int count) {
 // store_partial() without a masked store, for the partial vectors of rows whose other vectors
 // stream: beside streamed lines, AVX-512 masked stores of float32 layer_norm rows of 256 and 512
 // (out= from NumPy, 16 bytes off a line) took the streamed forward to 1.1-1.9x the cached
-// time; with plain stores it ran 0.67-0.94x (AMD Zen 4).
+// time; with plain stores it ran 0.67-0.94x (AMD Zen 4). A plain store when count is the full
+// width.
 template <class T>
 inline void store_partial_unmasked(T* p, vnative<compute_t<T>> v, int count) {
+  if (count == kLanes<compute_t<T>>) return store(p, v);
   T lanes[kLanes<compute_t<T>>];
   store(lanes, v);
   std::memcpy(p, lanes, sizeof(T) * std::size_t(count));
@@ -629,10 +631,7 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
     // Beside streamed lines, partial vectors are stored unmasked (store_partial_unmasked).
     walk_lines<T>(
         head, n,
-        [&](std::int64_t j, int count) {
-          if (count == L) store(y + j, f(j, L));
-          else store_partial_unmasked(y + j, f(j, count), count);
-        },
+        [&](std::int64_t j, int count) { store_partial_unmasked(y + j, f(j, count), count); },
         [&](std::int64_t j) { store_stream(y + j, f(j, L)); });
   } else {
     walk_lines<T>(head, n, cached, [&](std::int64_t j) { cached(j, L); });
