@@ -488,7 +488,8 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
 // Channels-last shifted sums in float lanes: nr rows of len elements at xb (row stride len),
 // columns lined up with the float shifts kf; sa[j] += sum (x - k), qa[j] += sum (x - k)^2 for
 // j < len. kFloatRows rows at a time are summed in float and widened into the double sums (rows that
-// fit one register tile: see cl_float_sums_tile). Returns false (nothing done) where T's sums
+// fit one register tile: see cl_float_sums_tile), down the columns, each vector of the next
+// kFloatRows rows fetched meanwhile. Returns false (nothing done) where T's sums
 // are not float. Not inlined: inlined into set_moments, it slowed the row-major loop by 5-8%.
 template <class T>
 __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::int64_t len, const float* kf,
@@ -512,9 +513,11 @@ __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::
       std::int64_t j = 0;
       for (; j + L <= len; j += L) {
         const V k = load<V>(kf + j);
+        __builtin_prefetch(xr + kFloatRows * len + j);
         V sv = load<V>(xr + j) - k;
         V qv = sv * sv;
         for (int t = 1; t < rows; ++t) {
+          __builtin_prefetch(xr + (t + kFloatRows) * len + j);
           const V d = load<V>(xr + t * len + j) - k;
           sv += d;
           qv = fmadd(d, d, qv);
