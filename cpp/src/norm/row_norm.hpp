@@ -24,7 +24,7 @@ struct Moments {
 
 // Row reads (and the channel norms' channels-last reads) are prefetched this many elements
 // ahead: a row is read once from memory between stretches of arithmetic that let the hardware
-// prefetcher fall behind.
+// prefetcher fall behind. Row forwards read long float rows and half rows further (read_ahead).
 constexpr std::int64_t kPrefetchFloats = 512;
 
 // Short rows go in blocks of kRowBlock; float rows in tensors over kBlockedFloatBytes do not
