@@ -222,8 +222,9 @@ def test_layer_norm_float64_large_offset(cpu_target, rng, offset, cols):
 def test_layer_norm_first_element_outlier(cpu_target, rng, dtype, cols, leading):
     """Rows whose first `leading` elements lie far from the rest (N(0,1) plus 1e3 or 1e4): the
     statistics must not depend on which elements come first, and float64 results stay within
-    the same 1e-10 std as every other float64 test. Sums are shifted by the median of the first
-    three elements, so three outliers put the shift far from the mean and the row is summed
+    the same 1e-10 std as every other float64 test. Sums are shifted by the first element (float
+    rows summed one at a time) or the median of the first three (row_shift: rows in blocks, and
+    float64), so three outliers put every path's shift far from the mean and the row is summed
     again about its mean; without that, the float64 error is ~1e-8 and float32 loses all digits."""
     x = make_x(rng, (2, cols), dtype)
     x[:, :leading] += np.array([[1e3], [1e4]], dtype=dtype)
