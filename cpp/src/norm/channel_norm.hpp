@@ -59,6 +59,7 @@ struct Geom {
   std::int64_t n = 0, c = 0, s = 0, g = 0;
   bool cl = false, batch = false;
   std::int64_t cg = 1, nsets = 0;
+  int cg_log2 = -1;  // log2(cg) where cg is a power of two, else -1
   std::int64_t pn = 0;  // rows of planes: planes are pn * c
   double count = 0;     // elements per set
   // channels-first units
@@ -68,7 +69,10 @@ struct Geom {
   std::int64_t units = 0;
 
   std::int64_t nplanes() const { return pn * c; }
-  std::int64_t set_of(std::int64_t i, std::int64_t ch) const { return batch ? ch : i * g + ch / cg; }
+  // Called per channel in the units' setup loops: a shift, not a division, for the usual cg.
+  std::int64_t set_of(std::int64_t i, std::int64_t ch) const {
+    return batch ? ch : i * g + (cg_log2 >= 0 ? ch >> cg_log2 : ch / cg);
+  }
   // Index of the first element of set `set` (its shift).
   std::int64_t set_first(std::int64_t set) const {
     std::int64_t i = 0, ch = set;
@@ -87,6 +91,7 @@ inline Geom make_geom(std::int64_t n, std::int64_t c, std::int64_t s, std::int64
   q.n = n, q.c = c, q.s = s, q.batch = batch;
   q.g = batch ? c : groups;
   q.cg = c / q.g;
+  if (q.cg > 0 && (q.cg & (q.cg - 1)) == 0) q.cg_log2 = __builtin_ctzll(std::uint64_t(q.cg));
   q.cl = channels_last || s == 1;  // (N, C, 1) and (N, 1, C) are the same memory
   q.nsets = batch ? c : n * q.g;
   q.count = batch ? double(n) * double(s) : double(q.cg) * double(s);
@@ -303,6 +308,10 @@ inline void periodic(U* a, std::int64_t c, std::int64_t W) {
 
 // Folds a period-W accumulator into c columns: out[ch] = sum over the m copies, in order.
 inline void fold_period(const Geom& q, const double* acc, double* out) {
+  if (q.m == 1) {
+    std::copy(acc, acc + q.c, out);
+    return;
+  }
   for (std::int64_t ch = 0; ch < q.c; ++ch) {
     double a = acc[ch];
     for (std::int64_t t = 1; t < q.m; ++t) a += acc[t * q.c + ch];
