@@ -129,6 +129,8 @@ CASES = [
     # 8 samples or more: channels-last group and instance norm go one task per sample
     ("group", 8, 16, (5, 3)),
     ("instance", 9, 6, (4, 4)),
+    # plane rows whose per-channel arrays are too large to share: each unit fills its own
+    ("group", 2, 32776, ()),
 ]
 
 

@@ -594,6 +594,31 @@ void set_shifts(const Geom& q, const T* x, double* shift) {
   }
 }
 
+// Channels-last units fill per-channel arrays (a period of W) for their plane row before its
+// rows: where those of every plane row take at most this many values per array, they are
+// filled once, before the units, and shared (batch norm has one plane row, a fused group norm
+// sample one). Filled by each unit, they were about a tenth of group_norm (8, 28, 28, 256).
+constexpr std::int64_t kSharedRowCoefs = std::int64_t(64) << 10;
+
+// The shifts of plane rows [i0, i0 + n) over a period, in double (k) and, for float sums, in
+// float (kf, exact: set_shift()).
+struct PlaneRowShifts {
+  std::int64_t rows = 0;
+  std::vector<double> k;
+  std::vector<float> kf;
+  void fill(const Geom& q, const double* shift, bool with_float, std::int64_t i0, std::int64_t n) {
+    const std::int64_t W = q.W;
+    rows = n;
+    k.resize(std::size_t(n * W));
+    for (std::int64_t i = 0; i < n; ++i) {
+      double* ki = k.data() + i * W;
+      for (std::int64_t j = 0; j < q.c; ++j) ki[j] = shift[std::size_t(q.set_of(i0 + i, j))];
+      periodic(ki, q.c, W);
+    }
+    if (with_float) kf.assign(k.begin(), k.end());
+  }
+};
+
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
 template <class T>
 void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* mean, double* rstd,
@@ -603,6 +628,9 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
   if (recenter) std::copy(recenter, recenter + q.nsets, shift.begin());
   else set_shifts(q, x, shift.data());
   std::vector<double> psum(std::size_t(2 * np));
+  const bool use_float = kFloatSums<T> && !recenter;
+  PlaneRowShifts row_shifts;
+  if (q.cl && q.pn * q.W <= kSharedRowCoefs) row_shifts.fill(q, shift.data(), use_float, 0, q.pn);
   plane_sums(
       q, nthreads, psum.data(),
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
@@ -612,17 +640,18 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
         const std::int64_t W = q.W;
-        std::vector<double> buf(std::size_t(3 * W), 0.0);
-        double* k = buf.data();
-        double* sa = k + W;
+        std::vector<double> buf(std::size_t(2 * W), 0.0);
+        double* sa = buf.data();
         double* qa = sa + W;
-        for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
-        periodic(k, c, W);
-        std::vector<float> kf(kFloatSums<T> && !recenter ? std::size_t(W) : 0);
-        for (std::size_t j = 0; j < kf.size(); ++j) kf[j] = float(k[j]);  // exact: set_shift()
+        PlaneRowShifts own;
+        if (!row_shifts.rows) own.fill(q, shift.data(), use_float, i, 1);
+        const PlaneRowShifts& rs = row_shifts.rows ? row_shifts : own;
+        const std::int64_t at = row_shifts.rows ? i : 0;
+        const double* k = rs.k.data() + at * W;
+        const float* kf = use_float ? rs.kf.data() + at * W : nullptr;
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
-          if (!kf.empty() && cl_float_sums(xb, nr, len, kf.data(), sa, qa)) return;
+          if (kf && cl_float_sums(xb, nr, len, kf, sa, qa)) return;
           if (len > 2 * kTile * kWide) {
             // Wide rows: row-major, sums in L1 (they take no aliasing stalls: no stores stream).
             std::int64_t r = 0;
@@ -769,6 +798,26 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
     scale = C(rstd[st] * (w ? double(w[ch]) : 1.0));
     bias = b ? b[ch] : C(0);
   };
+  // Channels-last: y = (x - head) * scale + (bias - tail * scale), three coefficient loads per
+  // vector, from arrays of a period and a vector more (for shifted rows): hd, then sc and bs.
+  const std::int64_t P = q.W + kLanes<C>;
+  auto fill_row = [&](std::int64_t i, C* hd) {
+    C* sc = hd + P;
+    C* bs = sc + P;
+    for (std::int64_t j = 0; j < c; ++j) {
+      C tail;
+      coef(i, j, hd[j], tail, sc[j], bs[j]);
+      bs[j] = C(double(bs[j]) - double(tail) * double(sc[j]));
+    }
+    periodic(hd, c, P);
+    periodic(sc, c, P);
+    periodic(bs, c, P);
+  };
+  std::vector<C> shared;  // every plane row's arrays where small (kSharedRowCoefs)
+  if (q.cl && q.units > 0 && q.pn * P <= kSharedRowCoefs) {
+    shared.resize(std::size_t(q.pn * 3 * P));
+    for (std::int64_t i = 0; i < q.pn; ++i) fill_row(i, shared.data() + i * 3 * P);
+  }
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -780,21 +829,11 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         using V = vnative<C>;
         constexpr int L = kLanes<C>;
-        const std::int64_t W = q.W;
-        // y = (x - head) * scale + (bias - tail * scale): three coefficient loads per vector.
-        const std::int64_t P = W + L;  // the period and a vector more, for shifted rows
-        std::vector<C> buf(std::size_t(3 * P));
-        C* hd = buf.data();
-        C* sc = hd + P;
-        C* bs = sc + P;
-        for (std::int64_t j = 0; j < c; ++j) {
-          C tail;
-          coef(i, j, hd[j], tail, sc[j], bs[j]);
-          bs[j] = C(double(bs[j]) - double(tail) * double(sc[j]));
-        }
-        periodic(hd, c, P);
-        periodic(sc, c, P);
-        periodic(bs, c, P);
+        std::vector<C> own(shared.empty() ? std::size_t(3 * P) : 0);
+        C* hd = shared.empty() ? own.data() : shared.data() + i * 3 * P;
+        if (shared.empty()) fill_row(i, hd);
+        const C* sc = hd + P;
+        const C* bs = sc + P;
         constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
         const std::int64_t shift = cl_shift(q, y, i, r0, r1, stream);
         cl_out_runs(q, i, r0, r1, shift, [&](std::int64_t base, std::int64_t nr, std::int64_t len, std::int64_t k0) {
