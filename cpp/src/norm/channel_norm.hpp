@@ -594,30 +594,41 @@ void set_shifts(const Geom& q, const T* x, double* shift) {
   }
 }
 
-// Channels-last units fill per-channel arrays (a period of W) for their plane row before its
-// rows: where those of every plane row take at most this many values per array, they are
+// Channels-last units fill per-channel arrays (a period long) for their plane row before its
+// rows. Where the arrays of every plane row take at most this many values per array, they are
 // filled once, before the units, and shared (batch norm has one plane row, a fused group norm
 // sample one). Filled by each unit, they were about a tenth of group_norm (8, 28, 28, 256).
 constexpr std::int64_t kSharedRowCoefs = std::int64_t(64) << 10;
 
-// The shifts of plane rows [i0, i0 + n) over a period, in double (k) and, for float sums, in
-// float (kf, exact: set_shift()).
-struct PlaneRowShifts {
-  std::int64_t rows = 0;
-  std::vector<double> k;
-  std::vector<float> kf;
-  void fill(const Geom& q, const double* shift, bool with_float, std::int64_t i0, std::int64_t n) {
-    const std::int64_t W = q.W;
-    rows = n;
-    k.resize(std::size_t(n * W));
-    for (std::int64_t i = 0; i < n; ++i) {
-      double* ki = k.data() + i * W;
-      for (std::int64_t j = 0; j < q.c; ++j) ki[j] = shift[std::size_t(q.set_of(i0 + i, j))];
-      periodic(ki, q.c, W);
-    }
-    if (with_float) kf.assign(k.begin(), k.end());
+// `stride` values of U per plane row (arrays of `period` values), as fill(i, dst) writes them
+// for plane row i: shared where small (kSharedRowCoefs), else filled by each unit into its own.
+template <class U, class Fill>
+class PlaneRowArrays {
+ public:
+  PlaneRowArrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill)
+      : stride_(stride), fill_(fill) {
+    if (!q.cl || q.units == 0 || stride == 0 || q.pn * period > kSharedRowCoefs) return;
+    shared_.resize(std::size_t(q.pn * stride));
+    for (std::int64_t i = 0; i < q.pn; ++i) fill(i, shared_.data() + i * stride);
   }
+  // Plane row i's values: the shared ones, or filled into own.
+  const U* row(std::int64_t i, std::vector<U>& own) const {
+    if (!shared_.empty()) return shared_.data() + i * stride_;
+    own.resize(std::size_t(stride_));
+    fill_(i, own.data());
+    return own.data();
+  }
+
+ private:
+  std::int64_t stride_;
+  const Fill& fill_;
+  std::vector<U> shared_;
 };
+
+template <class U, class Fill>
+PlaneRowArrays<U, Fill> plane_row_arrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill) {
+  return PlaneRowArrays<U, Fill>(q, stride, period, fill);
+}
 
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
 template <class T>
@@ -628,9 +639,15 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
   if (recenter) std::copy(recenter, recenter + q.nsets, shift.begin());
   else set_shifts(q, x, shift.data());
   std::vector<double> psum(std::size_t(2 * np));
+  // Channels-last: the shift of each column over a period, in double and, for float sums, in
+  // float (exact: set_shift()).
   const bool use_float = kFloatSums<T> && !recenter;
-  PlaneRowShifts row_shifts;
-  if (q.cl && q.pn * q.W <= kSharedRowCoefs) row_shifts.fill(q, shift.data(), use_float, 0, q.pn);
+  auto fill_shifts = [&](std::int64_t i, auto* k) {
+    for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
+    periodic(k, c, q.W);
+  };
+  const auto shifts = plane_row_arrays<double>(q, q.W, q.W, fill_shifts);
+  const auto float_shifts = plane_row_arrays<float>(q, use_float ? q.W : 0, q.W, fill_shifts);
   plane_sums(
       q, nthreads, psum.data(),
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
@@ -643,12 +660,10 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         std::vector<double> buf(std::size_t(2 * W), 0.0);
         double* sa = buf.data();
         double* qa = sa + W;
-        PlaneRowShifts own;
-        if (!row_shifts.rows) own.fill(q, shift.data(), use_float, i, 1);
-        const PlaneRowShifts& rs = row_shifts.rows ? row_shifts : own;
-        const std::int64_t at = row_shifts.rows ? i : 0;
-        const double* k = rs.k.data() + at * W;
-        const float* kf = use_float ? rs.kf.data() + at * W : nullptr;
+        std::vector<double> own;
+        std::vector<float> own_float;
+        const double* k = shifts.row(i, own);
+        const float* kf = use_float ? float_shifts.row(i, own_float) : nullptr;
         cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
           const T* xb = x + base;
           if (kf && cl_float_sums(xb, nr, len, kf, sa, qa)) return;
@@ -813,11 +828,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
     periodic(sc, c, P);
     periodic(bs, c, P);
   };
-  std::vector<C> shared;  // every plane row's arrays where small (kSharedRowCoefs)
-  if (q.cl && q.units > 0 && q.pn * P <= kSharedRowCoefs) {
-    shared.resize(std::size_t(q.pn * 3 * P));
-    for (std::int64_t i = 0; i < q.pn; ++i) fill_row(i, shared.data() + i * 3 * P);
-  }
+  const auto coefs = plane_row_arrays<C>(q, 3 * P, P, fill_row);
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -829,9 +840,8 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         using V = vnative<C>;
         constexpr int L = kLanes<C>;
-        std::vector<C> own(shared.empty() ? std::size_t(3 * P) : 0);
-        C* hd = shared.empty() ? own.data() : shared.data() + i * 3 * P;
-        if (shared.empty()) fill_row(i, hd);
+        std::vector<C> own;
+        const C* hd = coefs.row(i, own);
         const C* sc = hd + P;
         const C* bs = sc + P;
         constexpr int TV = 2 * kTile * kWide / L > 0 ? 2 * kTile * kWide / L : 1;  // T vectors per tile
@@ -1080,6 +1090,13 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
   std::vector<double> kb(std::size_t(q.nsets), 0.0), kc(std::size_t(q.nsets), 0.0);
   const bool need_sums = training || dweight || dbias || plane_sums_out;
   if (need_sums) {
+    // Channels-last: each column's head, C(mean), over a period, as C and in double.
+    auto fill_heads = [&](std::int64_t i, auto* h) {
+      for (std::int64_t j = 0; j < c; ++j) h[j] = C(mean[std::size_t(q.set_of(i, j))]);
+      periodic(h, c, q.W);
+    };
+    const auto heads = plane_row_arrays<C>(q, q.W, q.W, fill_heads);
+    const auto wide_heads = plane_row_arrays<double>(q, q.W, q.W, fill_heads);
     std::vector<double> psum(std::size_t(2 * np));
     plane_sums(
         q, nthreads, psum.data(),
@@ -1091,18 +1108,13 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
           // Sums of dy * (x - head), head = T(mean) per column (exact differences near the
           // mean), corrected to x - mean after folding.
           const std::int64_t W = q.W;
-          std::vector<double> buf(std::size_t(3 * W), 0.0);
-          std::vector<C> hbuf(static_cast<std::size_t>(W));
-          double* mv = buf.data();
-          double* aa = mv + W;
+          std::vector<double> buf(std::size_t(2 * W), 0.0);
+          double* aa = buf.data();
           double* ba = aa + W;
-          C* hv = hbuf.data();
-          for (std::int64_t j = 0; j < c; ++j) {
-            hv[j] = C(mean[std::size_t(q.set_of(i, j))]);
-            mv[j] = double(hv[j]);
-          }
-          periodic(mv, c, W);
-          periodic(hv, c, W);
+          std::vector<C> own_heads;
+          std::vector<double> own_wide;
+          const C* hv = heads.row(i, own_heads);
+          const double* mv = wide_heads.row(i, own_wide);
           cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
             const T* xb = x + base;
             const T* db = dy + base;
@@ -1228,6 +1240,25 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
   using V = vnative<C>;
   constexpr int L = kLanes<C>;
   constexpr int TV = kTile;  // C vectors per register tile: four coefficients each
+  // Channels-last: the four coefficients of each column (grad_coef) over a period and a vector
+  // more (for shifted rows), one array after the other.
+  const std::int64_t P = q.W + L;
+  auto fill_coefs = [&](std::int64_t i, C* hv) {
+    C* av = hv + P;
+    C* bv = av + P;
+    C* cv = bv + P;
+    for (std::int64_t j = 0; j < c; ++j) {
+      double m, ka, kbv, kcv;
+      coef(i, j, m, ka, kbv, kcv);
+      const GradCoef<C> k = grad_coef<C>(m, ka, kbv, kcv);
+      hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
+    }
+    periodic(hv, c, P);
+    periodic(av, c, P);
+    periodic(bv, c, P);
+    periodic(cv, c, P);
+  };
+  const auto coefs = plane_row_arrays<C>(q, 4 * P, P, fill_coefs);
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -1238,23 +1269,11 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
         if (stream) stream_fence();
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
-        const std::int64_t W = q.W;
-        const std::int64_t P = W + L;  // the period and a vector more, for shifted rows
-        std::vector<C> buf(std::size_t(4 * P));
-        C* hv = buf.data();
-        C* av = hv + P;
-        C* bv = av + P;
-        C* cv = bv + P;
-        for (std::int64_t j = 0; j < c; ++j) {
-          double m, ka, kbv, kcv;
-          coef(i, j, m, ka, kbv, kcv);
-          const GradCoef<C> k = grad_coef<C>(m, ka, kbv, kcv);
-          hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
-        }
-        periodic(hv, c, P);
-        periodic(av, c, P);
-        periodic(bv, c, P);
-        periodic(cv, c, P);
+        std::vector<C> own;
+        const C* hv = coefs.row(i, own);
+        const C* av = hv + P;
+        const C* bv = av + P;
+        const C* cv = bv + P;
         const std::int64_t shift = cl_shift(q, dx, i, r0, r1, stream);
         cl_out_runs(q, i, r0, r1, shift, [&](std::int64_t base, std::int64_t nr, std::int64_t len, std::int64_t k0) {
           const T* xb = x + base;
