@@ -131,6 +131,8 @@ CASES = [
     ("instance", 9, 6, (4, 4)),
     # plane rows whose per-channel arrays are too large to share: each unit fills its own
     ("group", 2, 32776, ()),
+    # shared per-channel arrays of 8K channels or more: filled by the threads
+    ("group", 4, 2048, (2,)),
 ]
 
 

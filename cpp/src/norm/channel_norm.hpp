@@ -600,16 +600,21 @@ void set_shifts(const Geom& q, const T* x, double* shift) {
 // sample one). Filled by each unit, they were about a tenth of group_norm (8, 28, 28, 256).
 constexpr std::int64_t kSharedRowCoefs = std::int64_t(64) << 10;
 
+// Shared arrays of at least this many channels in all are filled by the kernel's threads (a
+// serial fill of many plane rows would idle the others).
+constexpr std::int64_t kParallelFillChannels = std::int64_t(8) << 10;
+
 // `stride` values of U per plane row (arrays of `period` values), as fill(i, dst) writes them
 // for plane row i: shared where small (kSharedRowCoefs), else filled by each unit into its own.
 template <class U, class Fill>
 class PlaneRowArrays {
  public:
-  PlaneRowArrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill)
+  PlaneRowArrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill, int nthreads)
       : stride_(stride), fill_(fill) {
     if (!q.cl || q.units == 0 || stride == 0 || q.pn * period > kSharedRowCoefs) return;
     shared_.resize(std::size_t(q.pn * stride));
-    for (std::int64_t i = 0; i < q.pn; ++i) fill(i, shared_.data() + i * stride);
+    parallel_blocks(q.pn, q.pn * q.c >= kParallelFillChannels ? nthreads : 1,
+                    [&](std::int64_t i) { fill(i, shared_.data() + i * stride); });
   }
   // Plane row i's values: the shared ones, or filled into own.
   const U* row(std::int64_t i, std::vector<U>& own) const {
@@ -626,8 +631,9 @@ class PlaneRowArrays {
 };
 
 template <class U, class Fill>
-PlaneRowArrays<U, Fill> plane_row_arrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill) {
-  return PlaneRowArrays<U, Fill>(q, stride, period, fill);
+PlaneRowArrays<U, Fill> plane_row_arrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill,
+                                         int nthreads) {
+  return PlaneRowArrays<U, Fill>(q, stride, period, fill, nthreads);
 }
 
 // Per-set mean and 1 / sqrt(var + eps) (biased var) of x, in double; var also returned.
@@ -646,8 +652,8 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
     for (std::int64_t j = 0; j < c; ++j) k[j] = shift[std::size_t(q.set_of(i, j))];
     periodic(k, c, q.W);
   };
-  const auto shifts = plane_row_arrays<double>(q, q.W, q.W, fill_shifts);
-  const auto float_shifts = plane_row_arrays<float>(q, use_float ? q.W : 0, q.W, fill_shifts);
+  const auto shifts = plane_row_arrays<double>(q, q.W, q.W, fill_shifts, nthreads);
+  const auto float_shifts = plane_row_arrays<float>(q, use_float ? q.W : 0, q.W, fill_shifts, nthreads);
   plane_sums(
       q, nthreads, psum.data(),
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
@@ -828,7 +834,7 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
     periodic(sc, c, P);
     periodic(bs, c, P);
   };
-  const auto coefs = plane_row_arrays<C>(q, 3 * P, P, fill_row);
+  const auto coefs = plane_row_arrays<C>(q, 3 * P, P, fill_row, nthreads);
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
@@ -1095,8 +1101,8 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
       for (std::int64_t j = 0; j < c; ++j) h[j] = C(mean[std::size_t(q.set_of(i, j))]);
       periodic(h, c, q.W);
     };
-    const auto heads = plane_row_arrays<C>(q, q.W, q.W, fill_heads);
-    const auto wide_heads = plane_row_arrays<double>(q, q.W, q.W, fill_heads);
+    const auto heads = plane_row_arrays<C>(q, q.W, q.W, fill_heads, nthreads);
+    const auto wide_heads = plane_row_arrays<double>(q, q.W, q.W, fill_heads, nthreads);
     std::vector<double> psum(std::size_t(2 * np));
     plane_sums(
         q, nthreads, psum.data(),
@@ -1258,7 +1264,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
     periodic(bv, c, P);
     periodic(cv, c, P);
   };
-  const auto coefs = plane_row_arrays<C>(q, 4 * P, P, fill_coefs);
+  const auto coefs = plane_row_arrays<C>(q, 4 * P, P, fill_coefs, nthreads);
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
