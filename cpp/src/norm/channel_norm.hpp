@@ -612,14 +612,14 @@ class PlaneRowArrays {
   PlaneRowArrays(const Geom& q, std::int64_t stride, std::int64_t period, const Fill& fill, int nthreads)
       : stride_(stride), fill_(fill) {
     if (!q.cl || q.units == 0 || stride == 0 || q.pn * period > kSharedRowCoefs) return;
-    shared_.resize(std::size_t(q.pn * stride));
+    shared_ = std::vector<U>(std::size_t(q.pn * stride));  // not resize(): see check_target_symbols.sh
     parallel_blocks(q.pn, q.pn * q.c >= kParallelFillChannels ? nthreads : 1,
                     [&](std::int64_t i) { fill(i, shared_.data() + i * stride); });
   }
   // Plane row i's values: the shared ones, or filled into own.
   const U* row(std::int64_t i, std::vector<U>& own) const {
     if (!shared_.empty()) return shared_.data() + i * stride_;
-    own.resize(std::size_t(stride_));
+    own = std::vector<U>(std::size_t(stride_));
     fill_(i, own.data());
     return own.data();
   }
