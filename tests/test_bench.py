@@ -83,3 +83,29 @@ def test_bench_quick_ccl_rows(tmp_path, capfd):
             if row[f"{peer}_s"] is not None:
                 assert row[f"speedup_vs_{peer}"] == pytest.approx(row[f"{peer}_s"] / row["normlab_s"])
     assert "label" in capfd.readouterr().out
+
+
+def test_measure_batches_stay_full_after_a_stalled_call(monkeypatch):
+    """A candidate whose call before each batch stalls (50 ms, and the call after it too, as
+    when a thread is descheduled) is timed at about its usual 1 ms: the batch size comes from
+    the fastest call seen, so the stall is averaged over a full batch and the median drops it.
+    A fake clock, advanced by the candidate, makes this exact."""
+    from normlab import bench
+
+    clock = {"now": 0.0, "calls": 0}
+    stalled = set()
+
+    def candidate():
+        clock["calls"] += 1
+        clock["now"] += 0.05 if clock["calls"] in stalled else 0.001
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    # Warm-up and first probe: calls 1-2. Round 1: probe 3, then a batch of 30 (calls 4-33).
+    # Every later round's probe and the call after it stall.
+    call = 33
+    for _ in range(4):
+        stalled.update({call + 1, call + 2})
+        call += 1 + 30
+    t = bench.measure({"x": candidate}, rounds=5, budget_s=0.03)
+    assert clock["calls"] == 2 + 5 * 31
+    assert t["x"] == pytest.approx((0.05 + 29 * 0.001) / 30)

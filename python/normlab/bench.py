@@ -31,12 +31,13 @@ QUICK_SHAPES = [(4096, 64), (2048, 4096), (65536, 128)]
 OVERHEAD_SHAPE = (4, 64)
 
 
-def _time_call(fn, budget_s: float) -> float:
-    """Seconds per call, averaged over a batch that lasts about budget_s."""
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    reps = max(1, min(100000, int(budget_s / max(once, 1e-7))))
+def _reps(per_call_s: float, budget_s: float) -> int:
+    """Calls in a batch that lasts about budget_s."""
+    return max(1, min(100000, int(budget_s / max(per_call_s, 1e-7))))
+
+
+def _time_batch(fn, reps: int) -> float:
+    """Seconds per call, averaged over reps calls."""
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -57,13 +58,22 @@ def roofline_time(t: dict) -> float:
 
 
 def measure(candidates: dict, rounds: int, budget_s: float) -> dict:
-    """Median seconds per call of each candidate, interleaved round by round."""
-    for fn in candidates.values():
+    """Median seconds per call of each candidate, interleaved round by round. Each batch starts
+    with one untimed-for-the-result call (the caches and threads come back from the previous
+    candidate) and lasts about budget_s, its size set by the fastest call seen so far: a stalled
+    call before a batch (a descheduled thread, seen for 6 ms at a time on a 16-core VM) no
+    longer shrinks that batch to one call that may stall again."""
+    fastest = {}
+    for name, fn in candidates.items():
         fn()  # warm up: page in outputs, start thread pools
+        fastest[name] = _time_batch(fn, 1)
     samples = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            samples[name].append(_time_call(fn, budget_s))
+            fastest[name] = min(fastest[name], _time_batch(fn, 1))
+            per_call = _time_batch(fn, _reps(fastest[name], budget_s))
+            fastest[name] = min(fastest[name], per_call)
+            samples[name].append(per_call)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
