@@ -72,6 +72,41 @@ def test_freed_result_pages_serve_the_next_result_and_live_results_never_share()
     assert out.stdout.split() == ["True"] * 4
 
 
+_STALE_SCRIPT = """
+import numpy as np
+from normlab import _core
+mib, f32 = 1 << 20, np.dtype(np.float32)
+def result(size_mib):
+    a = _core.empty_result((size_mib * mib // 4,), f32)
+    a.fill(1.0)
+    return a.ctypes.data
+first = result(64)
+same = all(result(64) == first for _ in range(5))     # a loop: the same pages every call
+hot = _core.kept_result_pages()
+result(72)
+one_later = _core.kept_result_pages()
+result(80)
+two_later = _core.kept_result_pages()
+again = result(64) == first                             # still kept, and taken back
+print(same, hot, one_later, two_later, again, _core.kept_result_pages(), sep="|")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kept result pages are Linux only")
+def test_kept_result_pages_are_advised_free_only_once_stale():
+    """A result size a loop takes back every call stays kept as it is (advising it MADV_FREE
+    cost each call TLB shootdowns); one left unused while two others come back is advised."""
+    out = subprocess.run([sys.executable, "-c", _STALE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mib = 1 << 20
+    same, hot, one_later, two_later, again, last = out.stdout.strip().split("|")
+    assert same == "True" and again == "True"
+    assert eval(hot) == [(64 * mib, False)]
+    assert eval(one_later) == [(64 * mib, False), (72 * mib, False)]
+    assert eval(two_later) == [(64 * mib, True), (72 * mib, False), (80 * mib, False)]
+    assert eval(last) == [(64 * mib, False), (72 * mib, True), (80 * mib, False)]
+
+
 def test_python_threads_allocating_large_results_get_correct_separate_arrays(big, num_threads):
     x, w, b, expected = big
     normlab.set_num_threads(2)

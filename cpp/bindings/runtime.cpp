@@ -136,6 +136,13 @@ void bind_runtime(py::module_& m) {
       py::arg("out"), py::arg("inputs"));
 
   m.def("empty_result", &empty_result, py::arg("shape"), py::arg("dtype"));
+  m.def("kept_result_pages", [] {
+    MappingCache::Kept kept[4];
+    const int n = output_mappings().kept(kept);
+    py::list out;
+    for (int k = 0; k < n; ++k) out.append(py::make_tuple(kept[k].bytes, kept[k].advised));
+    return out;
+  });
   m.def(
       "same_view",
       [](py::handle a, py::handle b) {

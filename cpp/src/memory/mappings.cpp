@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <new>
+#include <utility>
 
 #if defined(__linux__)
 #include <pthread.h>
@@ -26,6 +27,15 @@ void* MappingCache::take(std::size_t& bytes) {
 
 void MappingCache::put(void* p, std::size_t bytes) {
   std::lock_guard<std::mutex> hold(lock_);
+  ++puts_;
+#if defined(MADV_FREE)
+  for (int k = 0; k < kSlots; ++k) {
+    if (lazy_free_ && ptr_[k] && !advised_[k] && puts_ - kept_at_[k] >= kStalePuts) {
+      madvise(ptr_[k], size_[k], MADV_FREE);
+      advised_[k] = true;
+    }
+  }
+#endif
   int slot = -1;
   for (int k = 0; k < kSlots; ++k)
     if (slot < 0 || !ptr_[k] || (ptr_[slot] && size_[k] < size_[slot])) slot = k;
@@ -33,12 +43,22 @@ void MappingCache::put(void* p, std::size_t bytes) {
     munmap(p, bytes);
     return;
   }
-#if defined(MADV_FREE)
-  if (lazy_free_) madvise(p, bytes, MADV_FREE);
-#endif
   if (ptr_[slot]) munmap(ptr_[slot], size_[slot]);
   ptr_[slot] = p;
   size_[slot] = bytes;
+  kept_at_[slot] = puts_;
+  advised_[slot] = false;
+}
+
+int MappingCache::kept(Kept (&out)[4]) {
+  static_assert(kSlots == 4, "kept() lists every slot");
+  std::lock_guard<std::mutex> hold(lock_);
+  int n = 0;
+  for (int k = 0; k < kSlots; ++k)
+    if (ptr_[k]) out[n++] = Kept{size_[k], advised_[k]};
+  for (int a = 1; a < n; ++a)
+    for (int b = a; b > 0 && out[b].bytes < out[b - 1].bytes; --b) std::swap(out[b], out[b - 1]);
+  return n;
 }
 
 namespace {
@@ -91,6 +111,7 @@ void* map_pages(std::size_t bytes, bool noreserve) {
 
 void* MappingCache::take(std::size_t&) { return nullptr; }
 void MappingCache::put(void*, std::size_t) {}
+int MappingCache::kept(Kept (&)[4]) { return 0; }
 MappingCache& run_mappings() {
   static MappingCache* cache = new MappingCache;
   return *cache;
