@@ -561,16 +561,17 @@ def test_float32_backward_sums_that_overflow(cpu_target, rng, norm, cols):
         _assert_dx32_close(dx, dx_ref, rstd, g, -1)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+@pytest.mark.parametrize("dtype, cols", [(np.float32, 2053), (np.float32, 16411), (np.float16, 4099),
+                                         ("bfloat16", 4099)])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, norm, fused):
-    """Rows of 8 KiB or more share their column-sum stage in groups of 4, dx written for the
-    group side by side: each row's dx is bitwise the dx of that row on its own (one row goes
-    alone), with weight, with ds (the fused backward) and with a tail shorter than a vector."""
+def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, cols, norm, fused):
+    """Rows of 8 KiB or more share their column-sum stage in groups (of 4; pairs for half rows
+    and float rows over 16384), dx written for the group side by side: each row's dx is bitwise
+    the dx of that row on its own (one row goes alone), with weight, with ds (the fused
+    backward) and with a tail shorter than a vector."""
     if dtype == "bfloat16":
         dtype = pytest.importorskip("ml_dtypes").bfloat16
-    cols = 4099 if np.dtype(dtype).itemsize == 2 else 2053
     x = make_x(rng, (22, cols), np.float32, offset=0.5).astype(dtype)
     dy = make_x(rng, x.shape, np.float32).astype(dtype)
     ds = make_x(rng, x.shape, np.float32).astype(dtype) if fused else None
