@@ -8,6 +8,7 @@ supports (baseline, avx2, avx512, avx512bf16 on x86-64). Tolerances are in norma
 from __future__ import annotations
 
 import tracemalloc
+from functools import partial
 
 import numpy as np
 import pytest
@@ -599,6 +600,30 @@ def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, cols, 
         xhat -= expand(mean.astype(np.float64) * rstd, 2)
     scale = np.abs(dy.astype(np.float64) * xhat).sum(axis=0)
     assert np.all(np.abs(together[1] - want[1]) <= 1e-6 * scale)
+
+
+@pytest.mark.parametrize("offset", [1, 5, 8, 15])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_backward_grouped_rows_into_out_off_its_lines(cpu_target, rng, norm, offset):
+    """Grouped float rows whose dx starts off a cache line (out= a view offset by some floats,
+    the same for every row) are written from the first aligned element: dx is bitwise the dx
+    written into a fresh array, the elements before and after out untouched."""
+    x = make_x(rng, (9, 4096 + 16), np.float32, offset=0.5)
+    dy = make_x(rng, x.shape, np.float32)
+    weight = make_affine(rng, (x.shape[1],), np.float32)[0]
+    if norm == "layer":
+        _, mean, rstd = normlab.layer_norm(x, weight, return_stats=True)
+        call = partial(normlab.layer_norm_backward, dy, x, mean, rstd, weight)
+    else:
+        _, rstd = normlab.rms_norm(x, weight, return_stats=True)
+        call = partial(normlab.rms_norm_backward, dy, x, rstd, weight)
+    fresh = call()[0]
+    buffer = np.full(x.size + 32, -7.0, np.float32)
+    line = (-(buffer.ctypes.data // 4)) % 16
+    out = buffer[line + offset: line + offset + x.size].reshape(x.shape)
+    assert call(out=out)[0] is out
+    assert np.array_equal(out.view(np.uint32), fresh.view(np.uint32))
+    assert np.all(buffer[: line + offset] == -7.0) and np.all(buffer[line + offset + x.size:] == -7.0)
 
 
 # --------------------------------------------------------------------------------------------
