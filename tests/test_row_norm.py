@@ -373,8 +373,10 @@ BACKWARD_CASES = [
     ((4, 6, 17), -1),
     ((9,), -1),
     # rows of 1-4 whole vectors stay in registers between the passes (with weight, so do the
-    # column sums over each stage of 8 rows)
+    # column sums over each stage of 16 rows, in blocks of 8: 9-10 rows per column-sum block
+    # here, 17-18 in the second)
     ((600, 64), -1),
+    ((1130, 64), -1),
     ((530, 48), -1),
     ((520, 32), -1),
     ((515, 24), -1),
