@@ -604,6 +604,32 @@ def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, cols, 
     assert np.all(np.abs(together[1] - want[1]) <= 1e-6 * scale)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+@pytest.mark.parametrize("cols", [8192, 8200])
+@pytest.mark.parametrize("affine", ["weight and bias", "weight", "bias"])
+@pytest.mark.parametrize("out_offset", [0, 3])
+def test_layer_norm_long_rows_in_pairs_equal_rows_alone(cpu_target, rng, dtype, cols, affine, out_offset):
+    """Rows whose weight row holds 32 KiB or more are normalized in pairs (one read of weight
+    and bias for both; rows that start at different distances from a line, as rows of 8200
+    floats do, and the last of an odd count go alone): each row's y, mean and rstd are bitwise
+    those of the row on its own, into an out= off its lines too."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    x = make_x(rng, (5, cols), np.float32, offset=0.5).astype(dtype)
+    weight, bias = make_affine(rng, (cols,), np.float32)
+    w = weight if "weight" in affine else None
+    b = bias if "bias" in affine else None
+    buffer = np.zeros(x.size + out_offset + 7, dtype)
+    out = buffer[out_offset : out_offset + x.size].reshape(x.shape)
+    y, mean, rstd = normlab.layer_norm(x, w, b, out=out, return_stats=True)
+    assert y is out
+    for i in range(x.shape[0]):
+        alone, mean_i, rstd_i = normlab.layer_norm(x[i : i + 1], w, b, return_stats=True)
+        assert np.array_equal(y[i].view(np.uint8), alone[0].view(np.uint8)), f"row {i}"
+        assert mean[i] == mean_i[0] and rstd[i] == rstd_i[0], f"row {i}"
+    assert not buffer[:out_offset].any() and not buffer[out_offset + x.size :].any()
+
+
 @pytest.mark.parametrize("offset", [1, 5, 8, 15])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_backward_grouped_rows_into_out_off_its_lines(cpu_target, rng, norm, offset):

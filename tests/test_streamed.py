@@ -27,7 +27,8 @@ CASES = textwrap.dedent(
 
     def results():
         rng = np.random.default_rng(11)
-        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096)]  # (8, 4096): grouped rows
+        # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192)]
         dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)

@@ -505,9 +505,12 @@ void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 // each. Float rows go one at a time where the tensor is larger than kBlockedFloatBytes (memory
 // bound: blocked, the rows of 32 MiB of (65536, 128) ran 15-35% slower, reads and writes coming
 // in bursts) or streamed past the cache (8-14% slower). NV > 0: narrow rows (with_narrow_rows).
-template <bool Centered, int NV, class T, class ApplyFn>
+// With apply_pair, rows one at a time go in pairs instead: apply_pair(i, mean0, rstd0, mean1,
+// rstd1) for rows i and i + 1 (the last row of an odd range alone).
+template <bool Centered, int NV, class T, class ApplyFn, class ApplyPairFn = std::nullptr_t>
 void normalize_rows(const T* x, const T* residual, T* sum, std::int64_t r0, std::int64_t r1, std::int64_t n,
-                    std::int64_t data_bytes, double eps, const ApplyFn& apply) {
+                    std::int64_t data_bytes, double eps, const ApplyFn& apply,
+                    const ApplyPairFn& apply_pair = nullptr) {
   auto block_moments = [&](std::int64_t i, std::int64_t nb, double(&mean)[kRowBlock], double(&var)[kRowBlock]) {
 #if NL_VEC_BYTES
     if constexpr (NV > 0) {
@@ -535,7 +538,15 @@ void normalize_rows(const T* x, const T* residual, T* sum, std::int64_t r0, std:
     }
     return;
   }
-  for (std::int64_t i = r0; i < r1; ++i) {
+  std::int64_t i = r0;
+  if constexpr (!std::is_same<ApplyPairFn, std::nullptr_t>::value) {
+    for (; i + 1 < r1; i += 2) {
+      const Moments m0 = row_moments_of<Centered>(x, residual, sum, i, n);
+      const Moments m1 = row_moments_of<Centered>(x, residual, sum, i + 1, n);
+      apply_pair(i, m0.mean, 1.0 / __builtin_sqrt(m0.var + eps), m1.mean, 1.0 / __builtin_sqrt(m1.var + eps));
+    }
+  }
+  for (; i < r1; ++i) {
     const Moments m = row_moments_of<Centered>(x, residual, sum, i, n);
     apply(i, m.mean, 1.0 / __builtin_sqrt(m.var + eps));
   }

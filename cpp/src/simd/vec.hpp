@@ -638,6 +638,49 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
   }
 }
 
+// map_row over two rows of n at once, f(j, count, out0, out1) giving both rows' vectors at j:
+// the rows share whatever f loads for column j. Both rows must start at the same distance from
+// a line (stream_head(y0, n) == stream_head(y1, n)); each element is stored as map_row would.
+template <class T, class F>
+inline void map_row_pair(T* y0, T* y1, std::int64_t n, bool stream, const F& f) {
+  using V = vnative<compute_t<T>>;
+  constexpr int L = kLanes<compute_t<T>>;
+  auto cached = [&](std::int64_t j, int count) {
+    prefetch_for_write(y0 + j);
+    prefetch_for_write(y1 + j);
+    V a, b;
+    f(j, count, a, b);
+    if (count == L) {
+      store(y0 + j, a);
+      store(y1 + j, b);
+    } else {
+      store_partial(y0 + j, a, count);
+      store_partial(y1 + j, b, count);
+    }
+  };
+  const std::int64_t head = stream_head(y0, n);
+  if (head < 0) {
+    for (std::int64_t j = 0; j < n; j += L) cached(j, n - j < L ? int(n - j) : L);
+  } else if (stream) {
+    walk_lines<T>(
+        head, n,
+        [&](std::int64_t j, int count) {
+          V a, b;
+          f(j, count, a, b);
+          store_partial_unmasked(y0 + j, a, count);
+          store_partial_unmasked(y1 + j, b, count);
+        },
+        [&](std::int64_t j) {
+          V a, b;
+          f(j, L, a, b);
+          store_stream(y0 + j, a);
+          store_stream(y1 + j, b);
+        });
+  } else {
+    walk_lines<T>(head, n, cached, [&](std::int64_t j) { cached(j, L); });
+  }
+}
+
 }  // namespace
 }  // namespace NL_TARGET
 }  // namespace normlab
