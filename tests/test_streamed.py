@@ -27,8 +27,10 @@ CASES = textwrap.dedent(
 
     def results():
         rng = np.random.default_rng(11)
-        # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs
-        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192)]
+        # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs; rows of
+        # 8192 and 8200 floats: pipelined (the next row summed while one is normalized), the
+        # fused sum recomputed; 8200: rows at alternating distances from a line, an odd last row
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192), (5, 8200)]
         dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)
@@ -37,6 +39,11 @@ CASES = textwrap.dedent(
                 axis = -1 if len(shape) == 2 else (-2, -1)
                 cols = int(np.prod(shape[1:]))
                 x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+                # Rows summed again: a first element far from the mean (the sums' shift), and
+                # in float32/64 squares past float range.
+                x.reshape(shape[0], -1)[0, 0] = 40
+                if dtype in (np.float32, np.float64):
+                    x[1] *= 1e17
                 r = rng.standard_normal(shape).astype(dtype)
                 w = rng.random(shape[1:]).astype(np.float32 if dtype != np.float64 else dtype)
                 b = rng.random(shape[1:]).astype(w.dtype)
@@ -51,6 +58,20 @@ CASES = textwrap.dedent(
                 yield key + "-add-ln", np.concatenate([y.ravel(), total.ravel()])
                 y, total = normlab.add_rms_norm(x, r, w, axis=axis, out=out, sum_out=s)
                 yield key + "-add-rms", np.concatenate([y.ravel(), total.ravel()])
+                # The sum a whole number of lines from the output (written beside it where it
+                # streams), and the sum written over the residual.
+                line = 64 // np.dtype(dtype).itemsize
+                span = -(-size // line) * line
+                buf = np.empty(2 * span + 1, dtype)
+                out2, s2 = buf[1 : 1 + size].reshape(shape), buf[1 + span : 1 + span + size].reshape(shape)
+                for name, add in (("ln", lambda **k: normlab.add_layer_norm(x, rr, w, b, axis=axis, **k)),
+                                  ("rms", lambda **k: normlab.add_rms_norm(x, rr, w, axis=axis, **k))):
+                    rr = r
+                    y, total = add(out=out2, sum_out=s2)
+                    yield f"{key}-add-{name}-lines-apart", np.concatenate([y.ravel(), total.ravel()])
+                    rr = r.copy()
+                    y, total = add(out=out, sum_out=rr)
+                    yield f"{key}-add-{name}-over-residual", np.concatenate([y.ravel(), total.ravel()])
                 _, mean, rstd = normlab.layer_norm(x, w, b, axis=axis, return_stats=True)
                 dy = rng.standard_normal(shape).astype(dtype)
                 dx, dw, db = normlab.layer_norm_backward(dy, x, mean, rstd, w, axis=axis, out=out)

@@ -7,62 +7,65 @@ namespace normlab {
 namespace NL_TARGET {
 namespace {
 
-// y = (x - mean) * rstd * w + b over one row, in C = compute_t<T>. mean is split into a C-sized
-// head and tail so that x - mean keeps its digits in float even when |mean| >> std. NV > 0: a
-// narrow row (with_narrow_rows). Streamed, the next row's inputs next0 and next1 (or null) are
-// prefetched meanwhile.
-template <class T, bool HasW, bool HasB, int NV, class C = compute_t<T>>
-void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, double mean,
-                    double rstd, bool stream, const T* next0, const T* next1) {
+// y = (x - mean) * rstd * w + b for the vector v of a row's elements [j, j + count), in
+// C = compute_t<T>. mean is split into a C-sized head and tail so that x - mean keeps its digits
+// in float even when |mean| >> std.
+template <bool HasW, bool HasB, class C>
+struct LayerNormMap {
   using V = vnative<C>;
-  const C head = C(mean), tail = C(mean - double(head));
-  const V vhead = splat<V>(head), vtail = splat<V>(tail), vr = splat<V>(C(rstd));
-  map_row<NV>(y, n, stream, [&](std::int64_t j, int count) {
-    if (stream) {
-      prefetch_next_row(next0 + j);
-      if (next1) prefetch_next_row(next1 + j);
-    }
-    const V d = (load_n(x + j, count) - vhead) - vtail;
-    V scale = vr;
+  V head, tail, rstd;
+  LayerNormMap(double mean, double r) {
+    const C h = C(mean);
+    head = splat<V>(h);
+    tail = splat<V>(C(mean - double(h)));
+    rstd = splat<V>(C(r));
+  }
+  __attribute__((always_inline)) V operator()(V v, const C* w, const C* b, std::int64_t j, int count) const {
+    const V d = (v - head) - tail;
+    V scale = rstd;
     if constexpr (HasW) scale *= load_n(w + j, count);
     if constexpr (HasB) return fmadd(d, scale, load_n(b + j, count));
     return V(d * scale);
+  }
+};
+
+// layer_norm over one row. NV > 0: a narrow row (with_narrow_rows). tick(j) at each vector j
+// (next_row_tick).
+template <class T, bool HasW, bool HasB, int NV, class Tick, class C = compute_t<T>>
+void layer_norm_row(const T* x, const C* w, const C* b, T* y, std::int64_t n, double mean, double rstd, bool stream,
+                    const Tick& tick) {
+  const LayerNormMap<HasW, HasB, C> norm(mean, rstd);
+  map_row<NV>(y, n, stream, [&](std::int64_t j, int count) {
+    tick(j);
+    return norm(load_n(x + j, count), w, b, j, count);
+  });
+}
+
+// layer_norm_row of s = x + r, computed here and written to s beside y (recompute_sum: the
+// rows start at the same distance from a line): bitwise the results of writing s first.
+template <class T, bool HasW, bool HasB, class Tick, class C = compute_t<T>>
+void add_layer_norm_row(const T* x, const T* r, const C* w, const C* b, T* s, T* y, std::int64_t n, double mean,
+                        double rstd, bool stream, const Tick& tick) {
+  using V = vnative<C>;
+  const LayerNormMap<HasW, HasB, C> norm(mean, rstd);
+  map_row_pair(s, y, n, stream, [&](std::int64_t j, int count, V& sum, V& out) {
+    tick(j);
+    sum = load_n(x + j, count) + load_n(r + j, count);
+    out = norm(sum, w, b, j, count);
   });
 }
 
 // layer_norm_row for rows x0 and x1 (outputs y0 and y1, starting at the same distance from a
-// line), one pass over w and b for both: bitwise the results of layer_norm_row. Streamed, the
-// rows after them, next0 and next1, are prefetched meanwhile.
-template <class T, bool HasW, bool HasB, class C = compute_t<T>>
+// line), one pass over w and b for both: bitwise the results of layer_norm_row.
+template <class T, bool HasW, bool HasB, class Tick, class C = compute_t<T>>
 void layer_norm_row_pair(const T* x0, const T* x1, const C* w, const C* b, T* y0, T* y1, std::int64_t n,
-                         double mean0, double rstd0, double mean1, double rstd1, bool stream, const T* next0,
-                         const T* next1) {
+                         double mean0, double rstd0, double mean1, double rstd1, bool stream, const Tick& tick) {
   using V = vnative<C>;
-  const C head0 = C(mean0), tail0 = C(mean0 - double(head0));
-  const C head1 = C(mean1), tail1 = C(mean1 - double(head1));
-  const V vhead0 = splat<V>(head0), vtail0 = splat<V>(tail0), vr0 = splat<V>(C(rstd0));
-  const V vhead1 = splat<V>(head1), vtail1 = splat<V>(tail1), vr1 = splat<V>(C(rstd1));
+  const LayerNormMap<HasW, HasB, C> norm0(mean0, rstd0), norm1(mean1, rstd1);
   map_row_pair(y0, y1, n, stream, [&](std::int64_t j, int count, V& out0, V& out1) {
-    if (stream) {
-      prefetch_next_row(next0 + j);
-      prefetch_next_row(next1 + j);
-    }
-    const V d0 = (load_n(x0 + j, count) - vhead0) - vtail0;
-    const V d1 = (load_n(x1 + j, count) - vhead1) - vtail1;
-    V scale0 = vr0, scale1 = vr1;
-    if constexpr (HasW) {
-      const V wv = load_n(w + j, count);
-      scale0 *= wv;
-      scale1 *= wv;
-    }
-    if constexpr (HasB) {
-      const V bv = load_n(b + j, count);
-      out0 = fmadd(d0, scale0, bv);
-      out1 = fmadd(d1, scale1, bv);
-    } else {
-      out0 = d0 * scale0;
-      out1 = d1 * scale1;
-    }
+    tick(j);
+    out0 = norm0(load_n(x0 + j, count), w, b, j, count);
+    out1 = norm1(load_n(x1 + j, count), w, b, j, count);
   });
 }
 
@@ -74,46 +77,60 @@ void layer_norm_row_pair(const T* x0, const T* x1, const C* w, const C* b, T* y0
 constexpr std::int64_t kPairedRowParamBytes = std::int64_t(32) << 10;
 
 // Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual
-// written to a.sum first (the row is then normalized from cache).
+// written to a.sum first (the row is then normalized from cache) or, where recompute_sum(),
+// computed again and written beside y.
 template <class T, bool HasW, bool HasB, int NV>
 void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                      bool stream) {
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
   const std::int64_t data_bytes = a.rows * n * std::int64_t(sizeof(T));
-  auto apply = [&](std::int64_t i, double mean, double rstd) {
+  auto stats = [&](std::int64_t i, double mean, double rstd) {
     if (a.mean) a.mean[i] = compute_t<T>(mean);
     if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
-    layer_norm_row<T, HasW, HasB, NV>(rows + i * n, a.weight, a.bias, a.y + i * n, n, mean, rstd, stream,
-                                      a.x + next_row(i, a.rows) * n,
-                                      residual ? residual + next_row(i, a.rows) * n : nullptr);
+  };
+  const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
+  auto apply = [&](std::int64_t i, double mean, double rstd, auto* next) {
+    stats(i, mean, rstd);
+    const std::int64_t after = next_row(i, a.rows) * n;
+    const auto tick = next_row_tick(next, stream, n, a.x + after, residual ? residual + after : nullptr);
+    if constexpr (NV == 0) {
+      if (pass.recompute_sum) {
+        add_layer_norm_row<T, HasW, HasB>(a.x + i * n, residual + i * n, a.weight, a.bias, sum + i * n,
+                                          a.y + i * n, n, mean, rstd, stream, tick);
+        return;
+      }
+    }
+    layer_norm_row<T, HasW, HasB, NV>(rows + i * n, a.weight, a.bias, a.y + i * n, n, mean, rstd, stream, tick);
   };
   if constexpr (NV == 0 && (HasW || HasB)) {
     if (!residual && n * std::int64_t(sizeof(compute_t<T>)) >= kPairedRowParamBytes &&
         !rows_in_blocks<T>(n, data_bytes)) {
-      normalize_rows<true, NV>(a.x, residual, sum, r0, r1, n, data_bytes, a.eps, apply,
-                               [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1) {
-                                 T* const y0 = a.y + i * n;
-                                 T* const y1 = y0 + n;
-                                 if (stream_head(y0, n) != stream_head(y1, n)) {
-                                   apply(i, mean0, rstd0);
-                                   apply(i + 1, mean1, rstd1);
-                                   return;
-                                 }
-                                 for (int k = 0; k < 2; ++k) {
-                                   if (a.mean) a.mean[i + k] = compute_t<T>(k ? mean1 : mean0);
-                                   if (a.rstd) a.rstd[i + k] = compute_t<T>(k ? rstd1 : rstd0);
-                                 }
-                                 layer_norm_row_pair<T, HasW, HasB>(a.x + i * n, a.x + (i + 1) * n, a.weight, a.bias,
-                                                                    y0, y1, n, mean0, rstd0, mean1, rstd1, stream,
-                                                                    a.x + next_row(i + 1, a.rows) * n,
-                                                                    a.x + next_row(i + 2, a.rows) * n);
-                               });
+      auto pair = [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1, auto* next0,
+                      auto* next1) {
+        T* const y0 = a.y + i * n;
+        T* const y1 = y0 + n;
+        if (stream_head(y0, n) != stream_head(y1, n)) {
+          apply(i, mean0, rstd0, next0);
+          apply(i + 1, mean1, rstd1, next1);
+          return;
+        }
+        stats(i, mean0, rstd0);
+        stats(i + 1, mean1, rstd1);
+        const auto tick0 = next_row_tick(next0, stream, n, a.x + next_row(i + 1, a.rows) * n, static_cast<T*>(nullptr));
+        const auto tick1 = next_row_tick(next1, stream, n, a.x + next_row(i + 2, a.rows) * n, static_cast<T*>(nullptr));
+        layer_norm_row_pair<T, HasW, HasB>(a.x + i * n, a.x + (i + 1) * n, a.weight, a.bias, y0, y1, n, mean0,
+                                           rstd0, mean1, rstd1, stream, [&](std::int64_t j) {
+                                             tick0(j);
+                                             tick1(j);
+                                           });
+      };
+      normalize_rows<true, NV>(a.x, residual, sum, pass, r0, r1, n, data_bytes, a.eps, apply, pair);
       if (stream) stream_fence();
       return;
     }
   }
-  normalize_rows<true, NV>(a.x, residual, sum, r0, r1, n, data_bytes, a.eps, apply);
+  normalize_rows<true, NV>(a.x, residual, sum, pass, r0, r1, n, data_bytes, a.eps, apply);
   if (stream) stream_fence();
 }
 

@@ -8,7 +8,8 @@ namespace NL_TARGET {
 namespace {
 
 // Rows [r0, r1) of y = rms_norm(x), or with a residual of y = rms_norm(s), s = x + residual
-// written to sum first (the row is then normalized from cache).
+// written to sum first (the row is then normalized from cache), or where recompute_sum()
+// computed again here and written beside y.
 template <class T, bool HasW, int NV>
 void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::int64_t r0, std::int64_t r1,
                    bool stream) {
@@ -16,22 +17,33 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   using V = vnative<C>;
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
-  normalize_rows<false, NV>(a.x, residual, sum, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
-                            [&](std::int64_t i, double, double rstd) {
-                              if (a.rstd) a.rstd[i] = C(rstd);
-                              const T* x = rows + i * n;
-                              const V vr = splat<V>(C(rstd));
-                              map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) {
-                                if (stream) {
-                                  const std::int64_t next = next_row(i, a.rows) * n;
-                                  prefetch_next_row(a.x + next + j);
-                                  if (residual) prefetch_next_row(residual + next + j);
-                                }
-                                V scale = vr;
-                                if constexpr (HasW) scale *= load_n(a.weight + j, count);
-                                return V(load_n(x + j, count) * scale);
-                              });
-                            });
+  const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
+  normalize_rows<false, NV>(
+      a.x, residual, sum, pass, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
+      [&](std::int64_t i, double, double rstd, auto* next) {
+        if (a.rstd) a.rstd[i] = C(rstd);
+        const V vr = splat<V>(C(rstd));
+        const std::int64_t after = next_row(i, a.rows) * n;
+        const auto tick = next_row_tick(next, stream, n, a.x + after, residual ? residual + after : nullptr);
+        auto scaled = [&](V v, std::int64_t j, int count) {
+          tick(j);
+          V scale = vr;
+          if constexpr (HasW) scale *= load_n(a.weight + j, count);
+          return V(v * scale);
+        };
+        if constexpr (NV == 0) {
+          if (pass.recompute_sum) {
+            const T *x = a.x + i * n, *r = residual + i * n;
+            map_row_pair(sum + i * n, a.y + i * n, n, stream, [&](std::int64_t j, int count, V& s, V& out) {
+              s = load_n(x + j, count) + load_n(r + j, count);
+              out = scaled(s, j, count);
+            });
+            return;
+          }
+        }
+        const T* x = rows + i * n;
+        map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) { return scaled(load_n(x + j, count), j, count); });
+      });
   if (stream) stream_fence();
 }
 

@@ -110,6 +110,16 @@ double row_mean_square_wide(const T* x, std::int64_t n) {
   return (q + lane_sum(q0 + q1)) * (1.0 / double(n));
 }
 
+// s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
+template <class T>
+void add_row(const T* x, const T* r, T* s, std::int64_t n) {
+  using V = vnative<compute_t<T>>;
+  constexpr int L = kLanes<compute_t<T>>;
+  std::int64_t j = 0;
+  for (; j + L <= n; j += L) store(s + j, V(load<V>(x + j) + load<V>(r + j)));
+  for (; j < n; ++j) s[j] = narrow<T>(to_c(x[j]) + to_c(r[j]));
+}
+
 #if NL_VEC_BYTES
 // float data on SIMD targets: elementwise math in float (twice the lanes of double), sums kept
 // in float for at most kFlushEvery vectors per lane, or kRowFlushEvery for a row's moments or
@@ -126,9 +136,12 @@ inline vwide widen_sum(vnative<float> v) { return widen_low(v) + widen_high(v); 
 
 // Reads a row of float or half data S as floats: x, or with Add s = x + r (rounded to S),
 // written to sum as it is read (the fused add + norm). The row must be read in order, each
-// element once. Prefetch: read `ahead` elements ahead (for rows coming from memory).
-template <class S, bool Add, bool Prefetch = true>
+// element once. Prefetch: read `ahead` elements ahead (for rows coming from memory). Keep false
+// (float rows whose s is recomputed where the row is normalized): s is not written as it is
+// read, only by values().
+template <class S, bool Add, bool Prefetch = true, bool Keep = true>
 struct RowReader {
+  static_assert(Keep || (Add && !kHalf<S>), "only float sums are recomputed");
   const S* x;
   const S* r;
   S* sum;
@@ -140,9 +153,10 @@ struct RowReader {
     if constexpr (Add) {
       if constexpr (Prefetch) {
         __builtin_prefetch(r + j + ahead);
-        prefetch_for_write(sum + j);
+        if constexpr (Keep) prefetch_for_write(sum + j);
       }
       v += load<vnative<float>>(r + j);
+      if constexpr (!Keep) return v;
       store(sum + j, v);
       if constexpr (kHalf<S>) v = load<vnative<float>>(sum + j);  // the rounded sum
     }
@@ -152,35 +166,40 @@ struct RowReader {
   float peek(std::int64_t j) const { return Add ? to_c(narrow<S>(to_c(x[j]) + to_c(r[j]))) : to_c(x[j]); }
   float scalar(std::int64_t j) const {
     if constexpr (!Add) return to_c(x[j]);
+    if constexpr (!Keep) return to_c(x[j]) + to_c(r[j]);
     sum[j] = narrow<S>(to_c(x[j]) + to_c(r[j]));
     return to_c(sum[j]);
   }
-  // The whole row, once read.
-  const S* values() const { return Add ? sum : x; }
+  // The whole row of n, once read.
+  const S* values(std::int64_t n) const {
+    if constexpr (!Keep) add_row(x, r, sum, n);
+    return Add ? sum : x;
+  }
 };
 
 // The moments of a row of n values from its sums shifted by `shift`, in double (of float sums
 // on SIMD targets): rows whose mean square may have lost digits as float squares, or whose
 // shift lies far from the mean, are summed again.
-template <class S>
-__attribute__((always_inline)) inline Moments finish_row_moments(const S* values, std::int64_t n, double shift,
+// values() gives the row, read only for those.
+template <class Values>
+__attribute__((always_inline)) inline Moments finish_row_moments(const Values& values, std::int64_t n, double shift,
                                                                  double sum_s, double sum_q) {
   const double mean_square = sum_q / double(n);
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values, n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values(), n);
   const Moments m = moments_from_shifted(shift, sum_s, sum_q, n);
   const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(values, n, m.mean) : m;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(values(), n, m.mean) : m;
 }
 
 // The mean square of a row of n values from its sum of squares, likewise.
-template <class S>
-__attribute__((always_inline)) inline double finish_mean_square(const S* values, std::int64_t n, double sum_q) {
+template <class Values>
+__attribute__((always_inline)) inline double finish_mean_square(const Values& values, std::int64_t n, double sum_q) {
   const double mean_square = sum_q * (1.0 / double(n));
-  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_mean_square_wide(values, n);
+  if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_mean_square_wide(values(), n);
   return mean_square;
 }
 
-// Elements read ahead in a row's first pass (row_vectors_f32). On AMD Zen 4, 2048 against 512
+// Elements read ahead in a row's first pass (FloatRowSums, half_row_vectors). On AMD Zen 4, 2048 against 512
 // took 0.85-0.97x the time for float rows of 4096 and 65536 (8 KiB ahead), 1.0-1.2x for float
 // rows of 768-2048; 0.88-1.04x for half rows (4 KiB) of 768-65536; 1.0-1.13x for the fused add
 // (two rows read).
@@ -190,104 +209,177 @@ inline std::int64_t read_ahead(std::int64_t n) {
   return kPrefetchFloats;
 }
 
-// Runs each(v, chain) on the whole float vectors of a row as RowReader gives them, and flush()
-// after every Chunk of them and after the last: returns where the scalar tail starts. Half rows
-// go in unrolled chunks, the sums in two chains (even and odd vectors; rms_norm of in-cache
-// float16 rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x); float rows
-// one vector at a time in one chain (chunked, rows from memory took 1.04-1.07x as long).
+// Runs each(v, chain) on the whole float vectors of a half row as RowReader gives them, and
+// flush() after every Chunk of them and after the last: returns where the scalar tail starts.
+// They go in unrolled chunks, the sums in two chains (even and odd vectors; rms_norm of
+// in-cache float16 rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x). Float
+// rows go one vector at a time in one chain (FloatRowSums; chunked, rows from memory took
+// 1.04-1.07x as long).
 template <int Chunk, bool Add, class S, class Each, class Flush>
-__attribute__((always_inline)) inline std::int64_t row_vectors_f32(const S* x, const S* r, S* sum, std::int64_t n,
-                                                                   const Each& each, const Flush& flush) {
+__attribute__((always_inline)) inline std::int64_t half_row_vectors(const S* x, const S* r, S* sum, std::int64_t n,
+                                                                    const Each& each, const Flush& flush) {
+  static_assert(kHalf<S>, "float rows go through FloatRowSums");
   constexpr int L = kLanes<float>;
   const std::int64_t ahead = read_ahead<S, Add>(n);
   std::int64_t j = 0;
-  if constexpr (kHalf<S>) {
-    const RowReader<S, Add, false> row{x, r, sum};
-    constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
-    for (; j + Chunk * L <= n; j += Chunk * L) {
+  const RowReader<S, Add, false> row{x, r, sum};
+  constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
+  for (; j + Chunk * L <= n; j += Chunk * L) {
 #pragma GCC unroll 8
-      for (int t = 0; t < Chunk; ++t) {
-        const std::int64_t e = j + std::int64_t(t) * L;
-        if ((std::int64_t(t) * L) % kLineElements == 0) {
-          __builtin_prefetch(x + e + ahead);
-          if constexpr (Add) {
-            __builtin_prefetch(r + e + ahead);
-            prefetch_for_write(sum + e);
-          }
+    for (int t = 0; t < Chunk; ++t) {
+      const std::int64_t e = j + std::int64_t(t) * L;
+      if ((std::int64_t(t) * L) % kLineElements == 0) {
+        __builtin_prefetch(x + e + ahead);
+        if constexpr (Add) {
+          __builtin_prefetch(r + e + ahead);
+          prefetch_for_write(sum + e);
         }
-        each(row.vector(e), t & 1);
       }
-      flush();
+      each(row.vector(e), t & 1);
     }
-    if (j + L > n) return j;
-    for (; j + L <= n; j += L) each(row.vector(j), 0);
-  } else {
-    const RowReader<S, Add> row{x, r, sum, ahead};
-    int run = 0;
-    for (; j + L <= n; j += L) {
-      each(row.vector(j), 0);
-      if (++run == Chunk) {
-        flush();
-        run = 0;
-      }
-    }
-    if (run == 0) return j;
+    flush();
   }
+  if (j + L > n) return j;
+  for (; j + L <= n; j += L) each(row.vector(j), 0);
   flush();
   return j;
 }
 
+// A vector v of a row into its float sums: Centered, s += v - k and q += (v - k)^2, else
+// q += v^2.
+template <bool Centered, class V>
+__attribute__((always_inline)) inline void add_float_sums(V v, V k, V& s, V& q) {
+  if constexpr (Centered) {
+    const V d = v - k;
+    s += d;
+    q = fmadd(d, d, q);
+  } else {
+    q = fmadd(v, v, q);
+  }
+}
+
+// The sums of a float32 row as RowReader gives it (Centered: shifted sums and squares, else
+// squares), a vector at a time: step() adds the row's next whole vector (none once all are in),
+// finish() the rest and gives the row's moments (Centered: mean and variance, else mean 0 and
+// the mean square as var). Stepped alone (row_moments_f32) or while the previous row is
+// normalized (normalize_rows' pipelined rows), the arithmetic is the same.
+template <bool Centered, bool Add, bool Keep = true>
+struct FloatRowSums {
+  using V = vnative<float>;
+  static constexpr int L = kLanes<float>;
+  static constexpr int kChunk = Centered ? kRowFlushEvery : kFlushEvery;
+  RowReader<float, Add, true, Keep> row;
+  std::int64_t n, j = 0;
+  int run = 0;
+  float shift;  // not row_shift(): see there
+  V k, s{}, q{};
+  vwide ds{}, dq{};
+
+  FloatRowSums(const float* x, const float* r, float* sum, std::int64_t n_)
+      : row{x, r, sum, read_ahead<float, Add>(n_)}, n(n_), shift(Centered ? row.peek(0) : 0.0f),
+        k(splat<V>(shift)) {}
+  // Vector v into the sums s, q (flushed into ds, dq after kChunk of them).
+  __attribute__((always_inline)) static void add(V v, V k, V& s, V& q, vwide& ds, vwide& dq, int& run) {
+    add_float_sums<Centered>(v, k, s, q);
+    if (++run == kChunk) flush(s, q, ds, dq, run);
+  }
+  __attribute__((always_inline)) static void flush(V& s, V& q, vwide& ds, vwide& dq, int& run) {
+    if constexpr (Centered) ds += widen_sum(s);
+    dq += widen_sum(q);
+    s = q = V{};
+    run = 0;
+  }
+  __attribute__((always_inline)) void step() {
+    if (j + L > n) return;
+    add(row.vector(j), k, s, q, ds, dq, run);
+    j += L;
+  }
+  Moments finish() {
+    {  // the state in locals: stores into sum may alias this object
+      const RowReader<float, Add, true, Keep> row_ = row;
+      const V k_ = k;
+      const std::int64_t n_ = n;
+      V s_ = s, q_ = q;
+      vwide ds_ = ds, dq_ = dq;
+      int run_ = run;
+      std::int64_t j_ = j;
+      for (; j_ + L <= n_; j_ += L) add(row_.vector(j_), k_, s_, q_, ds_, dq_, run_);
+      if (run_) flush(s_, q_, ds_, dq_, run_);
+      ds = ds_;
+      dq = dq_;
+      j = j_;
+    }
+    double ts = 0, tq = 0;
+    for (std::int64_t j = this->j; j < n; ++j) {
+      const double d = double(row.scalar(j)) - double(shift);
+      ts += d;
+      tq = fmadd(d, d, tq);
+    }
+    auto values = [&] { return row.values(n); };
+    if constexpr (Centered) return finish_row_moments(values, n, double(shift), lane_sum(ds) + ts, lane_sum(dq) + tq);
+    return Moments{0.0, finish_mean_square(values, n, lane_sum(dq) + tq)};
+  }
+};
+
 // Mean and variance of a float row, as RowReader gives it.
 template <class S, bool Add>
 Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
-  using V = vnative<float>;
-  const RowReader<S, Add> row{x, r, sum};
-  const float shift_f = row.peek(0);  // not row_shift(): see there
-  const V k = splat<V>(shift_f);
-  V s[2] = {}, q[2] = {};
-  vwide ds{}, dq{};
-  std::int64_t j = row_vectors_f32<kRowFlushEvery, Add>(
-      x, r, sum, n,
-      [&](V v, int c) {
-        const V d = v - k;
-        s[c] += d;
-        q[c] = fmadd(d, d, q[c]);
-      },
-      [&] {
-        ds += widen_sum(s[0] + s[1]);
-        dq += widen_sum(q[0] + q[1]);
-        s[0] = s[1] = q[0] = q[1] = V{};
-      });
-  const double shift = double(shift_f);
-  double ts = 0, tq = 0;
-  for (; j < n; ++j) {
-    const float v = row.scalar(j);
-    const double d = double(v) - shift;
-    ts += d;
-    tq = fmadd(d, d, tq);
+  if constexpr (!kHalf<S>) {
+    FloatRowSums<true, Add> sums(x, r, sum, n);
+    return sums.finish();
+  } else {
+    using V = vnative<float>;
+    const RowReader<S, Add> row{x, r, sum};
+    const float shift_f = row.peek(0);  // not row_shift(): see there
+    const V k = splat<V>(shift_f);
+    V s[2] = {}, q[2] = {};
+    vwide ds{}, dq{};
+    std::int64_t j = half_row_vectors<kRowFlushEvery, Add>(
+        x, r, sum, n,
+        [&](V v, int c) {
+          const V d = v - k;
+          s[c] += d;
+          q[c] = fmadd(d, d, q[c]);
+        },
+        [&] {
+          ds += widen_sum(s[0] + s[1]);
+          dq += widen_sum(q[0] + q[1]);
+          s[0] = s[1] = q[0] = q[1] = V{};
+        });
+    const double shift = double(shift_f);
+    double ts = 0, tq = 0;
+    for (; j < n; ++j) {
+      const double d = double(row.scalar(j)) - shift;
+      ts += d;
+      tq = fmadd(d, d, tq);
+    }
+    return finish_row_moments([&] { return row.values(n); }, n, shift, lane_sum(ds) + ts, lane_sum(dq) + tq);
   }
-  return finish_row_moments(row.values(), n, shift, lane_sum(ds) + ts, lane_sum(dq) + tq);
 }
 
 template <class S, bool Add>
 double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
-  using V = vnative<float>;
-  const RowReader<S, Add> row{x, r, sum};
-  V q[2] = {};
-  vwide dq{};
-  // Half rows: kRowFlushEvery (0.94x the time of kFlushEvery for in-cache float16 rows).
-  std::int64_t j = row_vectors_f32<kHalf<S> ? kRowFlushEvery : kFlushEvery, Add>(
-      x, r, sum, n, [&](V v, int c) { q[c] = fmadd(v, v, q[c]); },
-      [&] {
-        dq += widen_sum(q[0] + q[1]);
-        q[0] = q[1] = V{};
-      });
-  double tq = 0;
-  for (; j < n; ++j) {
-    const float v = row.scalar(j);
-    tq = fmadd(double(v), double(v), tq);
+  if constexpr (!kHalf<S>) {
+    FloatRowSums<false, Add> sums(x, r, sum, n);
+    return sums.finish().var;
+  } else {
+    using V = vnative<float>;
+    const RowReader<S, Add> row{x, r, sum};
+    V q[2] = {};
+    vwide dq{};
+    std::int64_t j = half_row_vectors<kRowFlushEvery, Add>(
+        x, r, sum, n, [&](V v, int c) { q[c] = fmadd(v, v, q[c]); },
+        [&] {
+          dq += widen_sum(q[0] + q[1]);
+          q[0] = q[1] = V{};
+        });
+    double tq = 0;
+    for (; j < n; ++j) {
+      const float v = row.scalar(j);
+      tq = fmadd(double(v), double(v), tq);
+    }
+    return finish_mean_square([&] { return row.values(n); }, n, lane_sum(dq) + tq);
   }
-  return finish_mean_square(row.values(), n, lane_sum(dq) + tq);
 }
 
 // The moments (Centered: mean and variance, else mean 0 and the mean square as var) of rows
@@ -316,16 +408,7 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
     shifts[b] = row_shift(n, [&](std::int64_t j) { return row.peek(j); });
     const V k = splat<V>(shifts[b]);
     V s{}, q{};
-    for (int t = 0; t < NV; ++t) {
-      const V v = row.vector(std::int64_t(t) * L);
-      if constexpr (Centered) {
-        const V d = v - k;
-        s += d;
-        q = fmadd(d, d, q);
-      } else {
-        q = fmadd(v, v, q);
-      }
-    }
+    for (int t = 0; t < NV; ++t) add_float_sums<Centered>(row.vector(std::int64_t(t) * L), k, s, q);
     ds[b] = dq[b] = vwide{};
     if constexpr (Centered) ds[b] += widen_sum(s);
     dq[b] += widen_sum(q);
@@ -370,27 +453,17 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
     if (again[b / kWide][b % kWide]) {
       const S* values = (Add ? sum : x) + b * n;
       if constexpr (Centered) {
-        const Moments m = finish_row_moments(values, n, double(shifts[b]), sum_s[b / kWide][b % kWide] + 0.0,
+        const Moments m = finish_row_moments([&] { return values; }, n, double(shifts[b]), sum_s[b / kWide][b % kWide] + 0.0,
                                              sum_q[b / kWide][b % kWide] + 0.0);
         mean[b] = m.mean;
         var[b] = m.var;
       } else {
-        var[b] = finish_mean_square(values, n, sum_q[b / kWide][b % kWide] + 0.0);
+        var[b] = finish_mean_square([&] { return values; }, n, sum_q[b / kWide][b % kWide] + 0.0);
       }
     }
   }
 }
 #endif
-
-// s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
-template <class T>
-void add_row(const T* x, const T* r, T* s, std::int64_t n) {
-  using V = vnative<compute_t<T>>;
-  constexpr int L = kLanes<compute_t<T>>;
-  std::int64_t j = 0;
-  for (; j + L <= n; j += L) store(s + j, V(load<V>(x + j) + load<V>(r + j)));
-  for (; j < n; ++j) s[j] = narrow<T>(to_c(x[j]) + to_c(r[j]));
-}
 
 // Mean and biased variance of a row: float sums where the target has them, else double.
 // With a residual r, the row is s = x + r, written to sum first (fused into the same pass for
@@ -462,6 +535,20 @@ inline bool stream_forward_rows(std::int64_t row_bytes, std::int64_t data_bytes)
   return data_bytes >= stream_min_bytes();
 }
 
+// Whether the fused add + norm computes s = x + residual again where it normalizes each row
+// (RowPass::recompute_sum) instead of writing s as the statistics read the row and reading it
+// back: float32 rows streamed past the caches, whose s and y rows start at the same distance
+// from a line (map_row_pair), and s a new array. x and the residual are read again from L2, and
+// s streams out beside y: memory sees two reads and two writes, not also the s lines read for
+// ownership. An s that is x or the residual itself is written as they are read (its lines are
+// already in the cache; streamed, they took 1.4-1.6x the time).
+template <class T>
+bool recompute_sum(const T* x, const T* residual, const T* sum, const T* y, bool stream) {
+  const std::uintptr_t apart = reinterpret_cast<std::uintptr_t>(sum) - reinterpret_cast<std::uintptr_t>(y);
+  return std::is_same<T, float>::value && residual && stream && sum != x && sum != residual &&
+         apart % kLineBytes == 0;
+}
+
 // Whether rows of n in a tensor of data_bytes go in blocks of kRowBlock (normalize_rows).
 template <class T>
 bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
@@ -495,22 +582,76 @@ void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
   f(std::integral_constant<int, 0>());
 }
 
+// How normalize_rows takes float32 rows one at a time. pipeline: the sums of row i + 1 are
+// stepped (FloatRowSums) while row i is normalized, a vector of row i + 1 per vector of row i,
+// so that reading the next row from memory overlaps writing this one; alone, the sums of a row
+// streamed from memory run with memory idle, its reads done and no writes yet. recompute_sum
+// (the fused add and norm, pipelined rows only): s is not written as the sums read x +
+// residual (where a row is summed again it is, and then again, to the same values), and apply
+// writes it.
+struct RowPass {
+  bool pipeline = false;
+  bool recompute_sum = false;
+};
+
+// Streamed float32 rows of this many bytes or more are pipelined, and their fused sums
+// recomputed where recompute_sum() allows. Against rows one at a time (2 threads, Intel Xeon
+// VM, in alternating processes): add_layer_norm (256, 65536) took 0.79x the time, (512, 32768)
+// 0.87x, (2048, 8192) 0.84x; add_rms_norm 0.76x; add_layer_norm into the residual 0.82-0.97x;
+// rms_norm 0.94x; layer_norm 0.93-0.95x. Rows of 4096 gained nothing pipelined (0.97-1.02x),
+// and with their fused sums recomputed took 1.11-1.12x.
+constexpr std::int64_t kPipelinedRowBytes = std::int64_t(32) << 10;
+template <class T>
+RowPass row_pass(const T* x, const T* residual, const T* sum, const T* y, std::int64_t n, bool stream) {
+  const bool pipeline = stream && n * std::int64_t(sizeof(T)) >= kPipelinedRowBytes;
+  return RowPass{pipeline, pipeline && recompute_sum(x, residual, sum, y, stream)};
+}
+
+// The `next` of rows whose successor's sums are not stepped.
+struct NoRowSums {
+  void step() {}
+};
+
+// What normalizing a row of n does at its vector j for the row after it: steps `next`, its sums
+// (normalize_rows' pipeline), or where there is none and rows stream, prefetches the same place
+// of the next row's inputs p0 and p1 (p1 may be null). Rows too short to stream are left to the
+// hardware prefetcher: prefetched, float32 layer_norm (65536, 128) took 1.06-1.09x the time.
+template <class Next, class T>
+__attribute__((always_inline)) inline auto next_row_tick(Next* next, bool stream, std::int64_t n, const T* p0,
+                                                         const T* p1) {
+  stream = stream && streamable_row<T>(n);
+  // Inlined: GCC takes a call whose body only prefetches for one without effect, and drops it.
+  return [=](std::int64_t j) __attribute__((always_inline)) {
+    if constexpr (!std::is_same<Next, NoRowSums>::value) {
+      if (next) return next->step();
+    }
+    if (stream) {
+      prefetch_next_row(p0 + j);
+      if (p1) prefetch_next_row(p1 + j);
+    }
+  };
+}
+
 // Rows [r0, r1) of a tensor of data_bytes, x or with a residual s = x + residual (written to
 // sum as it is read): their moments (Centered: mean and variance, else mean 0 and the mean
-// square as var), then apply(i, mean, rstd) with rstd = 1 / sqrt(var + eps). Short rows, whose
-// statistics (a reduction, a square root and a division per row) cost more than moving them, go
-// in blocks of kRowBlock (at most 16 KiB of half data, 8 KiB of float, still in L1 when
-// applied): the reductions of a block overlap in the pipeline instead of each waiting behind the
-// previous row's normalization, and its square roots and divisions take one vector instruction
-// each. Float rows go one at a time where the tensor is larger than kBlockedFloatBytes (memory
-// bound: blocked, the rows of 32 MiB of (65536, 128) ran 15-35% slower, reads and writes coming
-// in bursts) or streamed past the cache (8-14% slower). NV > 0: narrow rows (with_narrow_rows).
-// With apply_pair, rows one at a time go in pairs instead: apply_pair(i, mean0, rstd0, mean1,
-// rstd1) for rows i and i + 1 (the last row of an odd range alone).
+// square as var), then apply(i, mean, rstd, next) with rstd = 1 / sqrt(var + eps): next, where
+// not null, the sums of the next row, to step() once per vector while row i is normalized
+// (pass.pipeline). Short rows, whose statistics (a reduction, a square root and a division per
+// row) cost more than moving them, go in blocks of kRowBlock (at most 16 KiB of half data,
+// 8 KiB of float, still in L1 when applied): the reductions of a block overlap in the pipeline
+// instead of each waiting behind the previous row's normalization, and its square roots and
+// divisions take one vector instruction each. Float rows go one at a time where the tensor is
+// larger than kBlockedFloatBytes (memory bound: blocked, the rows of 32 MiB of (65536, 128) ran
+// 15-35% slower, reads and writes coming in bursts) or streamed past the cache (8-14% slower).
+// NV > 0: narrow rows (with_narrow_rows). With apply_pair, rows one at a time go in pairs
+// instead: apply_pair(i, mean0, rstd0, mean1, rstd1, next0, next1) for rows i and i + 1 (the
+// last row of an odd range alone), next0 and next1 those of rows i + 2 and i + 3.
 template <bool Centered, int NV, class T, class ApplyFn, class ApplyPairFn = std::nullptr_t>
-void normalize_rows(const T* x, const T* residual, T* sum, std::int64_t r0, std::int64_t r1, std::int64_t n,
-                    std::int64_t data_bytes, double eps, const ApplyFn& apply,
+void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::int64_t r0, std::int64_t r1,
+                    std::int64_t n, std::int64_t data_bytes, double eps, const ApplyFn& apply,
                     const ApplyPairFn& apply_pair = nullptr) {
+  constexpr bool kPaired = !std::is_same<ApplyPairFn, std::nullptr_t>::value;
+  NoRowSums* const none = nullptr;
   auto block_moments = [&](std::int64_t i, std::int64_t nb, double(&mean)[kRowBlock], double(&var)[kRowBlock]) {
 #if NL_VEC_BYTES
     if constexpr (NV > 0) {
@@ -534,21 +675,70 @@ void normalize_rows(const T* x, const T* residual, T* sum, std::int64_t r0, std:
       const std::int64_t nb = r1 - i < kRowBlock ? r1 - i : kRowBlock;
       block_moments(i, nb, mean, rstd);
       for (std::int64_t b = 0; b < kRowBlock; ++b) rstd[b] = 1.0 / __builtin_sqrt(rstd[b] + eps);
-      for (std::int64_t b = 0; b < nb; ++b) apply(i + b, mean[b], rstd[b]);
+      for (std::int64_t b = 0; b < nb; ++b) apply(i + b, mean[b], rstd[b], none);
     }
     return;
   }
+  auto rstd_of = [&](const Moments& m) { return 1.0 / __builtin_sqrt(m.var + eps); };
+#if NL_VEC_BYTES
+  if constexpr (std::is_same<T, float>::value) {
+    auto pipelined = [&](auto add, auto keep) {
+      constexpr bool kAdd = decltype(add)::value, kKeep = decltype(keep)::value;
+      using Sums = FloatRowSums<Centered, kAdd, kKeep>;
+      auto sums_of = [&](std::int64_t k) {
+        return kAdd ? Sums(x + k * n, residual + k * n, sum + k * n, n) : Sums(x + k * n, nullptr, nullptr, n);
+      };
+      std::int64_t i = r0;
+      Moments m0{}, m1{};
+      if (i < r1) m0 = sums_of(i).finish();
+      if constexpr (kPaired) {
+        if (i + 1 < r1) m1 = sums_of(i + 1).finish();
+        for (; i + 1 < r1; i += 2) {
+          if (i + 3 < r1) {
+            Sums next0 = sums_of(i + 2), next1 = sums_of(i + 3);
+            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, &next1);
+            m0 = next0.finish();
+            m1 = next1.finish();
+          } else if (i + 2 < r1) {
+            Sums next0 = sums_of(i + 2);
+            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, static_cast<Sums*>(nullptr));
+            m0 = next0.finish();
+          } else {
+            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), static_cast<Sums*>(nullptr),
+                       static_cast<Sums*>(nullptr));
+          }
+        }
+      }
+      for (; i < r1; ++i) {
+        if (i + 1 < r1) {
+          Sums next = sums_of(i + 1);
+          apply(i, m0.mean, rstd_of(m0), &next);
+          m0 = next.finish();
+        } else {
+          apply(i, m0.mean, rstd_of(m0), static_cast<Sums*>(nullptr));
+        }
+      }
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (pass.pipeline) {
+      if (!residual) return pipelined(No(), Yes());
+      if (!pass.recompute_sum) return pipelined(Yes(), Yes());
+      if constexpr (!kPaired) return pipelined(Yes(), No());
+    }
+  }
+#endif
   std::int64_t i = r0;
-  if constexpr (!std::is_same<ApplyPairFn, std::nullptr_t>::value) {
+  if constexpr (kPaired) {
     for (; i + 1 < r1; i += 2) {
       const Moments m0 = row_moments_of<Centered>(x, residual, sum, i, n);
       const Moments m1 = row_moments_of<Centered>(x, residual, sum, i + 1, n);
-      apply_pair(i, m0.mean, 1.0 / __builtin_sqrt(m0.var + eps), m1.mean, 1.0 / __builtin_sqrt(m1.var + eps));
+      apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), none, none);
     }
   }
   for (; i < r1; ++i) {
     const Moments m = row_moments_of<Centered>(x, residual, sum, i, n);
-    apply(i, m.mean, 1.0 / __builtin_sqrt(m.var + eps));
+    apply(i, m.mean, rstd_of(m), none);
   }
 }
 

@@ -573,15 +573,22 @@ inline std::int64_t next_row(std::int64_t i, std::int64_t rows) { return i + 1 <
 // 2.4-2.9x the cached time streamed; AMD Zen 4).
 constexpr std::size_t kLineBytes = 64;
 
+// Whether a row of n elements of T is long enough to stream (16 vectors or more): shorter rows
+// are stored cached.
+template <class T>
+inline bool streamable_row(std::int64_t n) {
+  return n >= 16 * kLanes<compute_t<T>>;
+}
+
 // Elements of y before its first line-aligned one, where a row of n is long enough to stream
-// (16 vectors or more); -1 where it is not. It may exceed one vector where vectors are narrower
+// (streamable_row); -1 where it is not. It may exceed one vector where vectors are narrower
 // than a line.
 template <class T>
 inline std::int64_t stream_head(const T* y, std::int64_t n) {
   constexpr int L = kLanes<compute_t<T>>;
   static_assert(L * sizeof(T) <= kLineBytes, "vectors fit a line");
   const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(y);
-  if (L == 1 || addr % sizeof(T) != 0 || n < 16 * L) return -1;
+  if (L == 1 || addr % sizeof(T) != 0 || !streamable_row<T>(n)) return -1;
   const std::int64_t head = std::int64_t((kLineBytes - addr % kLineBytes) % kLineBytes / sizeof(T));
   return head < n ? head : n;
 }
@@ -613,7 +620,7 @@ __attribute__((always_inline)) inline void walk_lines(std::int64_t head, std::in
 // partial vector there. NV > 0: a row of NV whole vectors (n == NV * lanes, not streamed), stored
 // as they come.
 template <int NV = 0, class T, class F>
-inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
+__attribute__((always_inline)) inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
   constexpr int L = kLanes<compute_t<T>>;
   if constexpr (NV > 0) {
     for (int t = 0; t < NV; ++t) store(y + t * L, f(std::int64_t(t) * L, L));
@@ -642,7 +649,7 @@ inline void map_row(T* y, std::int64_t n, bool stream, const F& f) {
 // the rows share whatever f loads for column j. Both rows must start at the same distance from
 // a line (stream_head(y0, n) == stream_head(y1, n)); each element is stored as map_row would.
 template <class T, class F>
-inline void map_row_pair(T* y0, T* y1, std::int64_t n, bool stream, const F& f) {
+__attribute__((always_inline)) inline void map_row_pair(T* y0, T* y1, std::int64_t n, bool stream, const F& f) {
   using V = vnative<compute_t<T>>;
   constexpr int L = kLanes<compute_t<T>>;
   auto cached = [&](std::int64_t j, int count) {
