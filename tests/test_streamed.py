@@ -29,8 +29,10 @@ CASES = textwrap.dedent(
         rng = np.random.default_rng(11)
         # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs; rows of
         # 8192 and 8200 floats: pipelined (the next row summed while one is normalized), the
-        # fused sum recomputed; 8200: rows at alternating distances from a line, an odd last row
-        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192), (5, 8200)]
+        # fused sum recomputed; 8200: rows at alternating distances from a line, an odd last row;
+        # (5, 16408): backward rows pipelined (the next pair's or row's sums stepped while dx is
+        # written), the last row alone
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192), (5, 8200), (5, 16408)]
         dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)

@@ -878,6 +878,12 @@ struct RowBackward {
       if constexpr (Centered) sg += gv;
       sgx = fmadd(gv, xh, sgx);
     }
+    finish_sums(j, lane_sum(sg), lane_sum(sgx), c0, c1);
+  }
+
+  // c0 and c1 from the sums sg, sgx of g and g * xhat over elements [0, j), and the rest of
+  // the row added here in double.
+  void finish_sums(std::int64_t j, double sg, double sgx, double& c0, double& c1) const {
     double tg = 0, tgx = 0;
     for (; j < n; ++j) {
       const double xh = (double(to_c(x[j])) - mean) * rstd;
@@ -887,8 +893,8 @@ struct RowBackward {
       tgx = fmadd(gv, xh, tgx);
     }
     const double inv_n = 1.0 / double(n);
-    c0 = Centered ? (lane_sum(sg) + tg) * inv_n : 0.0;
-    c1 = (lane_sum(sgx) + tgx) * inv_n;
+    c0 = Centered ? (sg + tg) * inv_n : 0.0;
+    c1 = (sgx + tgx) * inv_n;
   }
 
   // The row in double.
@@ -936,60 +942,76 @@ struct RowBackward {
 
 #if NL_VEC_BYTES
   // c0 = mean(g) (0 for rms) and c1 = mean(g * xhat) of a row of float data, in float lanes
-  // (sums flushed to double as in row_moments_f32); summed again in double where the float
-  // sums overflow.
-  __attribute__((always_inline)) void sums_f32(double& c0, double& c1) const {
+  // (sums flushed to double as in row_moments_f32), a vector at a time: step() adds the row's
+  // next whole vector (none once all are in), finish() the rest; summed again in double where
+  // the float sums overflow. Stepped alone (sums_f32) or while the previous rows' dx is written
+  // (pipelined rows), the arithmetic is the same.
+  struct SumsF32 {
     using V = vnative<float>;
-    constexpr int L = kLanes<float>;
-    const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
-    V sg{}, sgx{};
+    static constexpr int L = kLanes<float>;
+    const T* x;
+    const T* dy;
+    const C* w;
+    std::int64_t n, j = 0;
+    V vm, vr, sg{}, sgx{};
     vwide dsg{}, dsgx{};
-    std::int64_t j = 0;
     int run = 0;
-    for (; j + L <= n; j += L) {
-      __builtin_prefetch(x + j + kPrefetchFloats);
-      __builtin_prefetch(dy + j + kPrefetchFloats);
-      V xh = load<V>(x + j);
+
+    SumsF32() = default;
+    explicit SumsF32(const RowBackward& r)
+        : x(r.x), dy(r.dy), w(r.w), n(r.n), vm(splat<V>(float(r.mean))), vr(splat<V>(float(r.rstd))) {}
+    __attribute__((always_inline)) void add(std::int64_t k) {
+      __builtin_prefetch(x + k + kPrefetchFloats);
+      __builtin_prefetch(dy + k + kPrefetchFloats);
+      V xh = load<V>(x + k);
       if constexpr (Centered) xh -= vm;
       xh *= vr;
-      V gv = load<V>(dy + j);
-      if constexpr (HasW) gv *= load<V>(w + j);
+      V gv = load<V>(dy + k);
+      if constexpr (HasW) gv *= load<V>(w + k);
       if constexpr (Centered) sg += gv;
       sgx = fmadd(gv, xh, sgx);
-      if (++run == kFlushEvery) {
-        if constexpr (Centered) dsg += widen_sum(sg);
-        dsgx += widen_sum(sgx);
-        sg = sgx = V{};
-        run = 0;
-      }
+      if (++run == kFlushEvery) flush();
     }
-    if (run != 0) {
+    __attribute__((always_inline)) void flush() {
       if constexpr (Centered) dsg += widen_sum(sg);
       dsgx += widen_sum(sgx);
+      sg = sgx = V{};
+      run = 0;
     }
-    double tg = 0, tgx = 0;
-    for (std::int64_t k = j; k < n; ++k) {
-      const double xh = (double(to_c(x[k])) - mean) * rstd;
-      double gv = double(to_c(dy[k]));
-      if constexpr (HasW) gv *= double(w[k]);
-      tg += gv;
-      tgx = fmadd(gv, xh, tgx);
+    __attribute__((always_inline)) void step() {
+      if (j + L > n) return;
+      add(j);
+      j += L;
     }
-    const double inv_n = 1.0 / double(n);
-    c0 = Centered ? (lane_sum(dsg) + tg) * inv_n : 0.0;
-    c1 = (lane_sum(dsgx) + tgx) * inv_n;
-    if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);  // overflow, or Inf/NaN
+    __attribute__((always_inline)) void finish(const RowBackward& r, double& c0, double& c1) {
+      for (; j + L <= n; j += L) add(j);
+      if (run != 0) flush();
+      r.finish_sums(j, lane_sum(dsg), lane_sum(dsgx), c0, c1);
+      if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) r.sums(c0, c1);  // overflow, or Inf/NaN
+    }
+  };
+
+  __attribute__((always_inline)) void sums_f32(double& c0, double& c1) const {
+    SumsF32 sums(*this);
+    sums.finish(*this, c0, c1);
   }
 
   // The row of float data in float lanes. Stream: dx written past the caches where the row is
   // long enough (stream_head).
   template <bool Stream>
   __attribute__((always_inline)) void run_f32(float* stage) const {
+    double c0, c1;
+    sums_f32(c0, c1);
+    dx_pass<Stream>(stage, c0, c1, [](std::int64_t) __attribute__((always_inline)) {});
+  }
+
+  // run_f32's second pass, given the row's c0 and c1: dx, and the row's part of the stage.
+  // tick(j) at each vector j (the next row's sums, for pipelined rows).
+  template <bool Stream, class Tick>
+  __attribute__((always_inline)) void dx_pass(float* stage, double c0, double c1, const Tick& tick) const {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
-    double c0, c1;
-    sums_f32(c0, c1);
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
     // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
@@ -1000,13 +1022,19 @@ struct RowBackward {
       if (head >= 0) {
         walk_lines<T>(
             head, n,
-            [&](std::int64_t i, int count)
-                __attribute__((always_inline)) { dx_vector<kBesideStream>(i, count, stage, vm, vr, vc0, vk1); },
-            [&](std::int64_t i) __attribute__((always_inline)) { dx_vector<kStreamed>(i, L, stage, vm, vr, vc0, vk1); });
+            [&](std::int64_t i, int count) __attribute__((always_inline)) {
+              tick(i);
+              dx_vector<kBesideStream>(i, count, stage, vm, vr, vc0, vk1);
+            },
+            [&](std::int64_t i) __attribute__((always_inline)) {
+              tick(i);
+              dx_vector<kStreamed>(i, L, stage, vm, vr, vc0, vk1);
+            });
         return;
       }
     }
     for (std::int64_t j = 0; j < n; j += L) {
+      tick(j);
       prefetch_for_write(dx + j);
       dx_vector<kCached>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
     }
@@ -1118,16 +1146,31 @@ constexpr std::int64_t kGroupPrefetchBytes = std::int64_t(512) << 10;
 // Float rows go in pairs where a group of four would read more x and dy than this.
 constexpr std::int64_t kGroupPairBytes = std::int64_t(512) << 10;
 
-// RowBackward::run_f32 with weight of R rows (first and the R - 1 after it, still in cache
-// from their sums) side by side in the dx pass: per column vector the weight and the stage are
-// read once and the stage written once for all R rows, whose contributions are added in
+// The row of group row b (first's row + b) of the backward of R rows from `first`.
+template <bool Centered, class T>
+__attribute__((always_inline)) inline RowBackward<Centered, true, T> group_row(const RowBackward<Centered, true, T>& first,
+                                                                              const float* mean, const float* rstd,
+                                                                              int b) {
+  RowBackward<Centered, true, T> r = first;
+  r.x += b * first.n;
+  r.dy += b * first.n;
+  r.mean = Centered ? double(mean[b]) : 0.0;
+  r.rstd = double(rstd[b]);
+  return r;
+}
+
+// RowBackward::run_f32's dx pass with weight for R rows (first and the R - 1 after it, still in
+// cache from their sums c0[b], c1[b]) side by side: per column vector the weight and the stage
+// are read once and the stage written once for all R rows, whose contributions are added in
 // registers in row order: the same arithmetic as run_f32 row after row, so the same results.
 // Row by row, the stage's loads and stores per element were as many as the rows' own. Stream:
 // as run_f32, where every row's dx has the same alignment; groups whose rows differ are
-// written cached. HasDs: first.ds is set.
-template <int R, bool Stream, bool HasDs, bool Centered, class T>
-__attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Centered, true, T>& first,
-                                                            const float* mean, const float* rstd, float* stage) {
+// written cached. HasDs: first.ds is set. tick(j) at each column vector j (the next group's
+// sums or prefetches).
+template <int R, bool Stream, bool HasDs, bool Centered, class T, class Tick>
+__attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Centered, true, T>& first,
+                                                          const float* mean, const float* rstd, const double* c0,
+                                                          const double* c1, float* stage, const Tick& tick) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
   const std::int64_t n = first.n;
@@ -1139,22 +1182,11 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
   V vm[R], vr[R], vc0[R], vk1[R];
 #pragma GCC unroll 8
   for (int b = 0; b < R; ++b) {
-    RowBackward<Centered, true, T> r = first;
-    r.x += b * n;
-    r.dy += b * n;
-    r.mean = Centered ? double(mean[b]) : 0.0;
-    r.rstd = double(rstd[b]);
-    double c0, c1;
-    r.sums_f32(c0, c1);
-    vm[b] = splat<V>(float(r.mean));
+    vm[b] = splat<V>(Centered ? mean[b] : 0.0f);
     vr[b] = splat<V>(rstd[b]);
-    vc0[b] = splat<V>(float(c0));
-    vk1[b] = splat<V>(float(c1 * r.rstd));
+    vc0[b] = splat<V>(float(c0[b]));
+    vk1[b] = splat<V>(float(c1[b] * double(rstd[b])));
   }
-  // Half rows and streamed rows (from memory): the next group's rows are read while this one's
-  // are written (float16 layer_norm_backward (2048, 4096) 0.75x the time of no prefetch, float32
-  // streamed 0.92-0.96x on Intel; cached float rows 1.06-1.16x).
-  const bool prefetch_next = (kHalf<T> || Stream) && 2 * R * n * std::int64_t(sizeof(T)) * 2 <= kGroupPrefetchBytes;
   using yes = std::true_type;
   using no = std::false_type;
   struct beside {};
@@ -1171,15 +1203,10 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
     const V wv = get(w + j);
     V s0 = get(stage + j), s1{};
     if constexpr (Centered) s1 = get(stage + n + j);
+    tick(j);
 #pragma GCC unroll 8
     for (int b = 0; b < R; ++b) {
       const std::int64_t o = b * n + j;
-      if constexpr (kFull) {
-        if (prefetch_next) {
-          __builtin_prefetch(x + R * n + o);
-          __builtin_prefetch(dy + R * n + o);
-        }
-      }
       V xh = get(x + o);
       if constexpr (Centered) xh -= vm[b];
       xh *= vr[b];
@@ -1243,6 +1270,86 @@ __attribute__((always_inline)) inline void grouped_rows_f32(const RowBackward<Ce
   }
   for (; j + L <= n; j += L) cached_vector(j);
   if (j < n) columns(no(), no(), j, int(n - j));
+}
+
+// Rows [i0, i1) of a stage with weight, in groups of R (grouped_dx_f32), the rows left one by
+// one; row_at(i) gives row i. Pipeline (float rows streamed): each group's dx pass steps the
+// sums of the group after it in the stage, a vector of each of its rows per column vector, so
+// that its reads from memory meet this group's writes; alone, a group's sums read memory with
+// no writes, and its dx pass writes with no reads. Else the next group's rows are prefetched
+// where both groups fit L2 (half rows, and streamed rows: float16 layer_norm_backward
+// (2048, 4096) 0.75x the time of no prefetch, float32 streamed 0.92-0.96x on Intel; cached
+// float rows 1.06-1.16x). The sums are the same either way, and so are the results.
+template <int R, bool Stream, bool HasDs, bool Centered, class T, class RowAt>
+__attribute__((always_inline)) inline void grouped_rows_f32(const RowAt& row_at, const float* mean, const float* rstd,
+                                                            std::int64_t i0, std::int64_t i1, float* stage,
+                                                            bool pipeline) {
+  using Row = RowBackward<Centered, true, T>;
+  const float* const no_mean = nullptr;
+  auto group_mean = [&](std::int64_t i) { return Centered ? mean + i : no_mean; };
+  double c0[R], c1[R];
+  bool summed = false;  // c0, c1 hold the sums of the group at i
+  std::int64_t i = i0;
+  for (; i + R <= i1; i += R) {
+    const Row first = row_at(i);
+    const std::int64_t n = first.n;
+    if (!summed) {
+#pragma GCC unroll 8
+      for (int b = 0; b < R; ++b) group_row(first, group_mean(i), rstd + i, b).sums_f32(c0[b], c1[b]);
+    }
+    summed = false;
+    if (pipeline && i + 2 * R <= i1) {
+      const Row after = row_at(i + R);
+      typename Row::SumsF32 next[R];
+#pragma GCC unroll 8
+      for (int b = 0; b < R; ++b) next[b] = typename Row::SumsF32(group_row(after, group_mean(i + R), rstd + i + R, b));
+      grouped_dx_f32<R, Stream, HasDs>(first, group_mean(i), rstd + i, c0, c1, stage,
+                                       [&](std::int64_t) __attribute__((always_inline)) {
+#pragma GCC unroll 8
+                                         for (int b = 0; b < R; ++b) next[b].step();
+                                       });
+#pragma GCC unroll 8
+      for (int b = 0; b < R; ++b)
+        next[b].finish(group_row(after, group_mean(i + R), rstd + i + R, b), c0[b], c1[b]);
+      summed = true;
+      continue;
+    }
+    const bool prefetch_next =
+        (kHalf<T> || Stream) && 2 * R * n * std::int64_t(sizeof(T)) * 2 <= kGroupPrefetchBytes;
+    const T* const x = first.x;
+    const T* const dy = first.dy;
+    grouped_dx_f32<R, Stream, HasDs>(first, group_mean(i), rstd + i, c0, c1, stage,
+                                     [&](std::int64_t j) __attribute__((always_inline)) {
+                                       if (!prefetch_next) return;
+#pragma GCC unroll 8
+                                       for (int b = 0; b < R; ++b) {
+                                         __builtin_prefetch(x + R * n + b * n + j);
+                                         __builtin_prefetch(dy + R * n + b * n + j);
+                                       }
+                                     });
+  }
+  for (; i < i1; ++i) row_at(i).template run<Stream>(stage);
+}
+
+// Streamed float rows [i0, i1) of a stage one by one, pipelined as grouped_rows_f32: each row's
+// dx pass steps the sums of the row after it, a vector per vector.
+template <class Row, class RowAt>
+__attribute__((always_inline)) inline void pipelined_rows_f32(const RowAt& row_at, std::int64_t i0, std::int64_t i1,
+                                                              float* stage) {
+  double c0, c1;
+  row_at(i0).sums_f32(c0, c1);
+  for (std::int64_t i = i0; i < i1; ++i) {
+    Row r = row_at(i);
+    if (i + 1 == i1) {  // the next stage's first row is prefetched where r.ahead is set
+      r.template dx_pass<true>(stage, c0, c1, [](std::int64_t) __attribute__((always_inline)) {});
+      return;
+    }
+    r.ahead = 0;
+    const Row after = row_at(i + 1);
+    typename Row::SumsF32 next(after);
+    r.template dx_pass<true>(stage, c0, c1, [&](std::int64_t) __attribute__((always_inline)) { next.step(); });
+    next.finish(after, c0, c1);
+  }
 }
 
 // RowBackward::run_f32 of float rows i < nb <= kRowBlock of NV whole vectors each (n == NV *
@@ -1351,6 +1458,14 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
 // half rows 0.96-1.01x, so they do not (AMD Zen 4).
 constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 
+// Streamed float32 rows of more than this many bytes are pipelined (grouped_rows_f32,
+// pipelined_rows_f32): with weight they go in pairs (kGroupPairBytes). Against the rows' sums
+// taken alone (2 threads, AMD Zen 4 VM, in-process A/B): layer_norm_backward (256, 65536) took
+// 0.94x the time, (512, 32768) 0.92x; rms_norm 0.89-0.91x; without weight 0.89-0.97x. Groups of
+// four (rows of 4096 to 16384 floats) took 1.07-1.27x pipelined, rows of 8192 without weight
+// 1.06x, and the fused backward (ds, a third row read) 1.02-1.12x: those are not.
+constexpr std::int64_t kPipelinedBackwardRowBytes = std::int64_t(64) << 10;
+
 // The backward of every row of a (rows, n) matrix, with the column sums dweight (and, for
 // layer_norm, dbias) when weight is given.
 template <bool Centered, class T, class C = compute_t<T>>
@@ -1363,6 +1478,8 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
                                     rows * n * std::int64_t(sizeof(T)));
     const bool fetch_next =
         std::is_same<T, float>::value && 2 * rows * n * std::int64_t(sizeof(T)) > kFetchNextRowBytes;
+    [[maybe_unused]] const bool pipeline =
+        stream && std::is_same<T, float>::value && !ds && n * std::int64_t(sizeof(T)) > kPipelinedBackwardRowBytes;
     using Row = RowBackward<Centered, HasW, T>;
     auto row_at = [&](std::int64_t i) __attribute__((always_inline)) {
       return Row{dy + i * n,      x + i * n, w, dx + i * n, n, Centered ? double(mean[i]) : 0.0,
@@ -1384,13 +1501,8 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
             constexpr int kGroupRows = decltype(group_rows)::value;
             static_assert(kStageRows % kGroupRows == 0, "a stage holds whole groups");
             return [&](std::int64_t i0, std::int64_t i1, C* stage) {
-              std::int64_t i = i0;
-              for (; i + kGroupRows <= i1; i += kGroupRows) {
-                const float* group_mean = Centered ? mean + i : nullptr;
-                if (ds) grouped_rows_f32<kGroupRows, kStreamed, true>(row_at(i), group_mean, rstd + i, stage);
-                else grouped_rows_f32<kGroupRows, kStreamed, false>(row_at(i), group_mean, rstd + i, stage);
-              }
-              for (; i < i1; ++i) row_at(i).template run<kStreamed>(stage);
+              if (ds) grouped_rows_f32<kGroupRows, kStreamed, true, Centered, T>(row_at, mean, rstd, i0, i1, stage, pipeline);
+              else grouped_rows_f32<kGroupRows, kStreamed, false, Centered, T>(row_at, mean, rstd, i0, i1, stage, pipeline);
             };
           };
           auto grouped_rows = [&](auto group_rows) {
@@ -1408,6 +1520,15 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
               if (4 * 2 * n * std::int64_t(sizeof(T)) > kGroupPairBytes) grouped_rows(std::integral_constant<int, 2>());
               else grouped_rows(std::integral_constant<int, 4>());
             }
+            return;
+          }
+        }
+        if constexpr (std::is_same<T, float>::value) {
+          if (pipeline) {
+            rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, streamed_row,
+                                     [&](std::int64_t i0, std::int64_t i1, C* stage) {
+                                       pipelined_rows_f32<Row>(row_at, i0, i1, stage);
+                                     });
             return;
           }
         }
