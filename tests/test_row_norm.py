@@ -675,7 +675,8 @@ def _all_results(norm, x, dy, weight, bias):
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 64), (1000, 32)])
+# (6, 20000): few long rows, column sums in blocks of 1 and 2 rows (kMinColumnSumBlocks).
+@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 64), (1000, 32), (6, 20000)])
 def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, norm, dtype, shape):
     x = make_x(rng, shape, dtype, offset=3.0)
     dy = make_x(rng, shape, dtype)

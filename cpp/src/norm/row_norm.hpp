@@ -746,6 +746,13 @@ void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::in
 // thread count. Up to 64 blocks, fewer when their double partials would pass 128 KiB and a
 // sixteenth of the input: each block's partial is cleared, flushed into and added up once, so
 // partials as large as the input (341 rows of 768 under a 2 MiB floor) cost more than the rows.
+// But never fewer than kMinColumnSumBlocks (or one per row): the blocks are what threads share.
+// With a single block, layer_norm_backward with weight of (64, 65536), (64, 8192), (32, 16384)
+// and (16, 16384) ran on one thread; with four (2 threads, Zen 4 VM, in-process A/B) they took
+// 0.56-0.65x the time, rms_norm's (32, 16384) and (16, 16384) 0.58-0.65x, its (64, 65536) and
+// (64, 8192), two blocks before, 1.03-1.04x; eight took 0.57-1.16x. On one thread the extra
+// partials cost 1.00-1.06x, and 1.14-1.24x on (16, 16384) (130 us).
+constexpr std::int64_t kMinColumnSumBlocks = 4;
 inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int nsums) {
   const double partial_bytes = double(cols) * nsums * sizeof(double);
   double budget = double(rows) * double(cols) * 4.0 / 16.0;
@@ -753,6 +760,8 @@ inline std::int64_t column_sum_blocks(std::int64_t rows, std::int64_t cols, int 
   std::int64_t nb = rows < 64 ? rows : 64;
   const std::int64_t cap = std::int64_t(budget / partial_bytes);
   if (nb > cap) nb = cap;
+  const std::int64_t floor = rows < kMinColumnSumBlocks ? rows : kMinColumnSumBlocks;
+  if (nb < floor) nb = floor;
   return nb < 1 ? 1 : nb;
 }
 
