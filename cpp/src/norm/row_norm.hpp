@@ -1213,18 +1213,36 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
     V s0 = get(stage + j), s1{};
     if constexpr (Centered) s1 = get(stage + n + j);
     tick(j);
+    // Groups of four load every row before storing any: rows n * 4 bytes apart in arrays that
+    // share their offset in a page put dx[b] at j and x[b + 1] at j on the same 4 KiB offset,
+    // and a load after such a store waits on it (4K aliasing). Float32 layer_norm_backward
+    // (64, 4096) took 0.90-0.96x the time, (2048, 4096) 0.95x; pairs (pipelined long rows,
+    // half rows) keep row by row: loads first, (256, 65536) took 1.04-1.05x.
+    constexpr bool kLoadsFirst = R >= 4;
+    V xs[R], dys[R], dss[R];
+    auto load_row = [&](int b) __attribute__((always_inline)) {
+      const std::int64_t o = b * n + j;
+      xs[b] = get(x + o);
+      dys[b] = get(dy + o);
+      if constexpr (HasDs) dss[b] = get(ds + o);
+    };
+    if constexpr (kLoadsFirst) {
+#pragma GCC unroll 8
+      for (int b = 0; b < R; ++b) load_row(b);
+    }
 #pragma GCC unroll 8
     for (int b = 0; b < R; ++b) {
       const std::int64_t o = b * n + j;
-      V xh = get(x + o);
+      if constexpr (!kLoadsFirst) load_row(b);
+      V xh = xs[b];
       if constexpr (Centered) xh -= vm[b];
       xh *= vr[b];
-      const V d = get(dy + o);
+      const V d = dys[b];
       V gv = d;
       gv *= wv;
       if constexpr (Centered) gv -= vc0[b];
       V out = vr[b] * gv - vk1[b] * xh;
-      if constexpr (HasDs) out += get(ds + o);
+      if constexpr (HasDs) out += dss[b];
       if constexpr (kStreamed) store_stream(dx + o, out);
       else if constexpr (kFull) store(dx + o, out);
       else if constexpr (kBeside) store_partial_unmasked(dx + o, out, count);
