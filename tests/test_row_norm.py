@@ -604,6 +604,35 @@ def test_backward_rows_in_groups_equal_rows_alone(cpu_target, rng, dtype, cols, 
     assert np.all(np.abs(together[1] - want[1]) <= 1e-6 * scale)
 
 
+# Rows enough for column-sum blocks of 17-25 rows: a full stage of 16 in groups of 4, then rows
+# left over a group.
+@pytest.mark.parametrize("shape", [(1100, 128), (203, 770), (101, 2000)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_layer_norm_backward_cached_rows_in_groups_equal_rows_alone(cpu_target, num_threads, rng, shape, threads):
+    """float32 layer_norm_backward rows under 8 KiB with weight, in a tensor that fits the cache,
+    take their sums in groups of 4, the column-sum stage added there: each row's dx is bitwise
+    the dx of that row on its own, and dweight and dbias bitwise those of the fused backward,
+    whose rows go one by one, for 1-3 threads, with rows left over a group and a tail shorter
+    than a vector."""
+    normlab.set_num_threads(threads)
+    cols = shape[1]
+    x = make_x(rng, shape, np.float32, offset=0.5)
+    dy = make_x(rng, x.shape, np.float32)
+    weight = make_affine(rng, (cols,), np.float32)[0]
+    _, mean, rstd = normlab.layer_norm(x, weight, return_stats=True)
+    dx, dweight, dbias = normlab.layer_norm_backward(dy, x, mean, rstd, weight)
+    for i in range(x.shape[0]):
+        alone = normlab.layer_norm_backward(dy[i : i + 1], x[i : i + 1], mean[i : i + 1], rstd[i : i + 1], weight)
+        assert np.array_equal(dx[i].view(np.uint8), alone[0][0].view(np.uint8)), f"row {i}"
+    one_by_one = normlab.add_layer_norm_backward(dy, x, mean, rstd, weight, ds=np.zeros_like(x))
+    assert np.array_equal(dweight.view(np.uint8), one_by_one[1].view(np.uint8))
+    assert np.array_equal(dbias.view(np.uint8), one_by_one[2].view(np.uint8))
+    assert np.array_equal(dx, one_by_one[0])
+    want = ref.layer_norm_backward(dy, x, mean, rstd, weight)
+    scale = np.abs(dy.astype(np.float64) * (x - expand(mean, 2)) * expand(rstd, 2)).sum(axis=0)
+    assert np.all(np.abs(dweight - want[1]) <= 1e-6 * scale)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
 @pytest.mark.parametrize("cols", [8192, 8200])
 @pytest.mark.parametrize("affine", ["weight and bias", "weight", "bias"])
