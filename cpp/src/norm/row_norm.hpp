@@ -1607,8 +1607,10 @@ constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 // (stage_summed_rows_f32). Against rows one by one (2 threads, AMD Zen 4 VM, in-process A/B):
 // (16384, 128) took 0.885x the time, (512, 2000) 0.905x, (2048, 768) 0.94x, (8192, 256) 0.95x,
 // (4096, 768) 0.96x, (1024, 1024) 1.01x. Not taken: rms_norm (0.94-1.07x, one stage row to
-// save), the fused backward's ds (1.02-1.18x), tensors past the cache (rows of 768 and 128
-// from memory: 0.99-1.62x with each of three prefetch placements tried), pairs (0.95-1.29x).
+// save), the fused backward's ds (1.02-1.18x), half rows (bfloat16 and float16 (8192, 768)
+// 1.49x, (4096, 1024) 1.03-1.08x, (16384, 128) 0.91x), tensors past the cache (rows of 768
+// and 128 from memory: 0.99-1.62x with each of three prefetch placements tried), pairs
+// (0.95-1.29x).
 constexpr int kStageSummedRows = 4;
 constexpr std::int64_t kPipelinedBackwardRowBytes = std::int64_t(64) << 10;
 
