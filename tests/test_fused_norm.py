@@ -9,7 +9,7 @@ import normlab
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-SHAPES = [(1, 1), (7, 3), (33, 70), (5, 4, 17), (64, 1030), (37, 48), (9, 32), (11, 128)]
+SHAPES = [(1, 1), (7, 3), (33, 70), (5, 4, 17), (64, 1030), (37, 48), (9, 32), (11, 128), (10, 256)]
 
 
 def _inputs(rng, shape, dtype, offset=0.0):

@@ -21,8 +21,8 @@ import reference as ref
 
 DTYPES = [np.float32, np.float64]
 # 8-64: rows of 1-4 whole vectors (AVX-512: 16-64, AVX2: 8-32), which have a path of their own
-# 64 and 128: rows of 8 vectors (AVX2, AVX-512), narrow in the forward.
-COLS = [1, 2, 3, 7, 8, 15, 16, 17, 24, 31, 32, 33, 48, 64, 100, 128, 768, 1000, 4099]
+# 64, 128 and 256: rows of 8 and 16 vectors (AVX2, AVX-512), narrow in the forward.
+COLS = [1, 2, 3, 7, 8, 15, 16, 17, 24, 31, 32, 33, 48, 64, 100, 128, 256, 768, 1000, 4099]
 ROWS = [0, 1, 5, 37]
 
 # float32 outputs: max abs error in normalized units; float64: relative to (1 + |mean| / std).
@@ -199,7 +199,7 @@ def test_axis_forms_agree(cpu_target, rng):
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
-@pytest.mark.parametrize("cols", [2, 3, 16, 33, 48, 64, 128, 768, 4099])
+@pytest.mark.parametrize("cols", [2, 3, 16, 33, 48, 64, 128, 256, 768, 4099])
 def test_layer_norm_float32_large_offset(cpu_target, rng, offset, cols):
     """Rows with |mean| / std = 1e4 and 1e5: float32 results stay within 2e-6 std."""
     x = make_x(rng, (5, cols), np.float32, offset=offset)
@@ -242,7 +242,7 @@ CONSTANTS = [0.0, 1.0, -3.5, 12345.678, 1e30, -1e-30, 7e-45]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cols", [1, 3, 16, 33, 64, 128, 1000])
+@pytest.mark.parametrize("cols", [1, 3, 16, 33, 64, 128, 256, 1000])
 def test_layer_norm_constant_rows_give_bias_exactly(cpu_target, rng, dtype, cols):
     x = np.empty((len(CONSTANTS), cols), dtype)
     x[:] = np.array(CONSTANTS, dtype)[:, None]
@@ -259,7 +259,7 @@ def test_layer_norm_constant_rows_give_bias_exactly(cpu_target, rng, dtype, cols
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cols", [1, 3, 16, 33, 64, 128, 1000])
+@pytest.mark.parametrize("cols", [1, 3, 16, 33, 64, 128, 256, 1000])
 def test_rms_norm_constant_and_zero_rows(cpu_target, rng, dtype, cols):
     x = np.empty((len(CONSTANTS), cols), dtype)
     x[:] = np.array(CONSTANTS, dtype)[:, None]
@@ -274,7 +274,7 @@ def test_rms_norm_constant_and_zero_rows(cpu_target, rng, dtype, cols):
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e20, 1e-20, 1e-30])
-@pytest.mark.parametrize("cols", [3, 16, 33, 48, 128, 1000])
+@pytest.mark.parametrize("cols", [3, 16, 33, 48, 128, 256, 1000])
 def test_float32_extreme_scales(cpu_target, rng, scale, cols):
     """float32 rows of magnitude 1e30 .. 1e-30 neither overflow nor underflow: their squares are
     taken in double. With eps small next to the variance the results are normalized values."""
@@ -298,7 +298,7 @@ def test_float32_extreme_scales(cpu_target, rng, scale, cols):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("position", [0, 7, 32])
-@pytest.mark.parametrize("cols", [33, 48, 128])
+@pytest.mark.parametrize("cols", [33, 48, 128, 256])
 def test_nonfinite_values_stay_in_their_row(cpu_target, rng, dtype, bad, position, cols):
     rows, bad_row = 6, 2
     x = make_x(rng, (rows, cols), dtype)

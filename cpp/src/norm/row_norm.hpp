@@ -395,7 +395,7 @@ __attribute__((always_inline)) inline void narrow_block_moments(const S* x, cons
   constexpr int L = kLanes<float>;
   // Flushed into double every kChunk vectors, as FloatRowSums.
   constexpr int kChunk = Centered ? kRowFlushEvery : kFlushEvery;
-  static_assert(NV <= kRowFlushEvery, "narrow rows of up to kRowFlushEvery vectors");
+  static_assert(NV <= 2 * kRowFlushEvery, "narrow rows of up to 2 * kRowFlushEvery vectors");
   vwide ds[kRowBlock], dq[kRowBlock];
   float shifts[kRowBlock];
 #pragma GCC unroll 8
@@ -569,23 +569,27 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
 // of n where that is 1 to kFlushEvery (one flush of the float sums) and `allowed`, else with
 // NV = 0. Such narrow rows keep their vectors in registers: the forward when its rows go in
-// blocks (in cache), the backward always. Wide8: also NV = kRowFlushEvery (8), for the forward
-// (narrow_block_moments): float32 rows of 128 in cache (2 threads, AMD Zen 4 VM, in-process
-// A/B against rows one at a time) took 0.58-0.64x the time in layer_norm, 0.64-0.71x in
-// rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm.
-template <class T, bool Wide8 = false, class F>
+// blocks (in cache), the backward always. Wide: also NV = 8 and 16 (kRowFlushEvery and twice
+// that), for the forward (narrow_block_moments): in cache (2 threads, AMD Zen 4 VM, in-process
+// A/B against rows one at a time), float32 rows of 128 took 0.58-0.64x the time in layer_norm,
+// 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm; rows of 256
+// 0.70-0.73x, 0.69-0.87x, 0.78-0.82x and 0.79-0.87x, (16384, 256) add_rms_norm 1.07x.
+template <class T, bool Wide = false, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
   if constexpr (std::is_same<T, float>::value) {
     constexpr int L = kLanes<float>;
-    if (allowed && n % L == 0 && n <= kRowFlushEvery * L) {
+    if (allowed && n % L == 0 && n <= 2 * kRowFlushEvery * L) {
       switch (n / L) {
         case 1: return f(std::integral_constant<int, 1>());
         case 2: return f(std::integral_constant<int, 2>());
         case 3: return f(std::integral_constant<int, 3>());
         case 4: return f(std::integral_constant<int, 4>());
         case kRowFlushEvery:
-          if constexpr (Wide8) return f(std::integral_constant<int, kRowFlushEvery>());
+          if constexpr (Wide) return f(std::integral_constant<int, kRowFlushEvery>());
+          break;
+        case 2 * kRowFlushEvery:
+          if constexpr (Wide) return f(std::integral_constant<int, 2 * kRowFlushEvery>());
           break;
         default: break;
       }
