@@ -373,10 +373,12 @@ BACKWARD_CASES = [
     ((2, 3, 5), (-2, -1)),
     ((4, 6, 17), -1),
     ((9,), -1),
-    # rows of 1-4 whole vectors stay in registers between the passes (with weight, so do the
-    # column sums over each stage of 16 rows, in blocks of 8: 9-10 rows per column-sum block
+    # rows of 1-4 and 8 whole vectors stay in registers between the passes (with weight, so do
+    # the column sums over each stage of 16 rows, in blocks of 8: 9-10 rows per column-sum block
     # here, 17-18 in the second)
     ((600, 64), -1),
+    ((600, 128), -1),
+    ((1130, 128), -1),
     ((1130, 64), -1),
     ((530, 48), -1),
     ((520, 32), -1),
@@ -542,7 +544,7 @@ def test_rms_norm_backward_float32(cpu_target, rng, shape, axis, with_weight):
     assert np.all(np.abs(dweight - dweight_ref) <= 1e-6 * dw_scale)
 
 
-@pytest.mark.parametrize("cols", [16, 32, 48, 64, 1000])
+@pytest.mark.parametrize("cols", [16, 32, 48, 64, 128, 1000])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_float32_backward_sums_that_overflow(cpu_target, rng, norm, cols):
     """A row whose float products dy * w * xhat overflow, though its dx is in range, is summed
@@ -706,7 +708,7 @@ def _all_results(norm, x, dy, weight, bias):
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
 # (6, 20000): few long rows, column sums in blocks of 1 and 2 rows (kMinColumnSumBlocks).
-@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 64), (1000, 32), (6, 20000)])
+@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 128), (1000, 64), (1000, 32), (6, 20000)])
 def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, norm, dtype, shape):
     x = make_x(rng, shape, dtype, offset=3.0)
     dy = make_x(rng, shape, dtype)

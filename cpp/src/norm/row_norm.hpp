@@ -567,29 +567,29 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
-// of n where that is 1 to kFlushEvery (one flush of the float sums) and `allowed`, else with
-// NV = 0. Such narrow rows keep their vectors in registers: the forward when its rows go in
-// blocks (in cache), the backward always. Wide: also NV = 8 and 16 (kRowFlushEvery and twice
-// that), for the forward (narrow_block_moments): in cache (2 threads, AMD Zen 4 VM, in-process
-// A/B against rows one at a time), float32 rows of 128 took 0.58-0.64x the time in layer_norm,
-// 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm; rows of 256
-// 0.70-0.73x, 0.69-0.87x, 0.78-0.82x and 0.79-0.87x, (16384, 256) add_rms_norm 1.07x.
-template <class T, bool Wide = false, class F>
+// of n where that is 1 to 4, 8 or 16 (up to MaxNV) and `allowed`, else with NV = 0. Such narrow
+// rows keep their vectors in registers: the forward when its rows go in blocks (in cache), up
+// to 16 vectors; the backward always, up to 8. Against rows one at a time (2 threads, AMD Zen 4
+// VM, in-process A/B), float32 rows of 128 in cache took 0.58-0.64x the time in layer_norm,
+// 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in
+// their backwards ((65536, 128) from memory 0.84-0.96x); rows of 256 in cache 0.70-0.73x,
+// 0.69-0.87x, 0.78-0.82x and 0.79-0.87x ((16384, 256) add_rms_norm 1.03-1.07x).
+template <class T, int MaxNV = 4, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
   if constexpr (std::is_same<T, float>::value) {
     constexpr int L = kLanes<float>;
-    if (allowed && n % L == 0 && n <= 2 * kRowFlushEvery * L) {
+    if (allowed && n % L == 0 && n <= MaxNV * L) {
       switch (n / L) {
         case 1: return f(std::integral_constant<int, 1>());
         case 2: return f(std::integral_constant<int, 2>());
         case 3: return f(std::integral_constant<int, 3>());
         case 4: return f(std::integral_constant<int, 4>());
-        case kRowFlushEvery:
-          if constexpr (Wide) return f(std::integral_constant<int, kRowFlushEvery>());
+        case 8:
+          if constexpr (MaxNV >= 8) return f(std::integral_constant<int, 8>());
           break;
-        case 2 * kRowFlushEvery:
-          if constexpr (Wide) return f(std::integral_constant<int, 2 * kRowFlushEvery>());
+        case 16:
+          if constexpr (MaxNV >= 16) return f(std::integral_constant<int, 16>());
           break;
         default: break;
       }
@@ -1508,7 +1508,7 @@ __attribute__((always_inline)) inline void pipelined_rows_f32(const RowAt& row_a
 }
 
 // RowBackward::run_f32 of float rows i < nb <= kRowBlock of NV whole vectors each (n == NV *
-// lanes, NV <= kFlushEvery), side by side: every row's sums first, then their reductions across
+// lanes, NV <= 8), side by side: every row's sums first, then their reductions across
 // lanes and the steps to c0 and rstd * c1 kWide rows per instruction, then the rows again
 // (still in L1) for dx. One row's chain of dependent steps would otherwise hold up the next row.
 // With weight wv, the stage is in registers s0 (dweight) and s1 (dbias) across blocks. The same
@@ -1520,7 +1520,7 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
                                                                  vnative<float> (&s0)[NV], vnative<float> (&s1)[NV]) {
   using V = vnative<float>;
   constexpr int L = kLanes<float>;
-  static_assert(NV <= kFlushEvery, "one flush of the float sums per row");
+  static_assert(NV <= 8, "wv, s0 and s1 in registers");
   const std::int64_t n = first.n;
   auto row = [&](std::int64_t b) __attribute__((always_inline)) {
     RowBackward<Centered, HasW, float> r = first;
@@ -1555,9 +1555,12 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
       load_xhat_g(b, t, vm, vr, xh, d, g);
       if constexpr (Centered) sg += g;
       sgx = fmadd(g, xh, sgx);
+      if (t % kFlushEvery == kFlushEvery - 1 || t == NV - 1) {  // as RowBackward::SumsF32Of
+        if constexpr (Centered) dsg[b] += widen_sum(sg);
+        dsgx[b] += widen_sum(sgx);
+        sg = sgx = V{};
+      }
     }
-    if constexpr (Centered) dsg[b] += widen_sum(sg);
-    dsgx[b] += widen_sum(sgx);
   }
   // c0 = mean(g), c1 = mean(g * xhat); + 0.0: run_f32's empty scalar tails, which turn a -0
   // sum into +0. Rows whose sums overflowed are summed again in double.
@@ -1654,7 +1657,7 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
     auto streamed_row = [&](std::int64_t i, C* stage) { row_at(i).template run<true>(stage); };
     // Narrow float rows keep their vectors in registers between the passes, with weight also
     // the weight and the stage.
-    with_narrow_rows<T>(n, true, [&](auto nv) {
+    with_narrow_rows<T, 8>(n, true, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       if constexpr (NV == 0) {
 #if NL_VEC_BYTES
@@ -1724,7 +1727,7 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
           }
           // rms_norm rows of 2-4 vectors go one by one: in blocks (which load and scale each
           // row twice) they took 0.95-1.11x the time, their one sum's chain being short.
-          if constexpr (Centered || NV == 1) {
+          if constexpr (Centered || NV == 1 || NV > kFlushEvery) {
             for (std::int64_t b = i0; b < i1; b += kRowBlock) {
               const std::int64_t e = i1 - b < kRowBlock ? i1 : b + kRowBlock;
               narrow_block_backward<Centered, HasW, NV>(row_at(b), mean ? mean + b : nullptr, rstd + b, e - b, wv, s0,
