@@ -572,8 +572,8 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 // to 16 vectors; the backward always, up to 8. Against rows one at a time (2 threads, AMD Zen 4
 // VM, in-process A/B), float32 rows of 128 in cache took 0.58-0.64x the time in layer_norm,
 // 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in
-// their backwards ((65536, 128) from memory 0.84-0.96x); rows of 256 in cache 0.70-0.73x,
-// 0.69-0.87x, 0.78-0.82x and 0.79-0.87x ((16384, 256) add_rms_norm 1.03-1.07x).
+// their backwards ((65536, 128) from memory 0.84-0.96x); rows of 256 in cache 0.67-0.73x,
+// 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused pair at (16384, 256), 16 MiB, 1.00-1.07x).
 template <class T, int MaxNV = 4, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
