@@ -194,6 +194,43 @@ def test_first_element_far_from_the_mean(cpu_target, rng, kind, cl, outlier):
     assert (np.abs(y - ry) / np.maximum(1.0, np.abs(ry))).max() < 2e-6
 
 
+@pytest.mark.parametrize("poison", [np.nan, np.inf, 1e18])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, c", [(4, 8), (3, 4)], ids=["8ch", "4ch"])
+@pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_bad_set_leaves_the_others_alone(cpu_target, rng, kind, cl, n, c, dtype, poison):
+    """A NaN, an Inf, or a value whose float squares cannot be trusted (summed again in double)
+    in one set: every other set's outputs, statistics and dx keep their bits, in the fused and
+    two-pass paths (8 and 4 channels) alike."""
+    groups = _groups(kind, c)
+    x = (rng.standard_normal(_shape(n, c, (6, 5), cl)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    bad = x.copy()
+    _to_cf(bad, cl)[1, c - 3, 2, 3] = poison
+    # the set holding that element, as a channels-first mask
+    hit = np.zeros((n, c, 6, 5), bool)
+    if kind == "batch":
+        hit[:, c - 3] = True
+    elif kind == "instance":
+        hit[1, c - 3] = True
+    else:
+        per = c // groups
+        first = (c - 3) // per * per
+        hit[1, first : first + per] = True
+    y, mean, rstd = calls.forward(kind, x, None, None, cl, groups)
+    yb, meanb, rstdb = calls.forward(kind, bad, None, None, cl, groups)
+    keep = ~_from_cf(hit, cl)
+    assert np.array_equal(y[keep], yb[keep])
+    stat_hit = _sets(hit, kind, groups)[0].any(1).reshape(mean.shape)
+    assert np.array_equal(mean[~stat_hit], meanb[~stat_hit]) and np.array_equal(rstd[~stat_hit], rstdb[~stat_hit])
+    if poison != 1e18:
+        assert not np.isfinite(yb[~keep]).any()
+    dx = calls.backward(kind, dy, x, mean, rstd, None, cl, groups)[0]
+    dxb = calls.backward(kind, dy, bad, meanb, rstdb, None, cl, groups)[0]
+    assert np.array_equal(dx[keep], dxb[keep])
+
+
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
 @pytest.mark.parametrize("size", [16, 32, 1000])
 @pytest.mark.parametrize("kind", KINDS)

@@ -551,7 +551,7 @@ __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::
 // The shift of a set's sums: the mean of up to 16 of its first elements (along one channel),
 // rounded to the compute type so that float lanes subtract it exactly. A shift near the mean
 // keeps the shifted values small: with the set's first element alone, one set in twenty of
-// normal data fails float_sums_trusted() and sends every set through double sums again.
+// normal data fails float_sums_trusted() and goes through double sums again.
 // shift_elems() is how many elements, shift_of() the shift from their sum.
 inline std::int64_t shift_elems(const Geom& q) {
   const std::int64_t run = q.cl && q.batch ? q.rows : q.s;
@@ -744,7 +744,8 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
         fold_period(q, qa, out + c);
       });
   // Sets: planes in order (batch: n = 0.., group: its channels in order).
-  bool redo = false;
+  std::vector<std::int64_t> redo(std::size_t(q.nsets));  // the first nredo of them
+  std::size_t nredo = 0;
   for (std::int64_t st = 0; st < q.nsets; ++st) {
     double s = 0, sq = 0;
     if (q.batch) {
@@ -765,15 +766,27 @@ void set_moments(const Geom& q, const T* x, double eps, int nthreads, double* me
     mean[st] = shift[std::size_t(st)] + md;
     var[st] = v;
     rstd[st] = 1.0 / std::sqrt(v + eps);
-    if (kFloatSums<T> && !recenter && !float_sums_trusted(md, v)) redo = true;
+    if (kFloatSums<T> && !recenter && !float_sums_trusted(md, v)) redo[nredo++] = st;
   }
-  // Sums went through float lanes: a set they failed sends every set through double sums about
-  // its mean (rare, and decided by the data alone).
-  if (redo) {
-    std::vector<double> centre(std::size_t(q.nsets));
-    for (std::int64_t st = 0; st < q.nsets; ++st)  // a mean lost to float overflow: the old shift
-      centre[std::size_t(st)] = std::isfinite(mean[st]) ? mean[st] : shift[std::size_t(st)];
-    set_moments(q, x, eps, nthreads, mean, rstd, var, centre.data());
+  // Sums went through float lanes: the sets they failed are summed again in double about their
+  // mean (rare, and decided by each set's data alone, as fused_forward does), so that a NaN or a
+  // far-off shift in one set leaves every other set's bits alone.
+  if (nredo > 0) {
+    std::vector<double> centre(shift), again(std::size_t(3 * q.nsets));
+    for (std::size_t k = 0; k < nredo; ++k) {  // a mean lost to float overflow: the old shift
+      const std::int64_t st = redo[k];
+      if (std::isfinite(mean[st])) centre[std::size_t(st)] = mean[st];
+    }
+    double* const mean2 = again.data();
+    double* const rstd2 = mean2 + q.nsets;
+    double* const var2 = rstd2 + q.nsets;
+    set_moments(q, x, eps, nthreads, mean2, rstd2, var2, centre.data());
+    for (std::size_t k = 0; k < nredo; ++k) {
+      const std::int64_t st = redo[k];
+      mean[st] = mean2[st];
+      rstd[st] = rstd2[st];
+      var[st] = var2[st];
+    }
   }
 }
 
@@ -1351,8 +1364,8 @@ void channel_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, 
 // gradient sums), then its normalization (or dx), while its planes are still there: x (and dy)
 // read from memory once instead of twice. A group norm set is cg contiguous planes, a batch norm
 // set one plane per sample, C planes apart. The arithmetic and its order are those of the
-// two-pass path (one sum per plane, planes added in order), except that a set whose float sums
-// cannot be trusted is summed again alone. The choice depends on the shape alone.
+// two-pass path (one sum per plane, planes added in order); a set whose float sums cannot be
+// trusted is summed again alone in both. The choice depends on the shape alone.
 constexpr std::int64_t kFusedMaxBytes = 1 << 20;
 
 inline bool fused_sets(const Geom& q, std::size_t elem_bytes) {
@@ -1440,8 +1453,8 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
 // Channels-last group and instance norm samples small enough to stay in cache go one task per
 // sample, as fused_sets: the sample's statistics (or gradient sums), then its output while its
 // rows are still there. The units, sums and their order are those of the two-pass path on the
-// sample, except that a sample with a set whose float sums cannot be trusted has its sets summed
-// again (the two-pass path sums every set again). The choice depends on the shape alone.
+// sample; a set whose float sums cannot be trusted is summed again alone in both. The choice
+// depends on the shape alone.
 constexpr std::int64_t kFusedSampleMaxBytes = 1 << 20;
 
 inline bool fused_samples(const Geom& q, std::size_t elem_bytes) {
