@@ -173,6 +173,10 @@ ROW_CASES = [
     ((4, 6, 16), (-2, -1)),
     ((1, 16), -1),
     ((2, 64), -1),
+    # narrow rows (1 to 4, 8 or 16 float vectors) in blocks of 8 rows, and rows left over
+    ((9, 48), -1),
+    ((11, 128), -1),
+    ((19, 256), -1),
 ]
 ROW_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in ROW_CASES]
 
@@ -284,7 +288,7 @@ def test_rms_norm_backward(cpu_target, rng, shape, axis, dtype, wkind):
 # fused add + norm
 # --------------------------------------------------------------------------------------------
 
-ADD_SHAPES = [(1, 1), (3, 7), (5, 33), (4, 100), (2, 769), (2, 3, 17)]
+ADD_SHAPES = [(1, 1), (3, 7), (5, 33), (4, 100), (2, 769), (2, 3, 17), (11, 64), (9, 256)]
 
 
 def _add_y_candidates(x, r, s, w, b, layer, eps):
@@ -577,12 +581,12 @@ def test_constant_rows_and_sets_give_exactly_bias(cpu_target, rng, dtype, wkind)
         assert same_bits(np.ascontiguousarray(np.moveaxis(yl, -1, 1)), expect_c), kind + " channels-last"
 
 
+@pytest.mark.parametrize("shape", [(6, 45), (11, 64)], ids=["6x45", "11x64"])
 @pytest.mark.parametrize("dtype", HALVES)
-def test_nan_affects_only_its_row_or_set(cpu_target, rng, dtype):
-    shape = (6, 45)
+def test_nan_affects_only_its_row_or_set(cpu_target, rng, dtype, shape):
     x = make_x(rng, shape, dtype)
     r = make_x(rng, shape, dtype)
-    w, b = make_affine(rng, (45,), F32)
+    w, b = make_affine(rng, (shape[1],), F32)
     bad = x.copy()
     bad[2, 17] = np.nan
     others = np.ones(shape, bool)
@@ -642,11 +646,11 @@ def _check_rows(x, dtype, w, b, eps=1e-5):
     check_param_grad(dw, dw_ref, np.abs(f64(dy) * xhat).sum(0), w.dtype, "dweight")
 
 
+@pytest.mark.parametrize("cols", [100, 128])
 @pytest.mark.parametrize("dtype", HALVES)
-def test_large_magnitudes_do_not_overflow(cpu_target, rng, dtype):
+def test_large_magnitudes_do_not_overflow(cpu_target, rng, dtype, cols):
     """float16 values up to 65504 (their squares and sums overflow float16) and bfloat16 values
-    of 1e30 (their squares overflow float32)."""
-    cols = 100
+    of 1e30 (their squares overflow float32); rows of 128 go narrow."""
     if dtype == F16:
         rows = [
             rng.uniform(60000, 65504, cols),
@@ -666,29 +670,31 @@ def test_large_magnitudes_do_not_overflow(cpu_target, rng, dtype):
     y = normlab.rms_norm(x)
     assert np.isfinite(f64(y)).all()
     # channel norms on the same values: one set per (sample, group) and per channel
-    img = x.reshape(3, 4, 25)
+    img = x.reshape(3, 4, cols // 4)
     for kind, g in (("group", 2), ("batch", None), ("instance", None)):
         yc = calls.forward(kind, img, None, None, False, g)[0]
         check_half(yc, ref.channel_norm(img, kind, g)[0], dtype, kind,
                    slack=fwd_slack(ref.channel_norm(img, kind, g)[0]))
 
 
+@pytest.mark.parametrize("cols", [77, 64])
 @pytest.mark.parametrize("sigma", [0.5, 4.0])
 @pytest.mark.parametrize("dtype", HALVES)
-def test_large_mean_rows(cpu_target, rng, dtype, sigma):
-    """Rows 1000 + N(0, sigma) rounded to half: |mean| >> std, and still 1 ulp."""
-    shape = (40, 77)
+def test_large_mean_rows(cpu_target, rng, dtype, sigma, cols):
+    """Rows 1000 + N(0, sigma) rounded to half: |mean| >> std, and still 1 ulp (rows of 64
+    go narrow)."""
+    shape = (40, cols)
     x = make_x(rng, shape, dtype, offset=1000.0, scale=sigma)
     x[10:20] = -f64(x[10:20])  # samples 1 and 3 of the (4, 10, 77) images below: negative
     x[30:] = -f64(x[30:])
-    w, b = make_affine(rng, (77,), dtype)
+    w, b = make_affine(rng, (cols,), dtype)
     _check_rows(x, dtype, w, b)
     r = make_x(rng, shape, dtype, scale=sigma)
     y, s = normlab.add_layer_norm(x, r, w, b)
     assert same_bits(s, ref.round_half(f64(x) + f64(r), dtype))
     _check_one_of(_add_y_candidates(x, r, s, w, b, True, 1e-5),
                   lambda y_ref, slack, _: check_half(y, y_ref, dtype, "add_layer_norm y", slack=slack))
-    img = x.reshape(4, 10, 77)
+    img = x.reshape(4, 10, cols)
     for cl in (False, True):
         a = np.ascontiguousarray(np.moveaxis(img, 1, -1)) if cl else img
         ax = -1 if cl else 1
@@ -851,6 +857,13 @@ def _everything(dtype, rng_seed=3):
     y, s, r3 = normlab.add_rms_norm(x, r, w32, return_stats=True)
     out += [("addrms y", y), ("addrms s", s), ("addrms rstd", r3)]
     out += list(zip(("addrms dx", "addrms dw"), normlab.add_rms_norm_backward(dy, s, r3, wh, ds=r)))
+    xn = make_x(rng, (2003, 64), dtype, offset=2.0)  # narrow rows, blocks split across threads
+    rn = make_x(rng, xn.shape, dtype)
+    out += list(zip(("narrow y", "narrow mean", "narrow rstd"), normlab.layer_norm(xn, w32[:64], b32[:64],
+                                                                                   return_stats=True)))
+    out += [("narrow rms y", normlab.rms_norm(xn, wh[:64]))]
+    out += list(zip(("narrow add y", "narrow add s"), normlab.add_layer_norm(xn, rn, w32[:64], b32[:64])))
+    out += list(zip(("narrow addrms y", "narrow addrms s"), normlab.add_rms_norm(xn, rn, wh[:64])))
     img = x.reshape(8, 12, 769)[:, :, :768].copy().reshape(8, 12, 32, 24)
     dimg = dy.reshape(8, 12, 769)[:, :, :768].copy().reshape(img.shape)
     for cl in (False, True):

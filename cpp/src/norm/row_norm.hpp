@@ -566,18 +566,33 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
          block_bytes <= 8192;
 }
 
-// Calls f(std::integral_constant<int, NV>()) with NV the number of whole vectors in a float row
-// of n where that is 1 to 4, 8 or 16 (up to MaxNV) and `allowed`, else with NV = 0. Such narrow
-// rows keep their vectors in registers: the forward when its rows go in blocks (in cache), up
-// to 16 vectors; the backward always, up to 8. Against rows one at a time (2 threads, AMD Zen 4
-// VM, in-process A/B), float32 rows of 128 in cache took 0.58-0.64x the time in layer_norm,
-// 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in
-// their backwards ((65536, 128) from memory 0.84-0.96x); rows of 256 in cache 0.67-0.73x,
-// 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused pair at (16384, 256), 16 MiB, 1.00-1.07x).
-template <class T, int MaxNV = 4, class F>
+// Whether the forward's rows of n in a tensor of data_bytes may go narrow (with_narrow_rows):
+// float rows where they go in blocks (in cache); half rows always, but the fused add's rows
+// written past the cache. Narrow half rows store y cached even there. Against blocks of rows one
+// at a time (2 threads, AMD Zen 4 VM, in-process A/B), in cache: float16 layer_norm (4096, 64)
+// 0.68x the time, (4096, 128) 0.59x, (2048, 256) 0.85x; rms_norm 0.66x, 0.86x, 0.94x; bfloat16
+// 0.69x, 0.80x, 0.80x and 0.69x, 0.81x, 0.88x; add_layer_norm 0.64-1.00x. 32 MiB of float16
+// rows of 64-256: layer_norm 0.91-0.97x, rms_norm 0.65-0.95x (their y streamed took 1.01-1.09x
+// that), add_layer_norm 1.04-1.20x (streamed 1.03-1.05x), which therefore keeps its blocks.
+template <class T>
+bool narrow_forward_rows(std::int64_t n, std::int64_t data_bytes, const T* residual, bool stream) {
+  if (kHalf<T>) return !(residual && stream);
+  return rows_in_blocks<T>(n, data_bytes);
+}
+
+// Calls f(std::integral_constant<int, NV>()) with NV the number of whole float vectors in a row
+// of n where that is 1 to 4, 8 or 16 (up to MaxNV), T is float (or with Half a half type) and
+// `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers: the forward's
+// (narrow_forward_rows) up to 16 vectors; the backward's, float only, always, up to 8. Against
+// rows one at a time (2 threads, AMD Zen 4 VM, in-process A/B), float32 rows of 128 in cache
+// took 0.58-0.64x the time in layer_norm, 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm,
+// 0.86x in add_rms_norm, 0.72-0.85x in their backwards ((65536, 128) from memory 0.84-0.96x);
+// rows of 256 in cache 0.67-0.73x, 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused pair at
+// (16384, 256), 16 MiB, 1.00-1.07x).
+template <class T, int MaxNV = 4, bool Half = false, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value || (Half && kHalf<T>)) {
     constexpr int L = kLanes<float>;
     if (allowed && n % L == 0 && n <= MaxNV * L) {
       switch (n / L) {
