@@ -196,13 +196,13 @@ def test_first_element_far_from_the_mean(cpu_target, rng, kind, cl, outlier):
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf, 1e18])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n, c", [(4, 8), (3, 4)], ids=["8ch", "4ch"])
+@pytest.mark.parametrize("n, c", [(4, 8), (3, 4), (8, 8)], ids=["8ch", "4ch", "8x8"])
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_bad_set_leaves_the_others_alone(cpu_target, rng, kind, cl, n, c, dtype, poison):
     """A NaN, an Inf, or a value whose float squares cannot be trusted (summed again in double)
     in one set: every other set's outputs, statistics and dx keep their bits, in the fused and
-    two-pass paths (8 and 4 channels) alike."""
+    two-pass paths alike (channels-first sets fuse from 8 sets, channels-last samples from 8)."""
     groups = _groups(kind, c)
     x = (rng.standard_normal(_shape(n, c, (6, 5), cl)) * 2 + 1).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
