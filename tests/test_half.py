@@ -859,11 +859,16 @@ def _everything(dtype, rng_seed=3):
     out += list(zip(("addrms dx", "addrms dw"), normlab.add_rms_norm_backward(dy, s, r3, wh, ds=r)))
     xn = make_x(rng, (2003, 64), dtype, offset=2.0)  # narrow rows, blocks split across threads
     rn = make_x(rng, xn.shape, dtype)
-    out += list(zip(("narrow y", "narrow mean", "narrow rstd"), normlab.layer_norm(xn, w32[:64], b32[:64],
-                                                                                   return_stats=True)))
+    yn, mn, rsn = normlab.layer_norm(xn, w32[:64], b32[:64], return_stats=True)
+    out += [("narrow y", yn), ("narrow mean", mn), ("narrow rstd", rsn)]
     out += [("narrow rms y", normlab.rms_norm(xn, wh[:64]))]
     out += list(zip(("narrow add y", "narrow add s"), normlab.add_layer_norm(xn, rn, w32[:64], b32[:64])))
     out += list(zip(("narrow addrms y", "narrow addrms s"), normlab.add_rms_norm(xn, rn, wh[:64])))
+    out += list(zip(("narrow dx", "narrow dw", "narrow db"), normlab.layer_norm_backward(rn, xn, mn, rsn, w32[:64])))
+    _, rms_n = normlab.rms_norm(xn, return_stats=True)
+    out += list(zip(("narrow rms dx", "narrow rms dw"), normlab.rms_norm_backward(rn, xn, rms_n, wh[:64])))
+    out += list(zip(("narrow add dx", "narrow add dw", "narrow add db"),
+                    normlab.add_layer_norm_backward(rn, xn, mn, rsn, w32[:64], ds=rn)))
     img = x.reshape(8, 12, 769)[:, :, :768].copy().reshape(8, 12, 32, 24)
     dimg = dy.reshape(8, 12, 769)[:, :, :768].copy().reshape(img.shape)
     for cl in (False, True):
