@@ -173,7 +173,8 @@ ROW_CASES = [
     ((4, 6, 16), (-2, -1)),
     ((1, 16), -1),
     ((2, 64), -1),
-    # narrow rows (1 to 4, 8 or 16 float vectors) in blocks of 8 rows, and rows left over
+    # narrow rows (4, 8 or 16 float vectors) in blocks of 8 rows, with rows left over; rows of
+    # 3 vectors (48 with AVX-512) go in blocks one at a time
     ((9, 48), -1),
     ((11, 128), -1),
     ((19, 256), -1),

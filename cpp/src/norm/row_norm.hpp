@@ -581,26 +581,35 @@ bool narrow_forward_rows(std::int64_t n, std::int64_t data_bytes, const T* resid
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole float vectors in a row
-// of n where that is 1 to 4, 8 or 16 (up to MaxNV), T is float (or with Half a half type) and
-// `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers: the forward's
-// (narrow_forward_rows) up to 16 vectors; the backward's always, up to 8 (half rows: float16
-// layer_norm_backward (4096, 64) 0.81x the time, (4096, 128) 0.90x, (262144, 64) 0.85x; rms_norm
-// 0.71x, 0.87x, 0.75x; add_layer_norm 0.83x, 0.92x, 0.78x; bfloat16 0.69-0.98x). Against
-// rows one at a time (2 threads, AMD Zen 4 VM, in-process A/B), float32 rows of 128 in cache
-// took 0.58-0.64x the time in layer_norm, 0.64-0.71x in rms_norm, 0.70-0.74x in add_layer_norm,
-// 0.86x in add_rms_norm, 0.72-0.85x in their backwards ((65536, 128) from memory 0.84-0.96x);
-// rows of 256 in cache 0.67-0.73x, 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused pair at
-// (16384, 256), 16 MiB, 1.00-1.07x).
+// of n where that is 1 to 4 (half rows: 4), 8 or 16 (up to MaxNV), T is float (or with Half a
+// half type) and `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers:
+// the forward's (narrow_forward_rows) up to 16 vectors; the backward's always, up to 8 (half
+// rows: float16 layer_norm_backward (4096, 64) 0.81x the time, (4096, 128) 0.90x, (262144, 64)
+// 0.85x; rms_norm 0.71x, 0.87x, 0.75x; add_layer_norm 0.83x, 0.92x, 0.78x; bfloat16 0.69-0.98x).
+// Against rows one at a time (2 threads, AMD Zen 4 VM, in-process A/B), float32 rows of 128 in
+// cache took 0.58-0.64x the time in layer_norm, 0.64-0.71x in rms_norm, 0.70-0.74x in
+// add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in their backwards ((65536, 128) from memory
+// 0.84-0.96x); rows of 256 in cache 0.67-0.73x, 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused
+// pair at (16384, 256), 16 MiB, 1.00-1.07x).
 template <class T, int MaxNV = 4, bool Half = false, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
   if constexpr (std::is_same<T, float>::value || (Half && kHalf<T>)) {
     constexpr int L = kLanes<float>;
+    // Half rows of 1-3 vectors (16-48 elements with AVX-512) stay out: rare, and each NV is
+    // another set of kernels to compile.
+    constexpr bool kFew = std::is_same<T, float>::value;
     if (allowed && n % L == 0 && n <= MaxNV * L) {
       switch (n / L) {
-        case 1: return f(std::integral_constant<int, 1>());
-        case 2: return f(std::integral_constant<int, 2>());
-        case 3: return f(std::integral_constant<int, 3>());
+        case 1:
+          if constexpr (kFew) return f(std::integral_constant<int, 1>());
+          break;
+        case 2:
+          if constexpr (kFew) return f(std::integral_constant<int, 2>());
+          break;
+        case 3:
+          if constexpr (kFew) return f(std::integral_constant<int, 3>());
+          break;
         case 4: return f(std::integral_constant<int, 4>());
         case 8:
           if constexpr (MaxNV >= 8) return f(std::integral_constant<int, 8>());
