@@ -571,7 +571,7 @@ bool rows_in_blocks(std::int64_t n, std::int64_t data_bytes) {
 // written past the cache. Narrow half rows store y cached even there. Against blocks of rows one
 // at a time (2 threads, AMD Zen 4 VM, in-process A/B), in cache: float16 layer_norm (4096, 64)
 // 0.68x the time, (4096, 128) 0.59x, (2048, 256) 0.85x; rms_norm 0.66x, 0.86x, 0.94x; bfloat16
-// 0.69x, 0.80x, 0.80x and 0.69x, 0.81x, 0.88x; add_layer_norm 0.64-1.00x. 32 MiB of float16
+// 0.69x, 0.80x, 0.80x and 0.69x, 0.81x, 0.88x; add_layer_norm 0.71-1.00x. 32 MiB of float16
 // rows of 64-256: layer_norm 0.91-0.97x, rms_norm 0.65-0.95x (their y streamed took 1.01-1.09x
 // that), add_layer_norm 1.04-1.20x (streamed 1.03-1.05x), which therefore keeps its blocks.
 template <class T>
@@ -585,7 +585,7 @@ bool narrow_forward_rows(std::int64_t n, std::int64_t data_bytes, const T* resid
 // half type) and `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers:
 // the forward's (narrow_forward_rows) up to 16 vectors; the backward's always, up to 8 (half
 // rows: float16 layer_norm_backward (4096, 64) 0.81x the time, (4096, 128) 0.90x, (262144, 64)
-// 0.85x; rms_norm 0.71x, 0.87x, 0.75x; add_layer_norm 0.83x, 0.92x, 0.78x; bfloat16 0.69-0.98x).
+// 0.85x; rms_norm 0.71x, 0.87x, 0.75x; add_layer_norm 0.83x, 0.92x, 0.78x; bfloat16 0.71-0.98x).
 // Against rows one at a time (2 threads, AMD Zen 4 VM, in-process A/B), float32 rows of 128 in
 // cache took 0.58-0.64x the time in layer_norm, 0.64-0.71x in rms_norm, 0.70-0.74x in
 // add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in their backwards ((65536, 128) from memory
