@@ -140,7 +140,7 @@ void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int
   // x, y, and residual and sum rows; the weight and bias.
   const bool stream =
       stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, (a.weight ? 1 : 0) + (a.bias ? 1 : 0)), bytes);
-  with_narrow_rows<T, 16, true>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
+  with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     auto rows = &layer_norm_rows<T, false, false, NV>;
     if (a.weight && a.bias) rows = &layer_norm_rows<T, true, true, NV>;

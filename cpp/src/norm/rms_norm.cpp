@@ -52,7 +52,7 @@ void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nth
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight.
   const bool stream = stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, a.weight ? 1 : 0), bytes);
-  with_narrow_rows<T, 16, true>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
+  with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;
     parallel_ranges(a.rows, nthreads, [&](std::int64_t r0, std::int64_t r1) { rows(a, residual, sum, r0, r1, stream); });

@@ -581,8 +581,8 @@ bool narrow_forward_rows(std::int64_t n, std::int64_t data_bytes, const T* resid
 }
 
 // Calls f(std::integral_constant<int, NV>()) with NV the number of whole float vectors in a row
-// of n where that is 1 to 4 (half rows: 4), 8 or 16 (up to MaxNV), T is float (or with Half a
-// half type) and `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers:
+// of n where that is 1 to 4 (half rows: 4), 8 or 16 (up to MaxNV), T is float or a half
+// type, and `allowed`, else with NV = 0. Such narrow rows keep their vectors in registers:
 // the forward's (narrow_forward_rows) up to 16 vectors; the backward's always, up to 8 (half
 // rows: float16 layer_norm_backward (4096, 64) 0.81x the time, (4096, 128) 0.90x, (262144, 64)
 // 0.85x; rms_norm 0.71x, 0.87x, 0.75x; add_layer_norm 0.83x, 0.92x, 0.78x; bfloat16 0.71-0.98x).
@@ -591,10 +591,10 @@ bool narrow_forward_rows(std::int64_t n, std::int64_t data_bytes, const T* resid
 // add_layer_norm, 0.86x in add_rms_norm, 0.72-0.85x in their backwards ((65536, 128) from memory
 // 0.84-0.96x); rows of 256 in cache 0.67-0.73x, 0.69-0.87x, 0.78-0.92x and 0.79-0.92x (the fused
 // pair at (16384, 256), 16 MiB, 1.00-1.07x).
-template <class T, int MaxNV = 4, bool Half = false, class F>
+template <class T, int MaxNV, class F>
 void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<T, float>::value || (Half && kHalf<T>)) {
+  if constexpr (std::is_same<T, float>::value || kHalf<T>) {
     constexpr int L = kLanes<float>;
     // Half rows of 1-3 vectors (16-48 elements with AVX-512) stay out: rare, and each NV is
     // another set of kernels to compile.
@@ -1683,7 +1683,7 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
     auto streamed_row = [&](std::int64_t i, C* stage) { row_at(i).template run<true>(stage); };
     // Narrow rows keep their vectors in registers between the passes, with weight also
     // the weight and the stage.
-    with_narrow_rows<T, 8, true>(n, true, [&](auto nv) {
+    with_narrow_rows<T, 8>(n, true, [&](auto nv) {
       constexpr int NV = decltype(nv)::value;
       if constexpr (NV == 0) {
 #if NL_VEC_BYTES
