@@ -398,6 +398,42 @@ def test_out_and_sum_out_in_place(cpu_target, rng, dtype):
     assert same_bits(normlab.layer_norm(wide[:, ::2], w, b), normlab.layer_norm(x, w, b))
 
 
+# Rows of every forward store path: narrow rows of 4, 8 and 16 vectors, rows one at a time with
+# an unaligned head and a partial tail, and rows of 8192 with weight and bias (in pairs).
+SUBNORMAL_ROW_SHAPES = [(16, 64), (9, 128), (9, 256), (5, 769), (3, 2053), (3, 8192)]
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", SUBNORMAL_ROW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_subnormal_outputs_round_exactly(cpu_target, rng, shape, dtype):
+    """Outputs of subnormal size in the half type, scattered among normal ones, round as the
+    others do. vcvtneps2bf16 reads subnormal floats as zero, so bfloat16 stores test their vectors
+    for them (several vectors at a time): a vector that holds one must not be flushed to 0."""
+    tiny = 1e-39 if dtype == BF16 else 1e-6  # |y| below the half type's smallest normal
+    x = make_x(rng, shape, dtype, offset=0.5)
+    cols = shape[-1]
+    w = (1.0 + 0.5 * rng.standard_normal(cols)).astype(F32)
+    small = rng.random(cols) < 1 / 40
+    small[rng.integers(0, cols)] = True
+    w[small] = (tiny * (1 + rng.random(small.sum()))).astype(F32)
+    b = np.where(small, 0.0, rng.standard_normal(cols)).astype(F32)
+    r = make_x(rng, shape, dtype)
+    out = np.empty(x.size + 1, dtype)[1:].reshape(shape)  # off the vector width: a head
+    s_out = np.empty_like(x)
+    y_ref = ref.layer_norm(x, w, b)[0]
+    subnormal = np.abs(y_ref) < 2.0 ** ref.half_format(dtype)[1]
+    assert subnormal.any() and not subnormal.all()
+    yw_ref = ref.layer_norm(x, w, None)[0]
+    for o in (None, out):
+        check_half(normlab.layer_norm(x, w, b, out=o), y_ref, dtype, "layer_norm y", slack=fwd_slack(yw_ref, b))
+        rms_ref = ref.rms_norm(x, w, eps=1e-5)[0]
+        check_half(normlab.rms_norm(x, w, eps=1e-5, out=o), rms_ref, dtype, "rms_norm y", slack=fwd_slack(rms_ref))
+        y, s = normlab.add_layer_norm(x, r, w, b, out=o, sum_out=s_out)
+        add_ref = ref.layer_norm(s, w, b)[0]
+        check_half(y, add_ref, dtype, "add_layer_norm y",
+                   slack=fwd_slack(ref.layer_norm(s, w, None)[0], b))
+
+
 # --------------------------------------------------------------------------------------------
 # batch / instance / group norm
 # --------------------------------------------------------------------------------------------

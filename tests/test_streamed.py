@@ -56,6 +56,11 @@ CASES = textwrap.dedent(
                 yield key + "-ln", normlab.layer_norm(x, w, b, axis=axis, out=out).copy()
                 yield key + "-ln-plain", normlab.layer_norm(x, axis=axis, out=out).copy()
                 yield key + "-rms", normlab.rms_norm(x, w, axis=axis, out=out).copy()
+                # Outputs of subnormal size among normal ones (bfloat16 stores test for them)
+                tiny = w.copy()
+                tiny.reshape(-1)[::37] = 1e-39
+                tiny.reshape(-1)[5::37] = 1e-6
+                yield key + "-ln-tiny", normlab.layer_norm(x, tiny, axis=axis, out=out).copy()
                 y, total = normlab.add_layer_norm(x, r, w, b, axis=axis, out=out, sum_out=s)
                 yield key + "-add-ln", np.concatenate([y.ravel(), total.ravel()])
                 y, total = normlab.add_rms_norm(x, r, w, axis=axis, out=out, sum_out=s)
