@@ -461,12 +461,6 @@ def chan_shape(n, c, spatial, cl):
     return (n, *spatial, c) if cl else (n, c, *spatial)
 
 
-
-
-
-
-
-
 def chan_vec(v, ndim, cl):
     """A per-channel vector broadcastable against x in its own layout."""
     v = f64(v)
@@ -492,6 +486,29 @@ def test_channel_norm_forward(cpu_target, rng, kind, n, c, spatial, groups, dtyp
     y0 = calls.forward(kind, x, None, None, cl, groups)[0]
     y0_ref = ref.channel_norm(x, kind, groups, channel_axis=ax)[0]
     check_half(y0, y0_ref, dtype, "y (no affine)", slack=fwd_slack(y0_ref))
+
+
+# Channels-first planes of whole vectors and channels-last rows wider than a tile.
+SUBNORMAL_CHANNEL_CASES = [(False, (2, 5, 40, 41)), (True, (2, 9, 7, 200)), (True, (2, 3, 5, 520))]
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+@pytest.mark.parametrize("cl, shape", SUBNORMAL_CHANNEL_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("NSC" if v else "NCS"))
+def test_channel_norm_subnormal_outputs_round_exactly(cpu_target, rng, cl, shape, kind, dtype):
+    """As test_subnormal_outputs_round_exactly, for the channel norms: weights of about 100 times
+    the half type's smallest normal make about 1% of those channels' outputs subnormal."""
+    x = make_x(rng, shape, dtype, offset=1.0)
+    c = shape[-1] if cl else shape[1]
+    emin = ref.half_format(dtype)[1]
+    w = np.where(np.arange(c) % 3 == 0, 1.0, 100 * 2.0**emin).astype(F32)
+    ax = -1 if cl else 1
+    y = calls.forward(kind, x, w, None, cl, 1)[0]
+    y_ref = ref.channel_norm(x, kind, 1, w, None, channel_axis=ax)[0]
+    subnormal = np.abs(y_ref) < 2.0**emin
+    assert subnormal.any() and not subnormal.all()
+    check_half(y, y_ref, dtype, "y", slack=fwd_slack(y_ref))
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])

@@ -809,8 +809,15 @@ inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C s
   auto one = [&](std::int64_t j) { y[j] = narrow<T>(((to_c(x[j]) - head) - tail) * scale + bias); };
   std::int64_t j = 0;
   for (const std::int64_t h = span_head(y, n, stream); j < h; ++j) one(j);
-  for (; j + L <= n; j += L) store_out(y + j, V(((load<V>(x + j) - vh) - vt) * vs + vb), stream);
-  for (; j < n; ++j) one(j);
+  const std::int64_t whole_end = j + (n - j) / L * L;
+  auto value = [&](std::int64_t k, int) __attribute__((always_inline)) {
+    return V(((load<V>(x + k) - vh) - vt) * vs + vb);
+  };
+  auto put = [&](std::int64_t k, V v, bool normal) __attribute__((always_inline)) {
+    store_out(y + k, v, stream, normal);
+  };
+  whole_vectors<T>(j, whole_end, value, put);
+  for (j = whole_end; j < n; ++j) one(j);
 }
 
 // Whether a channel norm writes its output (x's size) past the caches: from stream_min_bytes(),
@@ -876,14 +883,19 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
             // Wide rows: row by row, the coefficients reloaded from L1 for every vector. Four
             // rows per coefficient load took 1.6-1.8x the time on Intel (Emerald Rapids).
             for (std::int64_t r = 0; r < nr; ++r) {
-              std::int64_t j = 0;
-              for (; j + L <= len; j += L) {
-                const std::int64_t e = r * len + j;
-                prefetch_ahead(xb + e);
-                store_out(yb + e, V((load<V>(xb + e) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j)),
-                          stream);
-              }
-              for (; j < len; ++j) {
+              const std::int64_t whole_end = len / L * L;
+              T* const yr = yb + r * len;
+              const T* const xr = xb + r * len;
+              whole_vectors<T>(
+                  0, whole_end,
+                  [&](std::int64_t j, int) __attribute__((always_inline)) {
+                    prefetch_ahead(xr + j);
+                    return V((load<V>(xr + j) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
+                  },
+                  [&](std::int64_t j, V v, bool normal) __attribute__((always_inline)) {
+                    store_out(yr + j, v, stream, normal);
+                  });
+              for (std::int64_t j = whole_end; j < len; ++j) {
                 const std::int64_t e = r * len + j;
                 yb[e] = narrow<T>((to_c(xb[e]) - hdl[j]) * scl[j] + bsl[j]);
               }

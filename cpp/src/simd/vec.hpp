@@ -559,14 +559,22 @@ __attribute__((always_inline)) inline void prefetch_for_write(T* p) {
 
 // One vector of an output: stored past the caches with stream where p is aligned to the vector
 // width (store_stream), else through them, its line prefetched ahead (prefetch_for_write).
+// store(p, v), for half data skipping the subnormal check where normal (narrow_half).
 template <class T>
-__attribute__((always_inline)) inline void store_out(T* p, vnative<compute_t<T>> v, bool stream) {
+__attribute__((always_inline)) inline void store_whole(T* p, vnative<compute_t<T>> v, bool normal) {
+  if constexpr (kHalf<T>) store(p, v, normal);
+  else store(p, v);
+}
+
+// normal: as for narrow_half (half data only).
+template <class T>
+__attribute__((always_inline)) inline void store_out(T* p, vnative<compute_t<T>> v, bool stream, bool normal = false) {
   constexpr std::uintptr_t width = kLanes<compute_t<T>> * sizeof(T);
   if (stream && reinterpret_cast<std::uintptr_t>(p) % width == 0) {
-    store_stream(p, v);
+    store_stream(p, v, normal);
   } else {
     prefetch_for_write(p);
-    store(p, v);
+    store_whole(p, v, normal);
   }
 }
 
@@ -634,13 +642,6 @@ __attribute__((always_inline)) inline void walk_lines(std::int64_t head, std::in
     for (; j < end; j += L) whole(j);
   };
   walk_line_spans<T>(head, n, edge, span);
-}
-
-// store(p, v), for half data skipping the subnormal check where normal (narrow_half).
-template <class T>
-__attribute__((always_inline)) inline void store_whole(T* p, vnative<compute_t<T>> v, bool normal) {
-  if constexpr (kHalf<T>) store(p, v, normal);
-  else store(p, v);
 }
 
 // Whether any lane of the vectors is a subnormal float.
