@@ -434,6 +434,49 @@ def test_subnormal_outputs_round_exactly(cpu_target, rng, shape, dtype):
                    slack=fwd_slack(ref.layer_norm(s, w, None)[0], b))
 
 
+# Rows of every backward store path: narrow rows of 4 and 8 vectors in blocks, rows one at a time
+# with a partial tail, and rows of 4099 (8 KiB) in groups of four with weight, the rest one by one.
+SUBNORMAL_BACKWARD_ROW_SHAPES = [(16, 64), (9, 128), (5, 769), (3, 2053), (9, 4099)]
+
+
+def tiny_gradient(rng, shape, dtype):
+    """dy (or ds) of about 8 times the half type's smallest normal: about a tenth of the dx it
+    gives is subnormal in the half type, scattered among normal values."""
+    return (8 * 2.0 ** ref.half_format(dtype)[1] * rng.standard_normal(shape)).astype(dtype)
+
+
+def check_some_subnormal(ref64, dtype):
+    subnormal = np.abs(ref64) < 2.0 ** ref.half_format(dtype)[1]
+    assert subnormal.any() and not subnormal.all()
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("shape", SUBNORMAL_BACKWARD_ROW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_subnormal_gradients_round_exactly(cpu_target, rng, shape, dtype):
+    """As test_subnormal_outputs_round_exactly, for dx of the row-norm backwards: bfloat16 dx is
+    tested for subnormal floats several vectors at a time too."""
+    x = make_x(rng, shape, dtype, offset=0.5)
+    dy = tiny_gradient(rng, shape, dtype)
+    ds = tiny_gradient(rng, shape, dtype)
+    w = make_affine(rng, shape[-1:], F32)[0]
+    out = np.empty(x.size + 1, dtype)[1:].reshape(shape)  # off the vector width: a head
+    _, mean, rstd = normlab.layer_norm(x, w, return_stats=True)
+    _, rms_rstd = normlab.rms_norm(x, w, eps=1e-5, return_stats=True)
+    for wt in (w, None):
+        slack = row_bwd_slack(dy, wt, rstd, x.ndim, 1)
+        dx_ref = ref.layer_norm_backward(dy, x, mean, rstd, wt)[0]
+        check_some_subnormal(dx_ref, dtype)
+        rms_ref = ref.rms_norm_backward(dy, x, rms_rstd, wt)[0]
+        rms_slack = row_bwd_slack(dy, wt, rms_rstd, x.ndim, 1)
+        for o in (None, out):
+            check_half(normlab.layer_norm_backward(dy, x, mean, rstd, wt, out=o)[0], dx_ref, dtype,
+                       "layer_norm_backward dx", slack=slack)
+            check_half(normlab.rms_norm_backward(dy, x, rms_rstd, wt, out=o)[0], rms_ref, dtype,
+                       "rms_norm_backward dx", slack=rms_slack)
+            check_half(normlab.add_layer_norm_backward(dy, x, mean, rstd, wt, ds=ds, out=o)[0],
+                       dx_ref + f64(ds), dtype, "add_layer_norm_backward dx", slack=slack)
+
+
 # --------------------------------------------------------------------------------------------
 # batch / instance / group norm
 # --------------------------------------------------------------------------------------------

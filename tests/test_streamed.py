@@ -85,6 +85,10 @@ CASES = textwrap.dedent(
                 yield key + "-ln-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel(), bits(db).ravel()])
                 dx, _, _ = normlab.layer_norm_backward(dy, x, mean, rstd, axis=axis, out=out)
                 yield key + "-ln-backward-plain", dx.copy()
+                # dx of subnormal size among normal values (bfloat16 stores test for them)
+                tiny = (dy * {np.float16: 1e-3}.get(dtype, 1e-37)).astype(dtype)
+                dx, dw, db = normlab.layer_norm_backward(tiny, x, mean, rstd, w, axis=axis, out=out)
+                yield key + "-ln-backward-tiny", np.concatenate([bits(dx).ravel(), bits(dw).ravel(), bits(db).ravel()])
                 dx, dw, db = normlab.add_layer_norm_backward(dy, x, mean, rstd, w, ds=r, axis=axis, out=out)
                 yield key + "-add-ln-backward", np.concatenate([bits(dx).ravel(), bits(dw).ravel(), bits(db).ravel()])
                 _, rstd = normlab.rms_norm(x, w, axis=axis, return_stats=True)
@@ -120,6 +124,11 @@ CASES = textwrap.dedent(
                     shifted_dx = bwd(m, r, out)[0].copy()
                     parts = [y, shifted, *bwd(m, r, None), shifted_dx]
                     yield f"{key}-{kind}", np.concatenate([bits(a).ravel() for a in parts])
+                # dx of subnormal size among normal values (bfloat16 stores test for them)
+                dy = (dy * {np.float16: 1e-3}.get(dtype, 1e-37)).astype(dtype)
+                m, r = normlab.batch_norm(x, w, w, channel_axis=ax, return_stats=True)[1:]
+                parts = [normlab.batch_norm_backward(dy, x, m, r, w, channel_axis=ax, out=o)[0] for o in (None, out)]
+                yield f"{key}-batch-tiny-dy", np.concatenate([bits(a).ravel() for a in parts])
 
     def bits(a):
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]

@@ -1084,39 +1084,61 @@ struct RowBackward {
     // dx = rstd * (g - c0) - (rstd * c1) * xhat
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
     // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
-    // whole lines from its first line-aligned element, as map_row. Two instantiations: a call to
-    // a streamed loop on the side slowed the cached one by 4-16%.
+    // whole lines from its first line-aligned element, as map_row. Whole vectors are stored as
+    // whole_vectors puts them (bfloat16: one subnormal test per four). Two instantiations: a
+    // call to a streamed loop on the side slowed the cached one by 4-16%.
+    auto value = [&](std::int64_t j) __attribute__((always_inline)) {
+      return dx_value<WithStage>(j, L, stage, vm, vr, vc0, vk1);
+    };
     if constexpr (Stream) {
       const std::int64_t head = stream_head(dx, n);
       if (head >= 0) {
-        walk_lines<T>(
+        walk_line_spans<T>(
             head, n,
             [&](std::int64_t i, int count) __attribute__((always_inline)) {
               tick(i);
               dx_vector<kBesideStream, WithStage>(i, count, stage, vm, vr, vc0, vk1);
             },
-            [&](std::int64_t i) __attribute__((always_inline)) {
-              tick(i);
-              dx_vector<kStreamed, WithStage>(i, L, stage, vm, vr, vc0, vk1);
+            [&](std::int64_t j0, std::int64_t j1) __attribute__((always_inline)) {
+              whole_vectors<T>(
+                  j0, j1,
+                  [&](std::int64_t i, int) __attribute__((always_inline)) {
+                    tick(i);
+                    return value(i);
+                  },
+                  [&](std::int64_t i, V out, bool normal) __attribute__((always_inline)) {
+                    store_stream(dx + i, out, normal);
+                  });
             });
         return;
       }
     }
-    for (std::int64_t j = 0; j < n; j += L) {
-      tick(j);
-      prefetch_for_write(dx + j);
-      dx_vector<kCached, WithStage>(j, n - j < L ? int(n - j) : L, stage, vm, vr, vc0, vk1);
+    const std::int64_t whole = n / L * L;
+    whole_vectors<T>(
+        0, whole,
+        [&](std::int64_t j, int) __attribute__((always_inline)) {
+          tick(j);
+          prefetch_for_write(dx + j);
+          return value(j);
+        },
+        [&](std::int64_t j, V out, bool normal) __attribute__((always_inline)) { store_whole(dx + j, out, normal); });
+    if (whole < n) {
+      tick(whole);
+      prefetch_for_write(dx + whole);
+      dx_vector<kCached, WithStage>(whole, int(n - whole), stage, vm, vr, vc0, vk1);
     }
   }
 
-  // How dx_vector stores: through the caches, a whole line-aligned vector past them, or through
-  // them beside streamed lines (partial vectors unmasked).
-  enum StoreMode { kCached, kStreamed, kBesideStream };
+  // How dx_vector stores: through the caches, or through them beside streamed lines (partial
+  // vectors unmasked).
+  enum StoreMode { kCached, kBesideStream };
 
-  // dx[j .. j+count) of run_f32, stored as Mode says, then the row's part of the stage there.
-  template <StoreMode Mode, bool WithStage = true>
-  __attribute__((always_inline)) void dx_vector(std::int64_t j, int count, float* stage, vnative<float> vm,
-                                                vnative<float> vr, vnative<float> vc0, vnative<float> vk1) const {
+  // dx[j .. j+count) of run_f32, returned to be stored, and (WithStage) the row's part of the
+  // stage there.
+  template <bool WithStage = true>
+  __attribute__((always_inline)) vnative<float> dx_value(std::int64_t j, int count, float* stage, vnative<float> vm,
+                                                         vnative<float> vr, vnative<float> vc0,
+                                                         vnative<float> vk1) const {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     if (ahead) {
@@ -1132,10 +1154,6 @@ struct RowBackward {
     if constexpr (Centered) gv -= vc0;
     V out = vr * gv - vk1 * xh;
     if (ds) out += load_n(ds + j, count);
-    if (Mode == kStreamed) store_stream(dx + j, out);
-    else if (count == L) store(dx + j, out);
-    else if (Mode == kBesideStream) store_partial_unmasked(dx + j, out, count);
-    else store_partial(dx + j, out, count);
     if constexpr (HasW && WithStage) {
       if (count == L) {
         store(stage + j, fmadd(d, xh, load<V>(stage + j)));
@@ -1145,6 +1163,18 @@ struct RowBackward {
         if constexpr (Centered) store_partial(stage + n + j, load_n(stage + n + j, count) + d, count);
       }
     }
+    return out;
+  }
+
+  // dx_value stored as Mode says.
+  template <StoreMode Mode, bool WithStage = true>
+  __attribute__((always_inline)) void dx_vector(std::int64_t j, int count, float* stage, vnative<float> vm,
+                                                vnative<float> vr, vnative<float> vc0, vnative<float> vk1) const {
+    constexpr int L = kLanes<float>;
+    const vnative<float> out = dx_value<WithStage>(j, count, stage, vm, vr, vc0, vk1);
+    if (count == L) store(dx + j, out);
+    else if (Mode == kBesideStream) store_partial_unmasked(dx + j, out, count);
+    else store_partial(dx + j, out, count);
   }
 
   // run_f32 of a row of NV whole vectors (n == NV * lanes, NV <= kFlushEvery), with weight wv
@@ -1180,17 +1210,18 @@ struct RowBackward {
     double c1 = (lane_sum_inline(dsgx) + tgx) * inv_n;
     if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);
     const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
+    V out[NV];
     for (int t = 0; t < NV; ++t) {
       V gv = g[t];
       if constexpr (Centered) gv -= vc0;
-      V out = vr * gv - vk1 * xh[t];
-      if (ds) out += load<V>(ds + t * L);
-      store(dx + t * L, out);
+      out[t] = vr * gv - vk1 * xh[t];
+      if (ds) out[t] += load<V>(ds + t * L);
       if constexpr (HasW) {
         s0[t] = fmadd(d[t], xh[t], s0[t]);
         if constexpr (Centered) s1[t] += d[t];
       }
     }
+    put_vectors<T>(out, [&](int t, V v, bool normal) __attribute__((always_inline)) { store_whole(dx + t * L, v, normal); });
   }
 #endif
 
@@ -1279,7 +1310,9 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
     // (64, 4096) took 0.90-0.96x the time, (2048, 4096) 0.95x; pairs (pipelined long rows,
     // half rows) keep row by row: loads first, (256, 65536) took 1.04-1.05x.
     constexpr bool kLoadsFirst = R >= 4;
-    V xs[R], dys[R], dss[R];
+    // bfloat16 (kCheckedNarrow): the R rows' whole vectors are stored after one subnormal test.
+    constexpr bool kTestedTogether = kCheckedNarrow<T> && kFull;
+    V xs[R], dys[R], dss[R], outs[R];
     auto load_row = [&](int b) __attribute__((always_inline)) {
       const std::int64_t o = b * n + j;
       xs[b] = get(x + o);
@@ -1303,12 +1336,19 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
       if constexpr (Centered) gv -= vc0[b];
       V out = vr[b] * gv - vk1[b] * xh;
       if constexpr (HasDs) out += dss[b];
-      if constexpr (kStreamed) store_stream(dx + o, out);
+      if constexpr (kTestedTogether) outs[b] = out;
+      else if constexpr (kStreamed) store_stream(dx + o, out);
       else if constexpr (kFull) store(dx + o, out);
       else if constexpr (kBeside) store_partial_unmasked(dx + o, out, count);
       else store_partial(dx + o, out, count);
       s0 = fmadd(d, xh, s0);
       if constexpr (Centered) s1 += d;
+    }
+    if constexpr (kTestedTogether) {
+      put_vectors<T>(outs, [&](int b, V out, bool normal) __attribute__((always_inline)) {
+        if constexpr (kStreamed) store_stream(dx + b * n + j, out, normal);
+        else store_whole(dx + b * n + j, out, normal);
+      });
     }
     if constexpr (kFull) {
       store(stage + j, s0);
@@ -1620,18 +1660,19 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
     const RowBackward<Centered, HasW, T> r = row(b);
     const V vm = splat<V>(Centered ? mean[b] : 0.0f), vr = splat<V>(rstd[b]);
     const V vc0 = splat<V>(c0f[b]), vk1 = splat<V>(k1f[b]);
+    V out[NV];
     for (int t = 0; t < NV; ++t) {
       V xh, d, g;
       load_xhat_g(b, t, vm, vr, xh, d, g);
       if constexpr (Centered) g -= vc0;
-      V out = vr * g - vk1 * xh;
-      if (r.ds) out += load<V>(r.ds + t * L);
-      store(r.dx + t * L, out);
+      out[t] = vr * g - vk1 * xh;
+      if (r.ds) out[t] += load<V>(r.ds + t * L);
       if constexpr (HasW) {
         s0[t] = fmadd(d, xh, s0[t]);
         if constexpr (Centered) s1[t] += d;
       }
     }
+    put_vectors<T>(out, [&](int t, V v, bool normal) __attribute__((always_inline)) { store_whole(r.dx + t * L, v, normal); });
   }
 }
 #endif

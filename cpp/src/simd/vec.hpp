@@ -643,35 +643,46 @@ __attribute__((always_inline)) inline void walk_lines(std::int64_t head, std::in
   walk_line_spans<T>(head, n, edge, span);
 }
 
-// Whether any lane of the vectors may be a subnormal float: used only where kCheckedNarrow
+// Whether any lane of the R vectors may be a subnormal float: used only where kCheckedNarrow
 // (AVX-512 BF16); elsewhere true, so every vector would keep its own check.
-template <class... V>
-__attribute__((always_inline)) inline bool any_subnormal(V... v) {
+template <int R, class V>
+__attribute__((always_inline)) inline bool any_subnormal(const V (&v)[R]) {
 #if defined(NL_TARGET_AVX512)
-  return (... | _mm512_fpclass_ps_mask(__m512(v), 0x20)) != 0;
+  __mmask16 subnormal = 0;
+  for (int b = 0; b < R; ++b) subnormal |= _mm512_fpclass_ps_mask(__m512(v[b]), 0x20);
+  return subnormal != 0;
 #else
-  return ((void)v, ..., true);
+  return ((void)v, true);
 #endif
+}
+
+// put(b, v[b], normal) for b = 0 .. R-1, in order. Where stores check each vector for subnormal
+// floats (kCheckedNarrow), one test for all R (normal: none holds one); else normal is false.
+// For the backwards' bfloat16 dx, against a test per vector: layer_norm_backward and
+// rms_norm_backward of (4096, 64) to (256, 65536) took 0.86-0.98x the time, add_layer_norm's
+// (2048, 4096) 0.77x, batch and instance norm backward of (64, 3, 224, 224) 0.79x (channels-
+// first), channels-last 0.98-1.04x (2 threads, AMD Zen 4 VM, in-process A/B).
+template <class T, int R, class Put>
+__attribute__((always_inline)) inline void put_vectors(const vnative<compute_t<T>> (&v)[R], const Put& put) {
+  bool normal = false;
+  if constexpr (kCheckedNarrow<T>) normal = !any_subnormal(v);
+  for (int b = 0; b < R; ++b) put(b, v[b], normal);
 }
 
 // put(j, f(j, lanes), normal) for the whole vectors j = j0, j0 + lanes, .. < j1, in order. Where
 // stores check each vector for subnormal floats (kCheckedNarrow), the vectors go four at a time,
-// one test for the four (normal: none holds one). A test per vector took a tenth of the time:
-// against it, bfloat16 layer_norm of (512, 768), (8192, 768), (2048, 4096) and (4096, 64) took
-// 0.89-0.94x the time, rms_norm 0.89-0.96x, add_layer_norm 0.94-0.96x; (256, 65536), from
-// memory, 0.97-1.01x (2 threads, AMD Zen 4 VM, in-process A/B). The lambdas of map_row and
-// map_row_pair are inlined: GCC left the grouped spans out of line, 1.2x the time.
+// one test for the four (put_vectors). A test per vector took a tenth of the time: against it,
+// bfloat16 layer_norm of (512, 768), (8192, 768), (2048, 4096) and (4096, 64) took 0.89-0.94x the
+// time, rms_norm 0.89-0.96x, add_layer_norm 0.94-0.96x; (256, 65536), from memory, 0.97-1.01x
+// (2 threads, AMD Zen 4 VM, in-process A/B). The lambdas of map_row and map_row_pair are
+// inlined: GCC left the grouped spans out of line, 1.2x the time.
 template <class T, class F, class Put>
 __attribute__((always_inline)) inline void whole_vectors(std::int64_t j, std::int64_t j1, const F& f, const Put& put) {
   constexpr int L = kLanes<compute_t<T>>;
   if constexpr (kCheckedNarrow<T>) {
     for (; j + 4 * L <= j1; j += 4 * L) {
-      const vfloat v0 = f(j, L), v1 = f(j + L, L), v2 = f(j + 2 * L, L), v3 = f(j + 3 * L, L);
-      const bool normal = !any_subnormal(v0, v1, v2, v3);
-      put(j, v0, normal);
-      put(j + L, v1, normal);
-      put(j + 2 * L, v2, normal);
-      put(j + 3 * L, v3, normal);
+      const vfloat v[4] = {f(j, L), f(j + L, L), f(j + 2 * L, L), f(j + 3 * L, L)};
+      put_vectors<T>(v, [&](int b, vfloat u, bool normal) __attribute__((always_inline)) { put(j + b * L, u, normal); });
     }
   }
   for (; j < j1; j += L) put(j, f(j, L), false);
@@ -739,12 +750,12 @@ __attribute__((always_inline)) inline void map_row_pair(T* y0, T* y1, std::int64
   auto pairs = [&](std::int64_t j, std::int64_t j1, const auto& put) __attribute__((always_inline)) {
     if constexpr (kCheckedNarrow<T>) {
       for (; j + 2 * L <= j1; j += 2 * L) {
-        V a0, b0, a1, b1;
-        f(j, L, a0, b0);
-        f(j + L, L, a1, b1);
-        const bool normal = !any_subnormal(a0, b0, a1, b1);
-        put(j, a0, b0, normal);
-        put(j + L, a1, b1, normal);
+        V v[4];
+        f(j, L, v[0], v[1]);
+        f(j + L, L, v[2], v[3]);
+        const bool normal = !any_subnormal(v);
+        put(j, v[0], v[1], normal);
+        put(j + L, v[2], v[3], normal);
       }
     }
     for (; j < j1; j += L) {
