@@ -532,7 +532,9 @@ def test_channel_norm_forward(cpu_target, rng, kind, n, c, spatial, groups, dtyp
 
 
 # Channels-first planes of whole vectors and channels-last rows wider than a tile.
-SUBNORMAL_CHANNEL_CASES = [(False, (2, 5, 40, 41)), (True, (2, 9, 7, 200)), (True, (2, 3, 5, 520))]
+SUBNORMAL_CHANNEL_CASES = [
+    (False, (2, 5, 40, 41)), (True, (2, 9, 7, 200)), (True, (2, 3, 5, 520)), (True, (2, 4, 6, 48)),
+]
 
 
 @pytest.mark.parametrize("dtype", HALVES)
@@ -552,6 +554,24 @@ def test_channel_norm_subnormal_outputs_round_exactly(cpu_target, rng, cl, shape
     subnormal = np.abs(y_ref) < 2.0**emin
     assert subnormal.any() and not subnormal.all()
     check_half(y, y_ref, dtype, "y", slack=fwd_slack(y_ref))
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+@pytest.mark.parametrize("cl, shape", SUBNORMAL_CHANNEL_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("NSC" if v else "NCS"))
+def test_channel_norm_subnormal_gradients_round_exactly(cpu_target, rng, cl, shape, kind, dtype):
+    """As test_subnormal_gradients_round_exactly, for dx of the channel-norm backwards."""
+    x = make_x(rng, shape, dtype, offset=1.0)
+    dy = tiny_gradient(rng, shape, dtype)
+    c = shape[-1] if cl else shape[1]
+    w = make_affine(rng, (c,), F32)[0]
+    ax = -1 if cl else 1
+    _, mean, rstd = calls.forward(kind, x, w, None, cl, 1)
+    dx = calls.backward(kind, dy, x, mean, rstd, w, cl, 1)[0]
+    dx_ref, _, _, term = ref.channel_norm_backward(dy, x, mean, rstd, kind, 1, w, channel_axis=ax)
+    check_some_subnormal(dx_ref, dtype)
+    check_half(dx, dx_ref, dtype, "dx", slack=BWD_REL * term.max())
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])

@@ -910,12 +910,17 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               sv[t] = load<V>(scl + j0 + t * L);
               bv[t] = load<V>(bsl + j0 + t * L);
             }
-            for (std::int64_t r = 0; r < nr; ++r)
+            for (std::int64_t r = 0; r < nr; ++r) {
+              V out[NV];
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(xb + e);
-                store_out(yb + e, V((load<V>(xb + e) - h[t]) * sv[t] + bv[t]), stream);
+                out[t] = (load<V>(xb + e) - h[t]) * sv[t] + bv[t];
               }
+              put_vectors<T>(out, [&](int t, V v, bool normal) __attribute__((always_inline)) {
+                store_out(yb + r * len + j0 + t * L, v, stream, normal);
+              });
+            }
           });
           for (std::int64_t jj = j; jj < len; ++jj) {
             const std::int64_t j = jj;
@@ -1083,8 +1088,14 @@ inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mea
   auto one = [&](std::int64_t j) { dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b); };
   std::int64_t j = 0;
   for (const std::int64_t h = span_head(dx, n, stream); j < h; ++j) one(j);
-  for (; j + L <= n; j += L) store_out(dx + j, V((va * load<V>(dy + j) - vc) - (load<V>(x + j) - vh) * vb), stream);
-  for (; j < n; ++j) one(j);
+  const std::int64_t whole_end = j + (n - j) / L * L;
+  whole_vectors<T>(
+      j, whole_end,
+      [&](std::int64_t k, int) __attribute__((always_inline)) {
+        return V((va * load<V>(dy + k) - vc) - (load<V>(x + k) - vh) * vb);
+      },
+      [&](std::int64_t k, V v, bool normal) __attribute__((always_inline)) { store_out(dx + k, v, stream, normal); });
+  for (j = whole_end; j < n; ++j) one(j);
 }
 
 // dbias[ch] = sum dy, dweight[ch] = sum dy * xhat (when non-null) from the per-plane gradient
@@ -1319,17 +1330,22 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
             // Wide rows: row by row, the coefficients reloaded from L1 for every vector (four rows
             // per coefficient load took 1.5x the time on Intel; strided tiles 1.2x).
             for (std::int64_t r = 0; r < nr; ++r) {
-              std::int64_t j = 0;
-              for (; j + L <= len; j += L) {
-                const std::int64_t e = r * len + j;
-                prefetch_ahead(db + e);
-                prefetch_ahead(xb + e);
-                store_out(ob + e,
-                          V((load<V>(al + j) * load<V>(db + e) - load<V>(cl + j)) -
-                            (load<V>(xb + e) - load<V>(hl + j)) * load<V>(bl + j)),
-                          stream);
-              }
-              for (; j < len; ++j) {
+              const std::int64_t whole_end = len / L * L;
+              const T* const dr = db + r * len;
+              const T* const xr = xb + r * len;
+              T* const outr = ob + r * len;
+              whole_vectors<T>(
+                  0, whole_end,
+                  [&](std::int64_t j, int) __attribute__((always_inline)) {
+                    prefetch_ahead(dr + j);
+                    prefetch_ahead(xr + j);
+                    return V((load<V>(al + j) * load<V>(dr + j) - load<V>(cl + j)) -
+                             (load<V>(xr + j) - load<V>(hl + j)) * load<V>(bl + j));
+                  },
+                  [&](std::int64_t j, V v, bool normal) __attribute__((always_inline)) {
+                    store_out(outr + j, v, stream, normal);
+                  });
+              for (std::int64_t j = whole_end; j < len; ++j) {
                 const std::int64_t e = r * len + j;
                 ob[e] = narrow<T>((al[j] * to_c(db[e]) - cl[j]) - (to_c(xb[e]) - hl[j]) * bl[j]);
               }
@@ -1345,13 +1361,18 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
               b[t] = load<V>(bl + j0 + t * L);
               cc[t] = load<V>(cl + j0 + t * L);
             }
-            for (std::int64_t r = 0; r < nr; ++r)
+            for (std::int64_t r = 0; r < nr; ++r) {
+              V out[NV];
               for (int t = 0; t < NV; ++t) {
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
-                store_out(ob + e, V((a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t]), stream);
+                out[t] = (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t];
               }
+              put_vectors<T>(out, [&](int t, V v, bool normal) __attribute__((always_inline)) {
+                store_out(ob + r * len + j0 + t * L, v, stream, normal);
+              });
+            }
           });
           for (std::int64_t jj = j; jj < len; ++jj)
             for (std::int64_t r = 0; r < nr; ++r) {
