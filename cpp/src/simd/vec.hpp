@@ -659,9 +659,9 @@ __attribute__((always_inline)) inline bool any_subnormal(const V (&v)[R]) {
 // put(b, v[b], normal) for b = 0 .. R-1, in order. Where stores check each vector for subnormal
 // floats (kCheckedNarrow), one test for all R (normal: none holds one); else normal is false.
 // For the backwards' bfloat16 dx, against a test per vector: layer_norm_backward and
-// rms_norm_backward of (4096, 64) to (256, 65536) took 0.86-0.98x the time, add_layer_norm's
+// rms_norm_backward of (4096, 64) to (256, 65536) took 0.86-0.99x the time, add_layer_norm's
 // (2048, 4096) 0.77x, batch and instance norm backward of (64, 3, 224, 224) 0.79x (channels-
-// first), channels-last 0.98-1.04x (2 threads, AMD Zen 4 VM, in-process A/B).
+// first), channels-last 0.95-1.04x (2 threads, AMD Zen 4 VM, in-process A/B).
 template <class T, int R, class Put>
 __attribute__((always_inline)) inline void put_vectors(const vnative<compute_t<T>> (&v)[R], const Put& put) {
   bool normal = false;
