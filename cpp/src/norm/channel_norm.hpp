@@ -810,13 +810,9 @@ inline void normalize_span(const T* x, T* y, std::int64_t n, C head, C tail, C s
   std::int64_t j = 0;
   for (const std::int64_t h = span_head(y, n, stream); j < h; ++j) one(j);
   const std::int64_t whole_end = j + (n - j) / L * L;
-  auto value = [&](std::int64_t k, int) __attribute__((always_inline)) {
+  store_out_vectors(y, j, whole_end, stream, [&](std::int64_t k, int) __attribute__((always_inline)) {
     return V(((load<V>(x + k) - vh) - vt) * vs + vb);
-  };
-  auto put = [&](std::int64_t k, V v, bool normal) __attribute__((always_inline)) {
-    store_out(y + k, v, stream, normal);
-  };
-  whole_vectors<T>(j, whole_end, value, put);
+  });
   for (j = whole_end; j < n; ++j) one(j);
 }
 
@@ -886,15 +882,10 @@ void normalize(const Geom& q, const T* x, const C* w, const C* b, T* y, const do
               const std::int64_t whole_end = len / L * L;
               T* const yr = yb + r * len;
               const T* const xr = xb + r * len;
-              whole_vectors<T>(
-                  0, whole_end,
-                  [&](std::int64_t j, int) __attribute__((always_inline)) {
-                    prefetch_ahead(xr + j);
-                    return V((load<V>(xr + j) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
-                  },
-                  [&](std::int64_t j, V v, bool normal) __attribute__((always_inline)) {
-                    store_out(yr + j, v, stream, normal);
-                  });
+              store_out_vectors(yr, 0, whole_end, stream, [&](std::int64_t j, int) __attribute__((always_inline)) {
+                prefetch_ahead(xr + j);
+                return V((load<V>(xr + j) - load<V>(hdl + j)) * load<V>(scl + j) + load<V>(bsl + j));
+              });
               for (std::int64_t j = whole_end; j < len; ++j) {
                 const std::int64_t e = r * len + j;
                 yb[e] = narrow<T>((to_c(xb[e]) - hdl[j]) * scl[j] + bsl[j]);
@@ -1089,12 +1080,9 @@ inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mea
   std::int64_t j = 0;
   for (const std::int64_t h = span_head(dx, n, stream); j < h; ++j) one(j);
   const std::int64_t whole_end = j + (n - j) / L * L;
-  whole_vectors<T>(
-      j, whole_end,
-      [&](std::int64_t k, int) __attribute__((always_inline)) {
-        return V((va * load<V>(dy + k) - vc) - (load<V>(x + k) - vh) * vb);
-      },
-      [&](std::int64_t k, V v, bool normal) __attribute__((always_inline)) { store_out(dx + k, v, stream, normal); });
+  store_out_vectors(dx, j, whole_end, stream, [&](std::int64_t k, int) __attribute__((always_inline)) {
+    return V((va * load<V>(dy + k) - vc) - (load<V>(x + k) - vh) * vb);
+  });
   for (j = whole_end; j < n; ++j) one(j);
 }
 
@@ -1334,17 +1322,12 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
               const T* const dr = db + r * len;
               const T* const xr = xb + r * len;
               T* const outr = ob + r * len;
-              whole_vectors<T>(
-                  0, whole_end,
-                  [&](std::int64_t j, int) __attribute__((always_inline)) {
-                    prefetch_ahead(dr + j);
-                    prefetch_ahead(xr + j);
-                    return V((load<V>(al + j) * load<V>(dr + j) - load<V>(cl + j)) -
-                             (load<V>(xr + j) - load<V>(hl + j)) * load<V>(bl + j));
-                  },
-                  [&](std::int64_t j, V v, bool normal) __attribute__((always_inline)) {
-                    store_out(outr + j, v, stream, normal);
-                  });
+              store_out_vectors(outr, 0, whole_end, stream, [&](std::int64_t j, int) __attribute__((always_inline)) {
+                prefetch_ahead(dr + j);
+                prefetch_ahead(xr + j);
+                return V((load<V>(al + j) * load<V>(dr + j) - load<V>(cl + j)) -
+                         (load<V>(xr + j) - load<V>(hl + j)) * load<V>(bl + j));
+              });
               for (std::int64_t j = whole_end; j < len; ++j) {
                 const std::int64_t e = r * len + j;
                 ob[e] = narrow<T>((al[j] * to_c(db[e]) - cl[j]) - (to_c(xb[e]) - hl[j]) * bl[j]);

@@ -688,6 +688,15 @@ __attribute__((always_inline)) inline void whole_vectors(std::int64_t j, std::in
   for (; j < j1; j += L) put(j, f(j, L), false);
 }
 
+// out[j .. j1) = f(j, lanes) for its whole vectors (whole_vectors), each through store_out.
+template <class T, class F>
+__attribute__((always_inline)) inline void store_out_vectors(T* out, std::int64_t j, std::int64_t j1, bool stream,
+                                                             const F& f) {
+  whole_vectors<T>(j, j1, f, [&](std::int64_t k, vnative<compute_t<T>> v, bool normal) __attribute__((always_inline)) {
+    store_out(out + k, v, stream, normal);
+  });
+}
+
 // y[j .. j+count) = f(j, count) over a row of n elements, one vector at a time: for long rows
 // partial vectors up to the first line-aligned element, then full vectors (streamed past the
 // caches when stream is set, over whole lines), then the rest (walk_line_spans). Every element
