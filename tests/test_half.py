@@ -1003,6 +1003,7 @@ def _everything(dtype, rng_seed=3):
     return out
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("dtype", HALVES)
 def test_bitwise_identical_for_1_2_3_threads(cpu_target, num_threads, dtype):
     normlab.set_num_threads(1)

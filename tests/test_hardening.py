@@ -104,6 +104,7 @@ def test_eight_python_threads_match_serial_calls_and_thread_count_stays_bounded(
     assert peak[0] <= bound, (peak[0], bound)
 
 
+@pytest.mark.openmp
 def test_set_num_threads_from_one_thread_applies_to_calls_from_others(num_threads):
     seen = []
     normlab.set_num_threads(3)

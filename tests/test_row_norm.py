@@ -705,6 +705,7 @@ def _all_results(norm, x, dy, weight, bias):
     return [y, rstd, y_plain, dx, dweight, dx_plain]
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
 # (6, 20000): few long rows, column sums in blocks of 1 and 2 rows (kMinColumnSumBlocks).

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -145,6 +146,7 @@ def test_env_invalid_value_warns_and_falls_back():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.openmp
 def test_omp_num_threads_sets_the_default():
     code = """
         import normlab
@@ -154,6 +156,7 @@ def test_omp_num_threads_sets_the_default():
     assert out.strip() == "3"
 
 
+@pytest.mark.openmp
 def test_set_num_threads_round_trips(num_threads):
     for n in (1, 3, 2, np.int64(4)):
         normlab.set_num_threads(n)
@@ -177,6 +180,7 @@ def test_set_num_threads_rejects_bad_types(num_threads, bad):
     assert normlab.get_num_threads() == before
 
 
+@pytest.mark.openmp
 def test_threadpoolctl_limits_normlab(num_threads):
     normlab.set_num_threads(2)
     info = threadpoolctl.threadpool_info()
@@ -197,6 +201,7 @@ def test_threadpoolctl_limits_normlab(num_threads):
     assert normlab.get_num_threads() == 2
 
 
+@pytest.mark.openmp
 def test_thread_count_is_shared_between_python_threads(num_threads):
     normlab.set_num_threads(1)
     seen = []
@@ -222,6 +227,36 @@ def test_thread_count_is_shared_between_python_threads(num_threads):
     t.start()
     t.join(30)
     assert normlab.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not normlab._core.openmp, reason="tests the build with OpenMP")
+def test_set_num_threads_is_silent_with_openmp(num_threads):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normlab.set_num_threads(2)
+    assert normlab._core.openmp_version() > 0
+
+
+@pytest.mark.skipif(normlab._core.openmp, reason="tests the build without OpenMP")
+def test_build_without_openmp_runs_one_thread_and_says_so(num_threads):
+    """AppleClang without libomp (or NORMLAB_OPENMP=OFF) builds a single-threaded normlab: asking
+    for threads warns, the count stays 1 everywhere, and the results are those of one thread."""
+    assert normlab._core.openmp_version() == 0
+    x = np.random.default_rng(3).standard_normal((2048, 512)).astype(np.float32)
+    expected = normlab.layer_norm(x)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP"):
+        normlab.set_num_threads(4)
+    assert normlab.get_num_threads() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normlab.set_num_threads(1)  # one thread is what it has: no warning
+    entries = [e for e in threadpoolctl.threadpool_info() if e.get("internal_api") == "normlab"]
+    assert len(entries) == 1 and entries[0]["num_threads"] == 1
+    with threadpoolctl.threadpool_limits(3):
+        assert normlab.get_num_threads() == 1
+    assert np.array_equal(normlab.layer_norm(x), expected)
+    out, _ = run_python("import normlab; print(normlab.get_num_threads())", OMP_NUM_THREADS="3")
+    assert out.strip() == "1"
 
 
 def test_concurrent_calls_match_serial_calls(num_threads):
@@ -288,4 +323,4 @@ def test_forked_child_runs_single_threaded_without_hanging():
         print(normlab.get_num_threads())
     """
     out, _ = run_python(code)
-    assert out.split() == ["ok", "2"]
+    assert out.split() == ["ok", "2" if normlab._core.openmp else "1"]

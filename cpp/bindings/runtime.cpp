@@ -1,4 +1,4 @@
-#include <omp.h>
+#include "parallel/openmp.hpp"
 
 #include <cstdint>
 #include <limits>
@@ -70,7 +70,14 @@ void bind_runtime(py::module_& m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("in_forked_child", &in_forked_child);
-  m.def("openmp_version", [] { return _OPENMP; });
+  m.def("openmp_version", [] {
+#if defined(_OPENMP)
+    return _OPENMP;
+#else
+    return 0;
+#endif
+  });
+  m.attr("openmp") = kHaveOpenMP;
   m.def("last_level_cache_bytes", &last_level_cache_bytes);
   m.def("cache_counted_bytes", &cache_counted_bytes);
   m.def("stream_min_bytes", &stream_min_bytes);

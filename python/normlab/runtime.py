@@ -8,7 +8,9 @@ Threads: one global count shared by every calling thread, from ``OMP_NUM_THREADS
 CPUs the process may use. Small calls run on the calling thread. ``threadpoolctl``'s
 ``threadpool_limits`` limits normlab like any OpenMP library. In a child process created by
 ``fork()`` normlab runs single-threaded: GNU libgomp cannot start threads there once the parent
-has used them, and a hang in a data-loader worker is worse than one thread.
+has used them, and a hang in a data-loader worker is worse than one thread. A build without
+OpenMP (no runtime found when it was compiled, e.g. AppleClang without ``brew install libomp``,
+or ``-DNORMLAB_OPENMP=OFF``) always runs single-threaded; ``show_config()`` says which it is.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ def set_cpu_target(name: str) -> None:
 
 
 def get_num_threads() -> int:
-    """Threads normlab's parallel kernels use (1 in a forked child)."""
+    """Threads normlab's parallel kernels use (1 in a forked child, and in a build without
+    OpenMP)."""
     return _core.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads normlab uses, for calls from every Python thread."""
+    """Set the threads normlab uses, for calls from every Python thread. A build without OpenMP
+    stays single-threaded and warns (RuntimeWarning) when asked for more than one."""
     if isinstance(n, bool) or not isinstance(n, int):
         try:
             import numpy as np
@@ -65,6 +69,13 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"n must be >= 1, got {n}")
     if n > 1 << 16:
         raise ValueError(f"n must be <= 65536, got {n}")
+    if n > 1 and not _core.openmp:
+        warnings.warn(
+            f"normlab was built without OpenMP and runs single-threaded; set_num_threads({n}) has no "
+            "effect (install an OpenMP runtime, e.g. brew install libomp, and reinstall normlab)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _core.set_num_threads(n)
 
 
@@ -141,7 +152,9 @@ def show_config() -> None:
         f"  cpu targets built:  {', '.join(_core.compiled_cpu_targets())}",
         f"  supported here:     {', '.join(_core.supported_cpu_targets())}",
         f"  selected:           {get_cpu_target()}",
-        f"  OpenMP:             {_core.openmp_version()} ({_openmp_library() or 'runtime not found'})",
+        f"  OpenMP:             {_core.openmp_version()} ({_openmp_library() or 'runtime not found'})"
+        if _core.openmp
+        else "  OpenMP:             not in this build (single-threaded)",
         f"  threads:            {get_num_threads()}"
         + (" (forked child: single-threaded)" if _core.in_forked_child() else ""),
         f"  streamed outputs:   from {_bytes(_core.stream_min_bytes())}"

@@ -17,7 +17,7 @@
 // 5. The output (labels, a mask or the filtered image) is written in parallel from the runs;
 //    statistics come from the runs too, in the same pass, never from a second pass over the
 //    image.
-#include <omp.h>
+#include "parallel/openmp.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,6 @@
 #include "parallel/parallel.hpp"
 
-#include <omp.h>
+#include "parallel/openmp.hpp"
 #include <pthread.h>
 #include <unistd.h>
 
@@ -32,7 +32,9 @@ std::atomic<int>& thread_count() {
 
 }  // namespace
 
-int get_num_threads() { return in_forked_child() ? 1 : thread_count().load(std::memory_order_relaxed); }
+int get_num_threads() {
+  return !kHaveOpenMP || in_forked_child() ? 1 : thread_count().load(std::memory_order_relaxed);
+}
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));

@@ -2,7 +2,7 @@
 // that do not depend on the thread count, so results never do either.
 #pragma once
 
-#include <omp.h>
+#include "parallel/openmp.hpp"
 
 #include <cstdint>
 
