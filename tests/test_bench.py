@@ -49,10 +49,29 @@ def test_roofline_time_takes_the_faster_store_mode():
     assert roofline_time({"roofline": 1.0, "roofline_streamed": 1.5}) == 1.0
 
 
+@pytest.fixture
+def small_quick_sets(monkeypatch):
+    """The quick sets shrunk to small arrays: the harness is what these tests check, and the
+    quick set's own sizes took 25 s of the suite (over a minute under the sanitizers)."""
+    from normlab import bench, bench_ccl, bench_channel, bench_half
+
+    monkeypatch.setattr(bench, "QUICK_SHAPES", [(256, 64), (16, 4096)])
+    monkeypatch.setattr(bench_channel, "QUICK_SHAPES", [(4, 16, 14, 14)])
+    monkeypatch.setattr(bench_channel, "GROUP_SHAPE", (2, 64, 14, 14))
+    monkeypatch.setattr(bench_half, "QUICK_ROW_SHAPES", [(64, 768)])
+    monkeypatch.setattr(bench_half, "ADD_SHAPE", (64, 768))
+    monkeypatch.setattr(bench_half, "BATCH_SHAPE", (2, 8, 14, 14))
+    full_size = bench_ccl.workloads
+    monkeypatch.setattr(bench_ccl, "workloads", lambda quick: [
+        (name, None if img is None else np.ascontiguousarray(img[:192, :160]))
+        for name, img in full_size(quick)])
+
+
 @pytest.mark.parametrize("suite", ["row_norms", "channel_norms", "half"])
-def test_bench_quick_writes_complete_rows(tmp_path, capfd, suite):
-    """The main job runs (one round of its quick set) and every row it prints carries positive
-    times, a roofline that is its kind's multiple of the faster store mode, and their ratio."""
+def test_bench_quick_writes_complete_rows(tmp_path, capfd, small_quick_sets, suite):
+    """The main job runs (one round of its quick set, shrunk) and every row it prints carries
+    positive times, a roofline that is its kind's multiple of the faster store mode, and their
+    ratio."""
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--rounds", "1", "--only", suite, "--json", str(path)]) == 0
     printed = capfd.readouterr().out
@@ -69,9 +88,9 @@ def test_bench_quick_writes_complete_rows(tmp_path, capfd, suite):
         assert row["op"] in printed
 
 
-def test_bench_quick_ccl_rows(tmp_path, capfd):
-    """The labelling suite: a row per image, connectivity and stats flag, with normlab's times
-    and a speed-up for every peer that ran."""
+def test_bench_quick_ccl_rows(tmp_path, capfd, small_quick_sets):
+    """The labelling suite (its quick images, cropped): a row per image, connectivity and stats
+    flag, with normlab's times and a speed-up for every peer that ran."""
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--rounds", "1", "--only", "ccl", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["suites"]["ccl"]

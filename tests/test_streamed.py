@@ -4,6 +4,7 @@ and its results are compared with this process's, which stream none of these sma
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -133,17 +134,27 @@ CASES = textwrap.dedent(
     def bits(a):
         unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
         return a.view(unsigned).astype(np.uint64)
+
+    # The two processes compare hashes of each output's bits, dtype and shape: the outputs
+    # themselves, written to a file and read back, took 15 s of the 19 s this test took.
+    def digest(a):
+        import hashlib
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
     """
 )
 
 
 def test_streamed_outputs_equal_cached_outputs_bitwise(tmp_path):
-    saved = tmp_path / "streamed.npz"
+    saved = tmp_path / "streamed.json"
     child = CASES + textwrap.dedent(
         f"""
+        import json
         from normlab import _core
         assert _core.stream_min_bytes() == 0
-        np.savez({str(saved)!r}, **{{k: bits(v) for k, v in results()}})
+        with open({str(saved)!r}, "w") as f:
+            json.dump({{k: digest(v) for k, v in results()}}, f)
         """
     )
     env = dict(os.environ, NORMLAB_STREAM_MIN_BYTES="0")
@@ -158,11 +169,11 @@ def test_streamed_outputs_equal_cached_outputs_bitwise(tmp_path):
     assert _core.stream_min_bytes() >= 1 << 20
     target, threads = normlab.get_cpu_target(), normlab.get_num_threads()
     try:
-        cached = {k: namespace["bits"](v) for k, v in namespace["results"]()}
+        cached = {k: namespace["digest"](v) for k, v in namespace["results"]()}
     finally:
         normlab.set_cpu_target(target)
         normlab.set_num_threads(threads)
-    with np.load(saved) as streamed:
-        assert sorted(streamed.files) == sorted(cached)
-        for key, value in cached.items():
-            np.testing.assert_array_equal(streamed[key], value, err_msg=key)
+    streamed = json.loads(saved.read_text())
+    assert sorted(streamed) == sorted(cached)
+    differ = [key for key in cached if streamed[key] != cached[key]]
+    assert not differ, f"{len(differ)} of {len(cached)} outputs differ when streamed: {differ[:20]}"
