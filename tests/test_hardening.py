@@ -132,3 +132,81 @@ def test_ten_thousand_calls_do_not_grow_memory(name):
         fn()
     grown = _rss_bytes() - before
     assert grown < 1 << 20, f"{name}: RSS grew by {grown} bytes over 10,000 calls"
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` at an address one byte past its dtype's alignment (as a view at an odd byte
+    offset of a buffer is); one-byte dtypes are always aligned and come back as they are."""
+    if a.dtype.alignment == 1:
+        return a
+    buf = np.empty(a.nbytes + 1, np.uint8)
+    m = buf[1:].view(a.dtype).reshape(a.shape)
+    m[...] = a
+    assert not m.flags.aligned and m.flags.c_contiguous
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_misaligned_inputs_give_the_aligned_results(cpu_target, num_threads, rng, dtype, size):
+    """Every norm given misaligned data, weights and statistics returns bitwise what it returns
+    for aligned copies of them (the kernels load whole elements, so misaligned ones are copied
+    first; under UBSan, CI's sanitizer stage, a misaligned load would fail the test)."""
+    from exercise_all import _as_tuple, _norm_calls
+
+    normlab.set_num_threads(1 if size == "small" else 2)
+    rows, cols, n, c, hw = (8, 64, 2, 8, 6) if size == "small" else (256, 1024, 4, 16, 64)
+    pdtype = np.float64 if dtype is np.float64 else np.float32
+    data = [(rng.standard_normal(s) * 3 + 1).astype(dtype)
+            for s in [(rows, cols)] * 3 + [(n, c, hw, hw)] * 2]
+    params = [rng.standard_normal(k).astype(pdtype) for k in (cols, cols, c, c)]
+    expected = _norm_calls(*data[:3], *params[:2], *data[3:], *params[2:])
+    got = _norm_calls(*map(_misaligned, data[:3]), *map(_misaligned, params[:2]),
+                      *map(_misaligned, data[3:]), *map(_misaligned, params[2:]))
+    for name in expected:
+        want, result = _as_tuple(expected[name]()), _as_tuple(got[name]())
+        assert len(result) == len(want), name
+        for u, v in zip(want, result):
+            np.testing.assert_array_equal(v, u, err_msg=name)
+    x, dy, w = data[0], data[1], params[0]
+    _, mean, rstd = normlab.layer_norm(x, w, w, return_stats=True)
+    for want, result in zip(normlab.layer_norm_backward(dy, x, mean, rstd, w),
+                            normlab.layer_norm_backward(dy, x, _misaligned(mean), _misaligned(rstd), w)):
+        np.testing.assert_array_equal(result, want)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64])
+def test_misaligned_images_and_labels_give_the_aligned_results(cpu_target, rng, dtype):
+    image = (rng.random((300, 200)) < 0.45).astype(dtype) * 7
+    labels, count, stats = normlab.label(image, 8, return_stats=True)
+    got, got_count, got_stats = normlab.label(_misaligned(image), 8, return_stats=True)
+    assert got_count == count
+    np.testing.assert_array_equal(got, labels)
+    for key, value in normlab.component_stats(_misaligned(labels), count).items():
+        np.testing.assert_array_equal(value, stats[key], err_msg=key)
+        np.testing.assert_array_equal(got_stats[key], stats[key], err_msg=key)
+    np.testing.assert_array_equal(normlab.largest_component(_misaligned(image)), normlab.largest_component(image))
+    np.testing.assert_array_equal(normlab.remove_small_components(_misaligned(image), 5),
+                                  normlab.remove_small_components(image, 5))
+
+
+def test_misaligned_out_is_refused_by_name():
+    """A misaligned ``out`` is a ValueError naming it: results are never written to a hidden
+    copy, and the kernels store whole elements."""
+    x = np.ones((4, 64), np.float32)
+    img = np.ones((2, 3, 4, 4), np.float32)
+    image = np.ones((5, 6), np.uint8)
+    calls = {
+        "layer_norm": lambda o: normlab.layer_norm(x, out=o),
+        "rms_norm": lambda o: normlab.rms_norm(x, out=o),
+        "batch_norm": lambda o: normlab.batch_norm(img, out=o),
+        "label": lambda o: normlab.label(image, out=o),
+    }
+    outs = {"layer_norm": x, "rms_norm": x, "batch_norm": img, "label": np.zeros((5, 6), np.int32)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"^out must be aligned to its dtype's \d bytes"):
+            call(_misaligned(outs[name]))
+    mean = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"^running_mean must be aligned"):
+        normlab.batch_norm(img, running_mean=_misaligned(mean), running_var=np.ones(3, np.float32),
+                           training=True)

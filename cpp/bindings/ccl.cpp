@@ -34,6 +34,8 @@ ImageView image_view(py::handle h, std::uint64_t background) {
   if (a->nd != 2) throw py::type_error("image must be 2-D, got " + std::to_string(a->nd) + "-D");
   if (d->kind != 'b' && d->kind != 'i' && d->kind != 'u')
     throw py::type_error("image must have a bool or integer dtype");
+  if (!(a->flags & pd::npy_api::NPY_ARRAY_ALIGNED_))  // the Python layer copies such an image
+    throw py::value_error("image must be aligned to its dtype");
   ImageView im;
   im.data = a->data;
   im.pixel_bytes = itemsize(h);
@@ -70,6 +72,8 @@ void* output_2d(py::handle h, const char* name, const ImageView& im, int elsize)
   if (itemsize(h) != elsize) throw py::type_error(std::string(name) + " has the wrong dtype");
   if (!(a->flags & pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
     throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (!(a->flags & pd::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(std::string(name) + " must be aligned to its dtype");
   if (!(a->flags & pd::npy_api::NPY_ARRAY_WRITEABLE_))
     throw py::value_error(std::string(name) + " is read-only");
   return a->data;
@@ -141,6 +145,8 @@ py::dict component_stats_py(py::handle labels, std::int64_t count) {
   if (a->nd != 2) throw py::type_error("labels must be 2-D");
   if (!(a->flags & pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
     throw py::value_error("labels must be C-contiguous");
+  if (!(a->flags & pd::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error("labels must be aligned to its dtype");
   const std::int64_t rows = a->dimensions[0], cols = a->dimensions[1];
   const void* data = a->data;
   ComponentStats st;

@@ -1,5 +1,5 @@
 // Plain calls: x (and every data array: residual, dy, ds) a float32, float64, float16 or
-// bfloat16 numpy.ndarray (the type itself, native byte order, C-contiguous) with elements;
+// bfloat16 numpy.ndarray (the type, native byte order, C-contiguous, aligned) with elements;
 // weight and bias None or of x's parameter dtype (float32 for the half types), C-contiguous, of
 // shape (cols,) (the row norms' last axis, the channel norms' channels); statistics of the
 // parameter dtype and their shape; out (and sum_out) None or x-like,
@@ -248,7 +248,9 @@ class PlainCall {
     const pd::PyArrayDescr_Proxy* d = pd::array_descriptor_proxy(a->descr);
     const char foreign = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<';
     if ((type_num >= 0 && d->type_num != type_num) || d->byteorder == foreign) return nullptr;
-    return (a->flags & pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_) ? a : nullptr;
+    // Strided or misaligned arrays go the Python way (inputs copied, an out= refused).
+    constexpr int usable = pd::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | pd::npy_api::NPY_ARRAY_ALIGNED_;
+    return (a->flags & usable) == usable ? a : nullptr;
   }
   bool same_dims(const py::detail::PyArray_Proxy* d, int nd) const {
     if (d->nd != nd) return false;

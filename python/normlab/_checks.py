@@ -74,24 +74,30 @@ def _type_name(value) -> str:
 def float_input(x, name: str) -> np.ndarray:
     """x as a C-contiguous array of a data dtype (float32, float64, float16, bfloat16).
 
-    Strided input is copied once, visibly here, to a contiguous array; the caller never writes
-    to it. Any other dtype is a TypeError: normlab never converts data silently.
+    Strided or misaligned input (an address off its dtype's alignment, as a view at a byte
+    offset of a buffer can be) is copied once, visibly here, to a contiguous array; the caller
+    never writes to it. Any other dtype is a TypeError: normlab never converts data silently.
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {DATA_DTYPE_NAMES}, got {_type_name(x)}")
     dtype = x.dtype
     if dtype is not FLOAT32 and dtype is not FLOAT64 and not _known_dtype(dtype):
         raise TypeError(f"{name} must have dtype {DATA_DTYPE_NAMES}, got {dtype}")
-    if x.flags.c_contiguous:
-        if x.ndim == 0:
-            raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
-        return x
-    return np.ascontiguousarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d array")
+    return x if usable_in_place(x) else x.copy()
+
+
+def usable_in_place(a: np.ndarray) -> bool:
+    """Whether the kernels can take `a` as it is: C-contiguous, and aligned to its dtype (they
+    load whole elements; a misaligned one is undefined behaviour in C++)."""
+    flags = a.flags
+    return flags.c_contiguous and flags.aligned
 
 
 def like_input(a, name: str, dtype: np.dtype, shape: tuple, why: str = "the dtype of x") -> np.ndarray:
-    """a, which must be an array of `dtype` and `shape`, as a C-contiguous array."""
-    if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape and a.flags.c_contiguous:
+    """a, which must be an array of `dtype` and `shape`, as a C-contiguous, aligned array."""
+    if type(a) is np.ndarray and a.dtype is dtype and a.shape == shape and usable_in_place(a):
         return a
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, got {_type_name(a)}")
@@ -99,7 +105,7 @@ def like_input(a, name: str, dtype: np.dtype, shape: tuple, why: str = "the dtyp
         raise TypeError(f"{name} must have dtype {dtype} ({why}), got {a.dtype}")
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return a if usable_in_place(a) else a.copy()
 
 
 def optional_like_input(a, name: str, dtype: np.dtype, shape: tuple):
@@ -122,7 +128,7 @@ def param_input(a, name: str, dtype: np.dtype, shape: tuple):
     if a is None:
         return None
     if (dtype is FLOAT32 or dtype is FLOAT64) and type(a) is np.ndarray and a.dtype is dtype \
-            and a.shape == shape and a.flags.c_contiguous:
+            and a.shape == shape and usable_in_place(a):
         return a  # the common case, checked first
     pdtype = _DATA_DTYPES[dtype][1]
     if pdtype is dtype or not isinstance(a, np.ndarray) or a.dtype == pdtype:
@@ -154,6 +160,9 @@ def output(out, name: str, dtype: np.dtype, shape: tuple, inputs: tuple) -> np.n
     flags = out.flags
     if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (results are never written to a hidden copy)")
+    if not flags.aligned:
+        raise ValueError(f"{name} must be aligned to its dtype's {out.dtype.alignment} bytes, got "
+                         f"address {out.ctypes.data:#x} (results are never written to a hidden copy)")
     if not flags.writeable:
         raise ValueError(f"{name} is read-only")
     if inputs:

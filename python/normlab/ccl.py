@@ -15,10 +15,12 @@ Numbering and statistics follow the peers users compare with:
 Data handling:
 
 * The image is any 2-D array of bool or integer dtype, read in place whatever its layout
-  (C, Fortran, sliced, negative strides, non-native byte order): it is never copied.
+  (C, Fortran, sliced, negative strides, non-native byte order): it is never copied, except
+  an image whose address is off its dtype's alignment (a view at an odd byte offset of a
+  buffer), copied once.
   A pixel is foreground when it differs from ``background``.
-* Outputs are new C-contiguous arrays or ``out=``, which must be C-contiguous, writeable and of
-  the right dtype and shape; nothing is written to a temporary and copied back.
+* Outputs are new C-contiguous arrays or ``out=``, which must be C-contiguous, aligned,
+  writeable and of the right dtype and shape; nothing is written to a temporary and copied back.
 * Algorithm: run-based two-pass union-find (see cpp/src/ccl/label.cpp): rows become foreground
   bitmasks (SIMD), runs are provisional labels united with the smaller index as root, row
   stripes run in parallel and are merged at their borders. Extra memory is O(runs), never a
@@ -33,7 +35,7 @@ import operator
 import numpy as np
 
 from . import _core
-from ._checks import _type_name, output
+from ._checks import _type_name, output, usable_in_place
 from ._checks import flag as _flag
 
 __all__ = ["label", "component_stats", "largest_component", "remove_small_components"]
@@ -54,6 +56,8 @@ def _image(image, name: str = "image") -> np.ndarray:
         raise TypeError(f"{name} must have a bool or integer dtype, got {image.dtype}")
     if image.ndim != 2:
         raise ImageDimensionError(f"{name} must be 2-D, got {image.ndim}-D with shape {image.shape}")
+    if not image.flags.aligned:  # pixels off their dtype's alignment: copied once, visibly here
+        return image.copy()
     return image
 
 
@@ -166,7 +170,8 @@ def component_stats(labels, count=None):
     Parameters
     ----------
     labels : 2-D ndarray of integer dtype
-        Values in [0, count]; 0 is the background. A non-C-contiguous array is copied once.
+        Values in [0, count]; 0 is the background. A non-C-contiguous or misaligned array is
+        copied once.
     count : int, optional
         The number of labels (default: ``labels.max()``, 0 for an empty image).
 
@@ -186,8 +191,8 @@ def component_stats(labels, count=None):
         raise ImageDimensionError(f"labels must be 2-D, got {labels.ndim}-D with shape {labels.shape}")
     if not labels.dtype.isnative:
         labels = labels.astype(labels.dtype.newbyteorder("="))
-    if not labels.flags.c_contiguous:
-        labels = np.ascontiguousarray(labels)
+    if not usable_in_place(labels):
+        labels = labels.copy()
     if count is None:
         count = int(labels.max()) if labels.size else 0
         if count < 0:

@@ -12,15 +12,16 @@ no transposing copy, and results come back in the same layout.
 Data handling, common to every function here:
 
 * float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are read in place
-  when C-contiguous. A strided input is copied once to a contiguous array before the kernel
-  (the only conversion normlab makes of data, and only of inputs); any other dtype raises
+  when C-contiguous. A strided input, or one off its dtype's alignment (a view at an odd byte
+  offset of a buffer), is copied once to a contiguous array before the kernel (the only
+  conversion normlab makes of data, and only of inputs); any other dtype raises
   TypeError.
 * Half-precision data (float16, bfloat16) is computed in float32 with float64 statistics and
   rounded to nearest even. Its statistics (and running statistics) are float32; weight and bias
   may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
   dweight/dbias come back in the weight's dtype.
-* Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
-  array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array itself is
+* Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, aligned,
+  writeable array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array itself is
   C-contiguous) that does not overlap an input. Nothing is ever written to a temporary and
   copied back; running statistics are updated in place and so must be C-contiguous and
   writeable.

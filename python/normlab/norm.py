@@ -7,15 +7,16 @@ conventions: ``axis`` names the trailing axes normalized together instead of
 Data handling, common to every function here:
 
 * float32, float64, float16 and bfloat16 (``ml_dtypes.bfloat16``) arrays are read in place
-  when C-contiguous. A strided input is copied once to a contiguous array before the kernel
-  (the only conversion normlab makes of data, and only of inputs); any other dtype raises
+  when C-contiguous. A strided input, or one off its dtype's alignment (a view at an odd byte
+  offset of a buffer), is copied once to a contiguous array before the kernel (the only
+  conversion normlab makes of data, and only of inputs); any other dtype raises
   TypeError.
 * Half-precision data (float16, bfloat16) is computed in float32 with float64 statistics and
   rounded to nearest even. Its statistics (and running statistics) are float32; weight and bias
   may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
   dweight/dbias come back in the weight's dtype.
-* Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, writeable
-  array of the right dtype and shape that does not overlap an input. Nothing is ever written to
+* Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, aligned,
+  writeable array of the right dtype and shape that does not overlap an input. Nothing is ever written to
   a temporary and copied back. New results of 32 MiB or more are pages normlab maps itself and
   reuses once the result is freed (the array's ``base`` owns them).
 * Statistics are accumulated in float64 with shifted sums, so float32 results stay accurate
