@@ -134,6 +134,14 @@ def test_ten_thousand_calls_do_not_grow_memory(name):
     assert grown < 1 << 20, f"{name}: RSS grew by {grown} bytes over 10,000 calls"
 
 
+try:
+    import ml_dtypes
+
+    DATA_DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+except ImportError:  # a test dependency; without it the bfloat16 case is not collected
+    DATA_DTYPES = [np.float32, np.float64, np.float16]
+
+
 def _misaligned(a: np.ndarray) -> np.ndarray:
     """A copy of `a` at an address one byte past its dtype's alignment (as a view at an odd byte
     offset of a buffer is); one-byte dtypes are always aligned and come back as they are."""
@@ -146,7 +154,7 @@ def _misaligned(a: np.ndarray) -> np.ndarray:
     return m
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("dtype", DATA_DTYPES)
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_misaligned_inputs_give_the_aligned_results(cpu_target, num_threads, rng, dtype, size):
     """Every norm given misaligned data, weights and statistics returns bitwise what it returns
