@@ -21,10 +21,10 @@ Data handling, common to every function here:
   may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
   dweight/dbias come back in the weight's dtype.
 * Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, aligned,
-  writeable array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array itself is
-  C-contiguous) that does not overlap an input. Nothing is ever written to a temporary and
-  copied back; running statistics are updated in place and so must be C-contiguous and
-  writeable.
+  writeable array of x's dtype and shape (for channels-last, the ``(N, *spatial, C)`` array
+  itself is C-contiguous) that does not overlap an input. Nothing is ever written to a
+  temporary and copied back; running statistics are updated in place and so must be
+  C-contiguous, aligned and writeable.
 * Statistics are accumulated in float64 from sums shifted by a few elements of each set, over
   fixed blocks added in a fixed order: float32 results stay accurate when |mean| >> std, and
   results are bitwise identical for every thread count.

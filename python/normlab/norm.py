@@ -16,9 +16,9 @@ Data handling, common to every function here:
   may be float32 or x's half dtype (converted once to a float32 copy of their few values), and
   dweight/dbias come back in the weight's dtype.
 * Results go to new C-contiguous arrays, or to ``out`` which must be a C-contiguous, aligned,
-  writeable array of the right dtype and shape that does not overlap an input. Nothing is ever written to
-  a temporary and copied back. New results of 32 MiB or more are pages normlab maps itself and
-  reuses once the result is freed (the array's ``base`` owns them).
+  writeable array of the right dtype and shape that does not overlap an input. Nothing is ever
+  written to a temporary and copied back. New results of 32 MiB or more are pages normlab maps
+  itself and reuses once the result is freed (the array's ``base`` owns them).
 * Statistics are accumulated in float64 with shifted sums, so float32 results stay accurate
   when |mean| >> std. Results are bitwise identical for every thread count.
 * The GIL is released while a kernel runs (for all but tiny calls).
