@@ -214,6 +214,10 @@ def test_misaligned_out_is_refused_by_name():
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"^out must be aligned to its dtype's \d bytes"):
             call(_misaligned(outs[name]))
+    with pytest.raises(ValueError, match=r"^sum_out must be aligned to its dtype's 4 bytes"):
+        normlab.add_layer_norm(x, x, sum_out=_misaligned(x))
+    with pytest.raises(ValueError, match=r"^out must be aligned to its dtype's 4 bytes"):
+        normlab.layer_norm_backward(x, x, np.zeros(4, np.float32), np.ones(4, np.float32), out=_misaligned(x))
     mean = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match=r"^running_mean must be aligned"):
         normlab.batch_norm(img, running_mean=_misaligned(mean), running_var=np.ones(3, np.float32),
