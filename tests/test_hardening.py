@@ -204,16 +204,15 @@ def test_misaligned_out_is_refused_by_name():
     x = np.ones((4, 64), np.float32)
     img = np.ones((2, 3, 4, 4), np.float32)
     image = np.ones((5, 6), np.uint8)
-    calls = {
-        "layer_norm": lambda o: normlab.layer_norm(x, out=o),
-        "rms_norm": lambda o: normlab.rms_norm(x, out=o),
-        "batch_norm": lambda o: normlab.batch_norm(img, out=o),
-        "label": lambda o: normlab.label(image, out=o),
-    }
-    outs = {"layer_norm": x, "rms_norm": x, "batch_norm": img, "label": np.zeros((5, 6), np.int32)}
-    for name, call in calls.items():
+    calls = [
+        (lambda o: normlab.layer_norm(x, out=o), x),
+        (lambda o: normlab.rms_norm(x, out=o), x),
+        (lambda o: normlab.batch_norm(img, out=o), img),
+        (lambda o: normlab.label(image, out=o), np.zeros((5, 6), np.int32)),
+    ]
+    for call, out in calls:
         with pytest.raises(ValueError, match=r"^out must be aligned to its dtype's \d bytes"):
-            call(_misaligned(outs[name]))
+            call(_misaligned(out))
     with pytest.raises(ValueError, match=r"^sum_out must be aligned to its dtype's 4 bytes"):
         normlab.add_layer_norm(x, x, sum_out=_misaligned(x))
     with pytest.raises(ValueError, match=r"^out must be aligned to its dtype's 4 bytes"):
