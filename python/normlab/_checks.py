@@ -181,6 +181,8 @@ def positive_float(value, name: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {_type_name(value)}") from None
+    except OverflowError:
+        raise OverflowError(f"{name} must be finite and > 0, got {value!r}, too large for a float") from None
     if not (v > 0.0 and v < math.inf):
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return v

@@ -206,6 +206,8 @@ def component_stats(labels, count=None):
             raise TypeError(f"count must be an int or None, got {_type_name(count)}") from None
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
+    if count > np.iinfo(np.int64).max:
+        raise ValueError(f"count {count} exceeds the number of pixels")
     return _core.ccl_component_stats(labels, count)
 
 

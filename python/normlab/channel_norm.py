@@ -100,10 +100,14 @@ def _running(a, name: str, dtype, c: int, others: tuple) -> np.ndarray:
 def _momentum(value) -> float:
     if value is None:
         raise TypeError("momentum must be a real number in [0, 1]; None (cumulative average) is not supported")
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"momentum must be a real number, got {type(value).__name__}")
     try:
         m = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"momentum must be a real number, got {type(value).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"momentum must be in [0, 1], got {value!r}") from None
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {value!r}")
     return m
