@@ -180,11 +180,15 @@ ROW_CASES = [
     ((19, 256), -1),
 ]
 ROW_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in ROW_CASES]
+# Forward only: rows of 512 KiB or more, fewer than 4 of them, are split across the threads
+# (summed by chunks); one with a partial vector at its end.
+FORWARD_CASES = ROW_CASES + [((1, 262147), -1), ((3, 262144), -1)]
+FORWARD_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in FORWARD_CASES]
 
 
 @pytest.mark.parametrize("wkind", ["w32", "whalf"])
 @pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("shape, axis", ROW_CASES, ids=ROW_IDS)
+@pytest.mark.parametrize("shape, axis", FORWARD_CASES, ids=FORWARD_IDS)
 def test_layer_norm_forward(cpu_target, rng, shape, axis, dtype, wkind):
     x = make_x(rng, shape, dtype, offset=0.5)
     nshape = shape[lead_axes_of(shape, axis):]
@@ -208,7 +212,7 @@ def test_layer_norm_forward(cpu_target, rng, shape, axis, dtype, wkind):
 
 @pytest.mark.parametrize("wkind", ["w32", "whalf"])
 @pytest.mark.parametrize("dtype", HALVES)
-@pytest.mark.parametrize("shape, axis", ROW_CASES, ids=ROW_IDS)
+@pytest.mark.parametrize("shape, axis", FORWARD_CASES, ids=FORWARD_IDS)
 def test_rms_norm_forward(cpu_target, rng, shape, axis, dtype, wkind):
     x = make_x(rng, shape, dtype, offset=0.5)
     nshape = shape[lead_axes_of(shape, axis):]
@@ -986,6 +990,10 @@ def _everything(dtype, rng_seed=3):
     out += list(zip(("narrow rms dx", "narrow rms dw"), normlab.rms_norm_backward(rn, xn, rms_n, wh[:64])))
     out += list(zip(("narrow add dx", "narrow add dw", "narrow add db"),
                     normlab.add_layer_norm_backward(rn, xn, mn, rsn, w32[:64], ds=rn)))
+    xl = make_x(rng, (3, 262147), dtype, offset=2.0)  # long rows split across threads
+    wl, bl = make_affine(rng, (262147,), F32)
+    yl, ml, rl = normlab.layer_norm(xl, wl, bl, return_stats=True)
+    out += [("long y", yl), ("long mean", ml), ("long rstd", rl), ("long rms y", normlab.rms_norm(xl, wl))]
     img = x.reshape(8, 12, 769)[:, :, :768].copy().reshape(8, 12, 32, 24)
     dimg = dy.reshape(8, 12, 769)[:, :, :768].copy().reshape(img.shape)
     for cl in (False, True):

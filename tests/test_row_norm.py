@@ -219,7 +219,7 @@ def test_layer_norm_float64_large_offset(cpu_target, rng, offset, cols):
 
 
 @pytest.mark.parametrize("leading", [1, 3])
-@pytest.mark.parametrize("cols", [32, 64, 4099, 65536])
+@pytest.mark.parametrize("cols", [32, 64, 4099, 65536, 131072])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_first_element_outlier(cpu_target, rng, dtype, cols, leading):
     """Rows whose first `leading` elements lie far from the rest (N(0,1) plus 1e3 or 1e4): the
@@ -232,6 +232,63 @@ def test_layer_norm_first_element_outlier(cpu_target, rng, dtype, cols, leading)
     x[:, :leading] += np.array([[1e3], [1e4]], dtype=dtype)
     check_layer_forward(np.ascontiguousarray(x[:, ::-1]))  # outlier last
     check_layer_forward(x)  # outlier first
+
+
+# Rows of 512 KiB or more, fewer than 4 of them (float32 from 131072 elements, float64 from
+# 65536), are split across the threads: summed by chunks of 64 KiB whose sums are added in
+# order, then normalized chunk by chunk.
+LONG_ROWS = [(1, 131072), (2, 131075), (3, 300001)]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
+@pytest.mark.parametrize("shape", LONG_ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_split_across_threads(cpu_target, rng, dtype, shape, offset):
+    x = make_x(rng, shape, dtype, offset=offset)
+    weight, bias = make_affine(rng, shape[-1:], dtype)
+    for w, b in ((None, None), (weight, None), (None, bias), (weight, bias)):
+        check_layer_forward(x, w, b)
+        check_rms_forward(x, w)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_long_float32_rows_of_extreme_scale(cpu_target, rng, scale):
+    """Split rows whose float squares would overflow or underflow are summed again in double."""
+    x = make_x(rng, (3, 131072), np.float32, offset=0.5 * scale, scale=scale)
+    assert np.all(np.isfinite(x))
+    weight, bias = make_affine(rng, (131072,), np.float32)
+    small_eps = 1e-6 * scale * scale
+    y, mean, rstd = check_layer_forward(x, weight, bias, eps=small_eps)
+    assert np.all(np.isfinite(y)) and np.all(rstd > 0)
+    y, rstd = check_rms_forward(x, weight, eps=small_eps)
+    assert np.all(np.isfinite(y)) and np.all(rstd > 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("position", [0, 70000, 131071])
+def test_long_rows_nonfinite_values_stay_in_their_row(cpu_target, rng, dtype, bad, position):
+    x = make_x(rng, (3, 131072), dtype)
+    weight, bias = make_affine(rng, (131072,), dtype)
+    x[1, position] = bad
+    good = [0, 2]
+    xg = np.ascontiguousarray(x[good])
+    y, mean, rstd = normlab.layer_norm(x, weight, bias, return_stats=True)
+    yg, meang, rstdg = normlab.layer_norm(xg, weight, bias, return_stats=True)
+    assert np.array_equal(y[good], yg) and np.array_equal(mean[good], meang) and np.array_equal(rstd[good], rstdg)
+    assert not np.all(np.isfinite(y[1]))
+    y, rstd = normlab.rms_norm(x, weight, return_stats=True)
+    yg, rstdg = normlab.rms_norm(xg, weight, return_stats=True)
+    assert np.array_equal(y[good], yg) and np.array_equal(rstd[good], rstdg)
+    assert not np.all(np.isfinite(y[1]))
+
+
+def test_long_constant_rows_give_bias_exactly(cpu_target, rng):
+    for dtype in DTYPES:
+        x = np.empty((3, 131072), dtype)
+        x[:] = np.array([1.0, -3.5, 12345.678], dtype)[:, None]
+        weight, bias = make_affine(rng, (131072,), dtype)
+        assert np.array_equal(normlab.layer_norm(x, weight, bias), np.broadcast_to(bias, x.shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,7 +766,9 @@ def _all_results(norm, x, dy, weight, bias):
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
 # (6, 20000): few long rows, column sums in blocks of 1 and 2 rows (kMinColumnSumBlocks).
-@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 128), (1000, 64), (1000, 32), (6, 20000)])
+# (3, 131075): rows of 512 KiB or more, fewer than 4, split across the threads in the forward.
+@pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 128), (1000, 64), (1000, 32), (6, 20000),
+                                   (3, 131075)])
 def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, norm, dtype, shape):
     x = make_x(rng, shape, dtype, offset=3.0)
     dy = make_x(rng, shape, dtype)

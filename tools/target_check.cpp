@@ -125,7 +125,8 @@ template <class H>
 int check_half(const char* name, int& passes) {
   int failures = 0;
   std::mt19937 gen(11);
-  for (auto [rows, cols] : {std::pair{37L, 1L}, {19L, 7L}, {64L, 33L}, {5L, 1000L}, {300L, 129L}}) {
+  // (2, 131075): rows of 512 KiB split across the threads in the forwards.
+  for (auto [rows, cols] : {std::pair{37L, 1L}, {19L, 7L}, {64L, 33L}, {5L, 1000L}, {300L, 129L}, {2L, 131075L}}) {
     const std::vector<H> x = half_data<H>(rows * cols, gen), r = half_data<H>(rows * cols, gen);
     std::vector<float> w(cols), b(cols);
     for (long j = 0; j < cols; ++j) w[j] = 0.5f + float(j % 7) * 0.25f, b[j] = float(j % 5) - 2.0f;
@@ -146,13 +147,36 @@ int check_half(const char* name, int& passes) {
   return failures;
 }
 
+// A C++ caller's own parallel region: normlab runs on the calling thread there, and a row split
+// across threads elsewhere must not wait at a barrier of the caller's team (only thread 0
+// calls). Same bits as outside the region.
+int check_in_parallel_region(int& passes) {
+  const long cols = 131072;
+  std::vector<float> x(cols), y(cols), y_in(cols), w(cols, 1.5f);
+  for (long j = 0; j < cols; ++j) x[j] = float(j % 97) * 0.25f - 3.0f;
+  normlab::LayerNormForward<float> f;
+  f.x = x.data(), f.weight = w.data(), f.y = y.data(), f.rows = 1, f.cols = cols;
+  normlab::layer_norm(f);
+  f.y = y_in.data();
+#pragma omp parallel num_threads(2)
+  {
+#pragma omp master
+    normlab::layer_norm(f);
+  }
+  const bool ok = std::memcmp(y.data(), y_in.data(), sizeof(float) * cols) == 0;
+  std::printf("layer_norm of a split row inside a parallel region: %s\n", ok ? "ok" : "MISMATCH");
+  passes += ok;
+  return !ok;
+}
+
 }  // namespace
 
 int main() {
   int failures = 0, passes = 0;
   std::mt19937 gen(7);
   std::normal_distribution<float> dist(0.0f, 1.0f);
-  for (auto [rows, cols] : {std::pair{37L, 1L}, {19L, 7L}, {64L, 33L}, {5L, 1000L}, {300L, 129L}}) {
+  // (2, 131075): rows of 512 KiB split across the threads in the forwards.
+  for (auto [rows, cols] : {std::pair{37L, 1L}, {19L, 7L}, {64L, 33L}, {5L, 1000L}, {300L, 129L}, {2L, 131075L}}) {
     std::vector<float> x(rows * cols), dy(rows * cols), w(cols), b(cols);
     for (float& v : x) v = 1000.0f + dist(gen);
     for (float& v : dy) v = dist(gen);
@@ -174,6 +198,7 @@ int main() {
       passes += ok;
     }
   }
+  failures += check_in_parallel_region(passes);
   failures += check_half<normlab::float16>("float16", passes);
   failures += check_half<normlab::bfloat16>("bfloat16", passes);
   std::printf("%d passed, %d failed\n", passes, failures);

@@ -1,6 +1,7 @@
 // layer_norm forward and backward: one body, compiled once per SIMD target.
 #include "dispatch/kernel_table.hpp"
 #include "norm/row_norm.hpp"
+#include "norm/split_rows.hpp"
 #include "parallel/parallel.hpp"
 
 namespace normlab {
@@ -134,12 +135,56 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   if (stream) stream_fence();
 }
 
+// Long rows of y = layer_norm(x), split across the threads (split_rows); with weights, in
+// pairs of rows where their outputs start at the same distance from a line.
+template <class T, bool HasW, bool HasB>
+void layer_norm_split(const LayerNormForward<T>& a, bool stream, int nthreads) {
+  using C = compute_t<T>;
+  const std::int64_t n = a.cols;
+  const auto no_tick = [](std::int64_t) __attribute__((always_inline)) {};
+  auto stats = [&](std::int64_t i, double mean, double rstd) {
+    if (a.mean) a.mean[i] = C(mean);
+    if (a.rstd) a.rstd[i] = C(rstd);
+  };
+  auto one = [&](std::int64_t i, double mean, double rstd, std::int64_t j0, std::int64_t j1) {
+    if (j0 == 0) stats(i, mean, rstd);
+    const std::int64_t at = i * n + j0;
+    layer_norm_row<T, HasW, HasB, 0>(a.x + at, HasW ? a.weight + j0 : nullptr, HasB ? a.bias + j0 : nullptr,
+                                     a.y + at, j1 - j0, mean, rstd, stream, no_tick);
+  };
+  auto pair = [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1, std::int64_t j0,
+                  std::int64_t j1) {
+    const std::int64_t at = i * n + j0;
+    if (stream_head(a.y + at, j1 - j0) != stream_head(a.y + at + n, j1 - j0)) {
+      one(i, mean0, rstd0, j0, j1);
+      one(i + 1, mean1, rstd1, j0, j1);
+      return;
+    }
+    if (j0 == 0) {
+      stats(i, mean0, rstd0);
+      stats(i + 1, mean1, rstd1);
+    }
+    layer_norm_row_pair<T, HasW, HasB>(a.x + at, a.x + at + n, HasW ? a.weight + j0 : nullptr,
+                                       HasB ? a.bias + j0 : nullptr, a.y + at, a.y + at + n, j1 - j0, mean0, rstd0,
+                                       mean1, rstd1, stream, no_tick);
+  };
+  if constexpr (HasW || HasB) split_rows_forward<true>(a.x, a.rows, n, a.eps, nthreads, one, pair);
+  else split_rows_forward<true>(a.x, a.rows, n, a.eps, nthreads, one);
+}
+
 template <class T>
 void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight and bias.
   const bool stream =
       stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, (a.weight ? 1 : 0) + (a.bias ? 1 : 0)), bytes);
+  if (!residual && split_rows<T>(a.rows, a.cols)) {
+    auto split = &layer_norm_split<T, false, false>;
+    if (a.weight && a.bias) split = &layer_norm_split<T, true, true>;
+    else if (a.weight) split = &layer_norm_split<T, true, false>;
+    else if (a.bias) split = &layer_norm_split<T, false, true>;
+    return split(a, stream, nthreads);
+  }
   with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     auto rows = &layer_norm_rows<T, false, false, NV>;

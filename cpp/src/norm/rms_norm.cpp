@@ -1,6 +1,7 @@
 // rms_norm forward and backward: one body, compiled once per SIMD target.
 #include "dispatch/kernel_table.hpp"
 #include "norm/row_norm.hpp"
+#include "norm/split_rows.hpp"
 #include "parallel/parallel.hpp"
 
 namespace normlab {
@@ -47,11 +48,32 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   if (stream) stream_fence();
 }
 
+// Long rows of y = rms_norm(x), split across the threads (split_rows).
+template <class T, bool HasW>
+void rms_norm_split(const RmsNormForward<T>& a, bool stream, int nthreads) {
+  using C = compute_t<T>;
+  using V = vnative<C>;
+  const std::int64_t n = a.cols;
+  split_rows_forward<false>(a.x, a.rows, n, a.eps, nthreads,
+                            [&](std::int64_t i, double, double rstd, std::int64_t j0, std::int64_t j1) {
+                              if (j0 == 0 && a.rstd) a.rstd[i] = C(rstd);
+                              const V vr = splat<V>(C(rstd));
+                              const T* const x = a.x + i * n + j0;
+                              const C* const w = HasW ? a.weight + j0 : nullptr;
+                              map_row(a.y + i * n + j0, j1 - j0, stream, [&](std::int64_t j, int count) {
+                                V scale = vr;
+                                if constexpr (HasW) scale *= load_n(w + j, count);
+                                return V(load_n(x + j, count) * scale);
+                              });
+                            });
+}
+
 template <class T>
 void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nthreads) {
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight.
   const bool stream = stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, a.weight ? 1 : 0), bytes);
+  if (!residual && split_rows<T>(a.rows, a.cols)) return (a.weight ? &rms_norm_split<T, true> : &rms_norm_split<T, false>)(a, stream, nthreads);
   with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;
