@@ -10,6 +10,8 @@ import reference as ref
 
 DTYPES = [np.float32, np.float64]
 SHAPES = [(1, 1), (7, 3), (33, 70), (5, 4, 17), (64, 1030), (37, 48), (9, 32), (11, 128), (10, 256)]
+# rows of 512 KiB or more, fewer than 4: split across the threads (float32 and float64)
+LONG_SHAPES = [(2, 131075)]
 
 
 def _inputs(rng, shape, dtype, offset=0.0):
@@ -21,7 +23,7 @@ def _inputs(rng, shape, dtype, offset=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + LONG_SHAPES)
 def test_add_layer_norm_equals_add_then_layer_norm(cpu_target, rng, dtype, shape):
     x, r, w, b = _inputs(rng, shape, dtype, offset=100.0)
     y, s, mean, rstd = normlab.add_layer_norm(x, r, w, b, return_stats=True)
@@ -38,7 +40,7 @@ def test_add_layer_norm_equals_add_then_layer_norm(cpu_target, rng, dtype, shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + LONG_SHAPES)
 def test_add_rms_norm_equals_add_then_rms_norm(cpu_target, rng, dtype, shape):
     x, r, w, _ = _inputs(rng, shape, dtype)
     y, s, rstd = normlab.add_rms_norm(x, r, w, return_stats=True)
@@ -47,7 +49,7 @@ def test_add_rms_norm_equals_add_then_rms_norm(cpu_target, rng, dtype, shape):
     assert np.array_equal(y, y_ref) and np.array_equal(rstd, rstd_ref)
 
 
-@pytest.mark.parametrize("shape", [(9, 40), (13, 32)])
+@pytest.mark.parametrize("shape", [(9, 40), (13, 32), (2, 131075)])
 @pytest.mark.parametrize("which", ["x", "residual"])
 @pytest.mark.parametrize("fused", ["layer", "rms"])
 def test_sum_out_may_be_x_or_residual(cpu_target, rng, which, fused, shape):
@@ -150,15 +152,18 @@ def test_backward_without_ds_is_the_plain_backward(rng):
     assert np.allclose(dx_ds, plain[0] + ds, rtol=0, atol=1e-14)
 
 
-def test_fused_results_do_not_depend_on_the_thread_count(num_threads, rng):
-    x, r, w, b = _inputs(rng, (700, 300), np.float32, offset=5.0)
+@pytest.mark.parametrize("shape", [(700, 300), (3, 131075)])
+def test_fused_results_do_not_depend_on_the_thread_count(num_threads, rng, shape):
+    x, r, w, b = _inputs(rng, shape, np.float32, offset=5.0)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     results = []
     for n in (1, 2, 3):
         normlab.set_num_threads(n)
         y, s, mean, rstd = normlab.add_layer_norm(x, r, w, b, return_stats=True)
         grads = normlab.add_layer_norm_backward(dy, s, mean, rstd, w, ds=dy)
-        results.append((y, s, mean, rstd) + grads)
+        y2, s2, rstd2 = normlab.add_rms_norm(x, r, w, return_stats=True)
+        grads2 = normlab.add_rms_norm_backward(dy, s2, rstd2, w, ds=dy)
+        results.append((y, s, mean, rstd) + grads + (y2, s2, rstd2) + grads2)
     for other in results[1:]:
         for u, v in zip(results[0], other):
             assert np.array_equal(u, v)

@@ -178,11 +178,12 @@ ROW_CASES = [
     ((9, 48), -1),
     ((11, 128), -1),
     ((19, 256), -1),
+    # rows of 512 KiB or more, fewer than 4: split across the threads
+    ((2, 262147), -1),
 ]
 ROW_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in ROW_CASES]
-# Forward only: rows of 512 KiB or more, fewer than 4 of them, are split across the threads
-# (summed by chunks); one with a partial vector at its end.
-FORWARD_CASES = ROW_CASES + [((1, 262147), -1), ((3, 262144), -1)]
+# Forward only: more rows of 512 KiB or more, fewer than 4 of them (split across the threads).
+FORWARD_CASES = ROW_CASES + [((1, 262144), -1), ((3, 262144), -1)]
 FORWARD_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in FORWARD_CASES]
 
 
@@ -293,7 +294,7 @@ def test_rms_norm_backward(cpu_target, rng, shape, axis, dtype, wkind):
 # fused add + norm
 # --------------------------------------------------------------------------------------------
 
-ADD_SHAPES = [(1, 1), (3, 7), (5, 33), (4, 100), (2, 769), (2, 3, 17), (11, 64), (9, 256)]
+ADD_SHAPES = [(1, 1), (3, 7), (5, 33), (4, 100), (2, 769), (2, 3, 17), (11, 64), (9, 256), (2, 262147)]
 
 
 def _add_y_candidates(x, r, s, w, b, layer, eps):
@@ -994,6 +995,9 @@ def _everything(dtype, rng_seed=3):
     wl, bl = make_affine(rng, (262147,), F32)
     yl, ml, rl = normlab.layer_norm(xl, wl, bl, return_stats=True)
     out += [("long y", yl), ("long mean", ml), ("long rstd", rl), ("long rms y", normlab.rms_norm(xl, wl))]
+    dyl = make_x(rng, xl.shape, dtype)
+    out += list(zip(("long dx", "long dw", "long db"), normlab.layer_norm_backward(dyl, xl, ml, rl, wl)))
+    out += list(zip(("long add y", "long add s"), normlab.add_layer_norm(xl, dyl, wl, bl)))
     img = x.reshape(8, 12, 769)[:, :, :768].copy().reshape(8, 12, 32, 24)
     dimg = dy.reshape(8, 12, 769)[:, :, :768].copy().reshape(img.shape)
     for cl in (False, True):

@@ -443,6 +443,9 @@ BACKWARD_CASES = [
     # rows of 8 KiB or more go in groups of 4 for the column sums (remainders one by one)
     ((21, 2053), -1),
     ((40, 4096), -1),
+    # rows of 512 KiB or more, fewer than 4 (the backward: fewer than 16): split across the threads
+    ((2, 131075), -1),
+    ((7, 131075), -1),
 ]
 
 
@@ -766,9 +769,10 @@ def _all_results(norm, x, dy, weight, bias):
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
 # (6, 20000): few long rows, column sums in blocks of 1 and 2 rows (kMinColumnSumBlocks).
-# (3, 131075): rows of 512 KiB or more, fewer than 4, split across the threads in the forward.
+# (3, 131075): rows of 512 KiB or more, fewer than 4, split across the threads; (7, 131075): in
+# the backward only (fewer than 16).
 @pytest.mark.parametrize("shape", [(3000, 257), (64, 4096), (1000, 128), (1000, 64), (1000, 32), (6, 20000),
-                                   (3, 131075)])
+                                   (3, 131075), (7, 131075)])
 def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, norm, dtype, shape):
     x = make_x(rng, shape, dtype, offset=3.0)
     dy = make_x(rng, shape, dtype)

@@ -21,8 +21,9 @@ Data handling, common to every function here:
   itself and reuses once the result is freed (the array's ``base`` owns them).
 * Statistics are accumulated in float64 with shifted sums, so float32 results stay accurate
   when |mean| >> std. Results are bitwise identical for every thread count.
-* Rows are shared out among the threads. The forward of fewer than 4 rows of 512 KiB or more
-  (one image normalized over all its axes, say) splits each row across all of them instead.
+* Rows are shared out among the threads. Fewer than 4 rows of 512 KiB or more (fewer than 16
+  in the backward; one image normalized over all its axes, say) are each split across all of
+  them instead.
 * The GIL is released while a kernel runs (for all but tiny calls).
 """
 

@@ -135,12 +135,14 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   if (stream) stream_fence();
 }
 
-// Long rows of y = layer_norm(x), split across the threads (split_rows); with weights, in
-// pairs of rows where their outputs start at the same distance from a line.
+// Long rows of y = layer_norm(x), or of y = layer_norm(s) with s = x + residual written to sum,
+// split across the threads (split_rows); with weights, in pairs of rows where their outputs
+// start at the same distance from a line.
 template <class T, bool HasW, bool HasB>
-void layer_norm_split(const LayerNormForward<T>& a, bool stream, int nthreads) {
+void layer_norm_split(const LayerNormForward<T>& a, const T* residual, T* sum, bool stream, int nthreads) {
   using C = compute_t<T>;
   const std::int64_t n = a.cols;
+  const T* const rows = residual ? sum : a.x;  // what is normalized
   const auto no_tick = [](std::int64_t) __attribute__((always_inline)) {};
   auto stats = [&](std::int64_t i, double mean, double rstd) {
     if (a.mean) a.mean[i] = C(mean);
@@ -149,7 +151,7 @@ void layer_norm_split(const LayerNormForward<T>& a, bool stream, int nthreads) {
   auto one = [&](std::int64_t i, double mean, double rstd, std::int64_t j0, std::int64_t j1) {
     if (j0 == 0) stats(i, mean, rstd);
     const std::int64_t at = i * n + j0;
-    layer_norm_row<T, HasW, HasB, 0>(a.x + at, HasW ? a.weight + j0 : nullptr, HasB ? a.bias + j0 : nullptr,
+    layer_norm_row<T, HasW, HasB, 0>(rows + at, HasW ? a.weight + j0 : nullptr, HasB ? a.bias + j0 : nullptr,
                                      a.y + at, j1 - j0, mean, rstd, stream, no_tick);
   };
   auto pair = [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1, std::int64_t j0,
@@ -164,12 +166,12 @@ void layer_norm_split(const LayerNormForward<T>& a, bool stream, int nthreads) {
       stats(i, mean0, rstd0);
       stats(i + 1, mean1, rstd1);
     }
-    layer_norm_row_pair<T, HasW, HasB>(a.x + at, a.x + at + n, HasW ? a.weight + j0 : nullptr,
+    layer_norm_row_pair<T, HasW, HasB>(rows + at, rows + at + n, HasW ? a.weight + j0 : nullptr,
                                        HasB ? a.bias + j0 : nullptr, a.y + at, a.y + at + n, j1 - j0, mean0, rstd0,
                                        mean1, rstd1, stream, no_tick);
   };
-  if constexpr (HasW || HasB) split_rows_forward<true>(a.x, a.rows, n, a.eps, nthreads, one, pair);
-  else split_rows_forward<true>(a.x, a.rows, n, a.eps, nthreads, one);
+  if constexpr (HasW || HasB) split_rows_forward<true>(a.x, residual, sum, a.rows, n, a.eps, nthreads, one, pair);
+  else split_rows_forward<true>(a.x, residual, sum, a.rows, n, a.eps, nthreads, one);
 }
 
 template <class T>
@@ -178,12 +180,12 @@ void layer_norm_any(const LayerNormForward<T>& a, const T* residual, T* sum, int
   // x, y, and residual and sum rows; the weight and bias.
   const bool stream =
       stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, (a.weight ? 1 : 0) + (a.bias ? 1 : 0)), bytes);
-  if (!residual && split_rows<T>(a.rows, a.cols)) {
+  if (split_rows<T>(a.rows, a.cols)) {
     auto split = &layer_norm_split<T, false, false>;
     if (a.weight && a.bias) split = &layer_norm_split<T, true, true>;
     else if (a.weight) split = &layer_norm_split<T, true, false>;
     else if (a.bias) split = &layer_norm_split<T, false, true>;
-    return split(a, stream, nthreads);
+    return split(a, residual, sum, stream, nthreads);
   }
   with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
@@ -207,6 +209,15 @@ void add_layer_norm_forward(const AddLayerNormForward<T>& a, int nthreads) {
 
 template <class T>
 void layer_norm_backward(const LayerNormBackward<T>& a, int nthreads) {
+  if (split_rows_backward_for<T>(a.rows, a.cols)) {
+    if (a.weight)
+      split_rows_backward<true, true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.ds, a.dx, a.dweight, a.dbias, a.rows,
+                                      a.cols, nthreads);
+    else
+      split_rows_backward<true, false>(a.dy, a.x, a.mean, a.rstd, a.weight, a.ds, a.dx, a.dweight, a.dbias, a.rows,
+                                       a.cols, nthreads);
+    return;
+  }
   row_norm_backward<true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.ds, a.dx, a.dweight, a.dbias, a.rows,
                           a.cols, nthreads);
 }

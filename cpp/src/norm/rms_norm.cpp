@@ -48,17 +48,19 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   if (stream) stream_fence();
 }
 
-// Long rows of y = rms_norm(x), split across the threads (split_rows).
+// Long rows of y = rms_norm(x), or of y = rms_norm(s) with s = x + residual written to sum, split
+// across the threads (split_rows).
 template <class T, bool HasW>
-void rms_norm_split(const RmsNormForward<T>& a, bool stream, int nthreads) {
+void rms_norm_split(const RmsNormForward<T>& a, const T* residual, T* sum, bool stream, int nthreads) {
   using C = compute_t<T>;
   using V = vnative<C>;
   const std::int64_t n = a.cols;
-  split_rows_forward<false>(a.x, a.rows, n, a.eps, nthreads,
+  const T* const rows = residual ? sum : a.x;  // what is normalized
+  split_rows_forward<false>(a.x, residual, sum, a.rows, n, a.eps, nthreads,
                             [&](std::int64_t i, double, double rstd, std::int64_t j0, std::int64_t j1) {
                               if (j0 == 0 && a.rstd) a.rstd[i] = C(rstd);
                               const V vr = splat<V>(C(rstd));
-                              const T* const x = a.x + i * n + j0;
+                              const T* const x = rows + i * n + j0;
                               const C* const w = HasW ? a.weight + j0 : nullptr;
                               map_row(a.y + i * n + j0, j1 - j0, stream, [&](std::int64_t j, int count) {
                                 V scale = vr;
@@ -73,7 +75,8 @@ void rms_norm_any(const RmsNormForward<T>& a, const T* residual, T* sum, int nth
   const std::int64_t bytes = a.rows * a.cols * std::int64_t(sizeof(T));
   // x, y, and residual and sum rows; the weight.
   const bool stream = stream_forward_rows<T>(row_traffic_bytes<T>(a.cols, residual ? 4 : 2, a.weight ? 1 : 0), bytes);
-  if (!residual && split_rows<T>(a.rows, a.cols)) return (a.weight ? &rms_norm_split<T, true> : &rms_norm_split<T, false>)(a, stream, nthreads);
+  if (split_rows<T>(a.rows, a.cols))
+    return (a.weight ? &rms_norm_split<T, true> : &rms_norm_split<T, false>)(a, residual, sum, stream, nthreads);
   with_narrow_rows<T, 16>(a.cols, narrow_forward_rows<T>(a.cols, bytes, residual, stream), [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
     const auto rows = a.weight ? &rms_norm_rows<T, true, NV> : &rms_norm_rows<T, false, NV>;
@@ -94,6 +97,16 @@ void add_rms_norm_forward(const AddRmsNormForward<T>& a, int nthreads) {
 template <class T>
 void rms_norm_backward(const RmsNormBackward<T>& a, int nthreads) {
   using C = compute_t<T>;
+  if (split_rows_backward_for<T>(a.rows, a.cols)) {
+    const C* const none = nullptr;
+    if (a.weight)
+      split_rows_backward<false, true>(a.dy, a.x, none, a.rstd, a.weight, a.ds, a.dx, a.dweight,
+                                       static_cast<C*>(nullptr), a.rows, a.cols, nthreads);
+    else
+      split_rows_backward<false, false>(a.dy, a.x, none, a.rstd, a.weight, a.ds, a.dx, a.dweight,
+                                        static_cast<C*>(nullptr), a.rows, a.cols, nthreads);
+    return;
+  }
   row_norm_backward<false>(a.dy, a.x, static_cast<const C*>(nullptr), a.rstd, a.weight, a.ds, a.dx, a.dweight,
                            static_cast<C*>(nullptr), a.rows, a.cols, nthreads);
 }

@@ -914,6 +914,7 @@ constexpr std::int64_t kFetchedSumsRowBytes = std::int64_t(8) << 10;
 template <bool Centered, bool HasW, class T>
 struct RowBackward {
   using C = compute_t<T>;  // weight and stage values
+  static constexpr bool kCentered = Centered, kHasW = HasW;
   const T* dy;
   const T* x;
   const C* w;
@@ -963,6 +964,12 @@ struct RowBackward {
   void run_wide(C* stage) const {
     double c0, c1;
     sums(c0, c1);
+    dx_wide(stage, c0, c1);
+  }
+
+  // run_wide's second pass, given the row's c0 and c1: dx, and with weight the row's part of
+  // the stage.
+  void dx_wide(C* stage, double c0, double c1) const {
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
     const vwide vc0 = splat<vwide>(c0), vc1 = splat<vwide>(c1);
     std::int64_t j = 0;

@@ -18,10 +18,12 @@ namespace {
 // again, from its own cache. Taken one per thread, such rows leave threads idle. Against that
 // (2 threads, AMD Zen 4 VM, in-process A/B): one row of 2**22 or 2**26 elements took 0.51-0.58x
 // the time (float32, float64, float16; layer_norm and rms_norm), 2 and 3 such rows 0.76-1.00x,
-// 1 and 3 rows of 512 KiB 0.61-0.83x (float16 0.88-0.99x); on one thread 0.98-1.07x. With 4 or
-// more rows, split rows ran slower than rows one per thread (layer_norm (64, 2**20) 1.23x), whose
-// next row's sums are taken while this row is written. The choice and the chunks depend only on
-// the shape, so results do not depend on the thread count.
+// 1 and 3 rows of 512 KiB 0.61-0.83x (float16 0.88-0.99x); on one thread 0.98-1.07x. The fused
+// add + norm (s written as the sums read x + residual): 0.38-0.53x for one row, 0.49-1.05x for
+// two or three, 0.86-1.01x on one thread. With 4 or more rows, split rows ran slower than rows
+// one per thread (layer_norm (64, 2**20) 1.23x), whose next row's sums are taken while this row
+// is written. The choice and the chunks depend only on the shape, so results do not depend on
+// the thread count, and add_layer_norm(x, r) gives the bits of layer_norm(x + r).
 constexpr std::int64_t kSplitMaxRows = 4;
 constexpr std::int64_t kSplitRowMinBytes = std::int64_t(512) << 10;
 constexpr std::int64_t kSplitChunkBytes = std::int64_t(64) << 10;
@@ -31,6 +33,31 @@ bool split_rows(std::int64_t rows, std::int64_t n) {
   return rows < kSplitMaxRows && n * std::int64_t(sizeof(T)) >= kSplitRowMinBytes;
 }
 
+// The backward splits rows in tensors of fewer than kSplitMaxRowsBackward: rows one per thread
+// gather their dweight and dbias in a stage and a double partial of the whole row per block
+// of rows, which rows of megabytes take from memory. Split, each thread keeps the stage of a
+// chunk in its cache (2 threads, AMD Zen 4 VM, in-process A/B): layer_norm_backward and
+// rms_norm_backward with weight of 1-3 rows of 2**22 took 0.24-0.53x the time (one thread
+// 0.37-0.51x), 4 rows 0.42-0.47x, 8 rows of 2**21 0.61-0.72x, 15 rows of 2**20 0.86-0.93x,
+// 8-15 rows of 2**17-2**19 0.71-1.04x; from 16 rows of 2**20 1.00-1.26x, 32-63 rows 0.91-1.88x.
+constexpr std::int64_t kSplitMaxRowsBackward = 16;
+template <class T>
+bool split_rows_backward_for(std::int64_t rows, std::int64_t n) {
+  return rows < kSplitMaxRowsBackward && n * std::int64_t(sizeof(T)) >= kSplitRowMinBytes;
+}
+
+// run(t, nt) on each thread t of a team of nt, one region for the whole call; on the calling
+// thread alone (run(0, 1)) for one thread or one chunk.
+template <class Run>
+void on_threads(int nthreads, std::int64_t chunks, const Run& run) {
+  if (nthreads <= 1 || chunks <= 1) {
+    run(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(nthreads)
+  run(omp_get_thread_num(), omp_get_num_threads());
+}
+
 struct ShiftedSums {
   double s = 0;  // sum of x - shift (Centered only)
   double q = 0;  // sum of (x - shift)^2
@@ -38,15 +65,17 @@ struct ShiftedSums {
 
 // The sums of x[0..n) - shift (Centered; else of squares of x) in double: of float partial sums
 // of at most kRowFlushEvery vectors per lane where the data is computed in float on a SIMD
-// target and not Wide (shift must then be a float), else of doubles.
-template <bool Centered, bool Wide, class T>
-ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift) {
+// target and not Wide (shift must then be a float), else of doubles. With Add, of
+// s = x + r instead, written to sum as it is read (rounded to T; sum may be x or r itself).
+template <bool Centered, bool Wide, bool Add = false, class T>
+ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift, const T* r = nullptr, T* sum = nullptr) {
   std::int64_t j = 0;
   ShiftedSums out;
 #if NL_VEC_BYTES
   if constexpr (!Wide && std::is_same<compute_t<T>, float>::value) {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
+    const RowReader<T, Add> row{x, r, sum};
     const V k = splat<V>(float(shift));
     V s[2] = {}, q[2] = {};
     vwide ds{}, dq{};
@@ -58,18 +87,27 @@ ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift) {
     constexpr std::int64_t kStep = 2 * L * kRowFlushEvery;
     for (; j + kStep <= n; j += kStep) {
       for (int t = 0; t < kRowFlushEvery; ++t) {
-        __builtin_prefetch(x + j + 2 * t * L + kPrefetchFloats);
-        add_float_sums<Centered>(load<V>(x + j + 2 * t * L), k, s[0], q[0]);
-        add_float_sums<Centered>(load<V>(x + j + (2 * t + 1) * L), k, s[1], q[1]);
+        add_float_sums<Centered>(row.vector(j + 2 * t * L), k, s[0], q[0]);
+        add_float_sums<Centered>(row.vector(j + (2 * t + 1) * L), k, s[1], q[1]);
       }
       flush();
     }
-    for (; j + L <= n; j += L) add_float_sums<Centered>(load<V>(x + j), k, s[0], q[0]);
+    for (; j + L <= n; j += L) add_float_sums<Centered>(row.vector(j), k, s[0], q[0]);
     flush();
     out.s = lane_sum(ds);
     out.q = lane_sum(dq);
-  } else
+    for (; j < n; ++j) {
+      const double d = double(row.scalar(j)) - (Centered ? shift : 0.0);
+      out.s += d;
+      out.q = fmadd(d, d, out.q);
+    }
+    return out;
+  }
 #endif
+  if constexpr (Add) {
+    add_row(x, r, sum, n);
+    x = sum;
+  }
   {
     const vwide k = splat<vwide>(Centered ? shift : 0.0);
     vwide s0{}, s1{}, q0{}, q1{};
@@ -103,25 +141,31 @@ ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift) {
 // element (kRecenterRatio). One parallel region for all rows, a barrier after each sum of the
 // chunks; their sums alternate between two buffers, so a thread summing the next rows never
 // overwrites sums another thread is still adding up. Streamed stores are fenced on each thread.
+// With a residual, the rows are s = x + residual, written to sum (which may be x or residual
+// itself) as their first sums read it: the sums, and so the results, of layer_norm(s).
 template <bool Centered, class T, class Normalize, class NormalizePair = std::nullptr_t>
-void split_rows_forward(const T* x, std::int64_t rows, std::int64_t n, double eps, int nthreads,
-                        const Normalize& normalize, const NormalizePair& normalize_pair = nullptr) {
+void split_rows_forward(const T* x, const T* residual, T* sum, std::int64_t rows, std::int64_t n, double eps,
+                        int nthreads, const Normalize& normalize, const NormalizePair& normalize_pair = nullptr) {
   constexpr bool kPaired = !std::is_same<NormalizePair, std::nullptr_t>::value;
   constexpr int kRows = kPaired ? 2 : 1;
   const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
   const std::int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<ShiftedSums> sums(std::size_t(2 * kRows * chunks));
+  const T* const rows_of = residual ? sum : x;  // what is normalized
   auto run = [&](std::int64_t t, std::int64_t nt) {
     const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
     int phase = 0;
     // The sums about shift[b] of rows i .. i + count - 1, each added up in chunk order (on every
-    // thread).
-    auto row_sums = [&](std::int64_t i, int count, const double* shift, auto wide, ShiftedSums* total) {
+    // thread); with add (the rows' first sums), of s = x + residual, written to sum as it is read.
+    auto row_sums = [&](std::int64_t i, int count, const double* shift, auto wide, ShiftedSums* total,
+                        bool add = false) {
       ShiftedSums* const part = sums.data() + (phase ^= 1) * kRows * chunks;
       for (int b = 0; b < count; ++b)
         for (std::int64_t c = c0; c < c1; ++c) {
-          const std::int64_t j0 = c * chunk, len = n - j0 < chunk ? n - j0 : chunk;
-          part[b * chunks + c] = chunk_sums<Centered, decltype(wide)::value>(x + (i + b) * n + j0, len, shift[b]);
+          const std::int64_t j0 = c * chunk, len = n - j0 < chunk ? n - j0 : chunk, at = (i + b) * n + j0;
+          constexpr bool kWide = decltype(wide)::value;
+          part[b * chunks + c] = residual && add ? chunk_sums<Centered, kWide, true>(x + at, len, shift[b], residual + at, sum + at)
+                                                 : chunk_sums<Centered, kWide>(rows_of + at, len, shift[b]);
         }
       if (nt > 1) {  // not run(0, 1) in a caller's own parallel region: that barrier is theirs
 #pragma omp barrier
@@ -138,8 +182,14 @@ void split_rows_forward(const T* x, std::int64_t rows, std::int64_t n, double ep
       const int count = rows - i < kRows ? int(rows - i) : kRows;
       double first[kRows], mean[kRows], rstd[kRows];
       ShiftedSums total[kRows];
-      for (int b = 0; b < count; ++b) first[b] = Centered ? double(to_c(x[(i + b) * n])) : 0.0;
-      row_sums(i, count, first, std::false_type(), total);
+      for (int b = 0; b < count; ++b) {
+        const std::int64_t at = (i + b) * n;
+        first[b] = !Centered ? 0.0 : residual ? double(to_c(narrow<T>(to_c(x[at]) + to_c(residual[at])))) : double(to_c(x[at]));
+      }
+      if (residual && nt > 1) {  // every thread has its shifts before sum, maybe x itself, is written
+#pragma omp barrier
+      }
+      row_sums(i, count, first, std::false_type(), total, true);
       for (int b = 0; b < count; ++b) {
 #if NL_VEC_BYTES
         if constexpr (std::is_same<compute_t<T>, float>::value) {
@@ -174,12 +224,141 @@ void split_rows_forward(const T* x, std::int64_t rows, std::int64_t n, double ep
     }
     stream_fence();
   };
-  if (nthreads <= 1 || chunks <= 1) {
-    run(0, 1);
-    return;
+  on_threads(nthreads, chunks, run);
+}
+
+struct BackwardSums {
+  double g = 0;   // sum of g = dy * w (dy without weight)
+  double gx = 0;  // sum of g * xhat
+};
+
+// The sums of a RowBackward's row (a chunk of a split row), with the arithmetic of its own
+// sums: float lanes flushed to double (SumsF32Of) where the data is computed in float on a SIMD
+// target and not Wide, else double.
+template <bool Wide, class Row>
+BackwardSums backward_chunk_sums(const Row& r) {
+  constexpr bool kCentered = Row::kCentered, kHasW = Row::kHasW;
+  BackwardSums out;
+  std::int64_t j = 0;
+#if NL_VEC_BYTES
+  if constexpr (!Wide && std::is_same<typename Row::C, float>::value) {
+    constexpr int L = kLanes<float>;
+    typename Row::template SumsF32Of<true> sums(r);
+    for (; j + L <= r.n; j += L) sums.add(j);
+    if (sums.run != 0) sums.flush();
+    out.g = lane_sum(sums.dsg);
+    out.gx = lane_sum(sums.dsgx);
+  } else
+#endif
+  {
+    const vwide vm = splat<vwide>(r.mean), vr = splat<vwide>(r.rstd);
+    vwide sg{}, sgx{};
+    for (; j + kWide <= r.n; j += kWide) {
+      vwide xh = load_wide(r.x + j);
+      if constexpr (kCentered) xh -= vm;
+      xh *= vr;
+      vwide gv = load_wide(r.dy + j);
+      if constexpr (kHasW) gv *= load_wide(r.w + j);
+      if constexpr (kCentered) sg += gv;
+      sgx = fmadd(gv, xh, sgx);
+    }
+    out.g = lane_sum(sg);
+    out.gx = lane_sum(sgx);
   }
-#pragma omp parallel num_threads(nthreads)
-  run(omp_get_thread_num(), omp_get_num_threads());
+  for (; j < r.n; ++j) {
+    const double xh = (double(to_c(r.x[j])) - r.mean) * r.rstd;
+    double gv = double(to_c(r.dy[j]));
+    if constexpr (kHasW) gv *= double(r.w[j]);
+    out.g += gv;
+    out.gx = fmadd(gv, xh, out.gx);
+  }
+  return out;
+}
+
+// The backward of rows split across the threads (split_rows; as the forward): each thread sums
+// its chunks of a row, the chunks' sums are added in chunk order, and the thread writes dx for
+// the same chunks. Sums that overflow float lanes (or meet Inf/NaN) are taken again in double,
+// as RowBackward does. With weight, dweight (and dbias) of a chunk's columns are summed over
+// the rows in order, in a stage of the chunk on the thread that owns it.
+template <bool Centered, bool HasW, class T, class C = compute_t<T>>
+void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, const C* w, const T* ds, T* dx,
+                         C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
+  using Row = RowBackward<Centered, HasW, T>;
+  const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
+  const std::int64_t chunks = (n + chunk - 1) / chunk;
+  constexpr int kStageRows = HasW ? (Centered ? 2 : 1) : 0;  // dweight (and dbias)
+  const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kStageRows : 0),
+                                  rows * n * std::int64_t(sizeof(T)));
+  std::vector<BackwardSums> sums(std::size_t(2 * chunks));
+  auto run = [&](std::int64_t t, std::int64_t nt) {
+    const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
+    std::vector<C> stage(std::size_t(kStageRows * chunk));
+    int phase = 0;
+    auto span = [&](std::int64_t c, std::int64_t& j0) {
+      j0 = c * chunk;
+      return n - j0 < chunk ? n - j0 : chunk;
+    };
+    auto chunk_row = [&](std::int64_t i, std::int64_t c) {
+      std::int64_t j0;
+      const std::int64_t len = span(c, j0), at = i * n + j0;
+      return Row{dy + at, x + at, HasW ? w + j0 : nullptr, dx + at, len, Centered ? double(mean[i]) : 0.0,
+                 double(rstd[i]), ds ? ds + at : nullptr, 0};
+    };
+    // The row's sums, every chunk's added in chunk order (on every thread).
+    auto row_sums = [&](std::int64_t i, auto wide) {
+      BackwardSums* const part = sums.data() + (phase ^= 1) * chunks;
+      for (std::int64_t c = c0; c < c1; ++c) part[c] = backward_chunk_sums<decltype(wide)::value>(chunk_row(i, c));
+      if (nt > 1) {  // not run(0, 1) in a caller's own parallel region: that barrier is theirs
+#pragma omp barrier
+      }
+      BackwardSums total;
+      for (std::int64_t c = 0; c < chunks; ++c) {
+        total.g += part[c].g;
+        total.gx += part[c].gx;
+      }
+      return total;
+    };
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const double inv_n = 1.0 / double(n);
+      BackwardSums total = row_sums(i, std::false_type());
+      double k0 = Centered ? total.g * inv_n : 0.0, k1 = total.gx * inv_n;
+      if (!__builtin_isfinite(k0) || !__builtin_isfinite(k1)) {
+        total = row_sums(i, std::true_type());
+        k0 = Centered ? total.g * inv_n : 0.0;
+        k1 = total.gx * inv_n;
+      }
+      for (std::int64_t c = c0; c < c1; ++c) {
+        std::int64_t j0;
+        const std::int64_t len = span(c, j0);
+        C* const st = stage.data();
+        if constexpr (HasW) {
+          for (std::int64_t j = 0; j < len; ++j) {
+            st[j] = i == 0 ? C(0) : dweight[j0 + j];
+            if constexpr (Centered) st[len + j] = i == 0 ? C(0) : dbias[j0 + j];
+          }
+        }
+        const Row row = chunk_row(i, c);
+#if NL_VEC_BYTES
+        if constexpr (std::is_same<C, float>::value) {
+          const auto no_tick = [](std::int64_t) __attribute__((always_inline)) {};
+          if (stream) row.template dx_pass<true>(st, k0, k1, no_tick);
+          else row.template dx_pass<false>(st, k0, k1, no_tick);
+        } else
+#endif
+        {
+          row.dx_wide(st, k0, k1);
+        }
+        if constexpr (HasW) {
+          for (std::int64_t j = 0; j < len; ++j) {
+            dweight[j0 + j] = st[j];
+            if constexpr (Centered) dbias[j0 + j] = st[len + j];
+          }
+        }
+      }
+    }
+    stream_fence();
+  };
+  on_threads(nthreads, chunks, run);
 }
 
 }  // namespace
