@@ -237,10 +237,10 @@ def test_layer_norm_first_element_outlier(cpu_target, rng, dtype, cols, leading)
 # Rows of 512 KiB or more, fewer than 4 of them (float32 from 131072 elements, float64 from
 # 65536), are split across the threads: summed by chunks of 64 KiB whose sums are added in
 # order, then normalized chunk by chunk.
-LONG_ROWS = [(1, 131072), (2, 131075), (3, 300001)]
+LONG_ROWS = [(1, 131072), (3, 300001)]
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
 @pytest.mark.parametrize("shape", LONG_ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_rows_split_across_threads(cpu_target, rng, dtype, shape, offset):

@@ -150,6 +150,7 @@ void split_rows_forward(const T* x, const T* residual, T* sum, std::int64_t rows
   constexpr int kRows = kPaired ? 2 : 1;
   const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
   const std::int64_t chunks = (n + chunk - 1) / chunk;
+  if (nthreads > chunks) nthreads = int(chunks);  // no thread without a chunk
   std::vector<ShiftedSums> sums(std::size_t(2 * kRows * chunks));
   const T* const rows_of = residual ? sum : x;  // what is normalized
   auto run = [&](std::int64_t t, std::int64_t nt) {
@@ -286,13 +287,16 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
   using Row = RowBackward<Centered, HasW, T>;
   const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
   const std::int64_t chunks = (n + chunk - 1) / chunk;
+  if (nthreads > chunks) nthreads = int(chunks);  // no thread without a chunk
   constexpr int kStageRows = HasW ? (Centered ? 2 : 1) : 0;  // dweight (and dbias)
   const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kStageRows : 0),
                                   rows * n * std::int64_t(sizeof(T)));
   std::vector<BackwardSums> sums(std::size_t(2 * chunks));
+  // Each thread's stage of a chunk, allocated here: an exception must not leave the region.
+  std::vector<C> stages(std::size_t(kStageRows * chunk * (nthreads > 1 ? nthreads : 1)));
   auto run = [&](std::int64_t t, std::int64_t nt) {
     const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
-    std::vector<C> stage(std::size_t(kStageRows * chunk));
+    C* const st = stages.data() + t * kStageRows * chunk;
     int phase = 0;
     auto span = [&](std::int64_t c, std::int64_t& j0) {
       j0 = c * chunk;
@@ -330,7 +334,6 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
       for (std::int64_t c = c0; c < c1; ++c) {
         std::int64_t j0;
         const std::int64_t len = span(c, j0);
-        C* const st = stage.data();
         if constexpr (HasW) {
           for (std::int64_t j = 0; j < len; ++j) {
             st[j] = i == 0 ? C(0) : dweight[j0 + j];
