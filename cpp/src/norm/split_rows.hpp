@@ -1,9 +1,8 @@
-// Long rows shared by the threads: the row-norm forwards of rows too long for one thread each.
-// Per-target, like row_norm.hpp.
+// Long rows shared by the threads: the row norms, forward and backward, of rows too few for one
+// thread each. Per-target, like row_norm.hpp.
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "norm/row_norm.hpp"
 #include "parallel/openmp.hpp"
@@ -151,7 +150,9 @@ void split_rows_forward(const T* x, const T* residual, T* sum, std::int64_t rows
   const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
   const std::int64_t chunks = (n + chunk - 1) / chunk;
   if (nthreads > chunks) nthreads = int(chunks);  // no thread without a chunk
-  std::vector<ShiftedSums> sums(std::size_t(2 * kRows * chunks));
+  // Scratch, not std::vector: its members would be compiled once per target and merged.
+  ScratchBytes memory(sizeof(ShiftedSums) * std::size_t(2 * kRows * chunks));
+  ShiftedSums* const sums = static_cast<ShiftedSums*>(memory.data());
   const T* const rows_of = residual ? sum : x;  // what is normalized
   auto run = [&](std::int64_t t, std::int64_t nt) {
     const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
@@ -160,7 +161,7 @@ void split_rows_forward(const T* x, const T* residual, T* sum, std::int64_t rows
     // thread); with add (the rows' first sums), of s = x + residual, written to sum as it is read.
     auto row_sums = [&](std::int64_t i, int count, const double* shift, auto wide, ShiftedSums* total,
                         bool add = false) {
-      ShiftedSums* const part = sums.data() + (phase ^= 1) * kRows * chunks;
+      ShiftedSums* const part = sums + (phase ^= 1) * kRows * chunks;
       for (int b = 0; b < count; ++b)
         for (std::int64_t c = c0; c < c1; ++c) {
           const std::int64_t j0 = c * chunk, len = n - j0 < chunk ? n - j0 : chunk, at = (i + b) * n + j0;
@@ -291,12 +292,15 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
   constexpr int kStageRows = HasW ? (Centered ? 2 : 1) : 0;  // dweight (and dbias)
   const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kStageRows : 0),
                                   rows * n * std::int64_t(sizeof(T)));
-  std::vector<BackwardSums> sums(std::size_t(2 * chunks));
-  // Each thread's stage of a chunk, allocated here: an exception must not leave the region.
-  std::vector<C> stages(std::size_t(kStageRows * chunk * (nthreads > 1 ? nthreads : 1)));
+  // The sums, then each thread's stage of a chunk, allocated here (an exception must not leave
+  // the region); scratch, not std::vector, whose members would be compiled once per target.
+  const std::size_t sums_bytes = (sizeof(BackwardSums) * std::size_t(2 * chunks) + 63) / 64 * 64;
+  ScratchBytes memory(sums_bytes + sizeof(C) * std::size_t(kStageRows * chunk * (nthreads > 1 ? nthreads : 1)));
+  BackwardSums* const sums = static_cast<BackwardSums*>(memory.data());
+  C* const stages = reinterpret_cast<C*>(static_cast<char*>(memory.data()) + sums_bytes);
   auto run = [&](std::int64_t t, std::int64_t nt) {
     const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
-    C* const st = stages.data() + t * kStageRows * chunk;
+    C* const st = stages + t * kStageRows * chunk;
     int phase = 0;
     auto span = [&](std::int64_t c, std::int64_t& j0) {
       j0 = c * chunk;
@@ -310,7 +314,7 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
     };
     // The row's sums, every chunk's added in chunk order (on every thread).
     auto row_sums = [&](std::int64_t i, auto wide) {
-      BackwardSums* const part = sums.data() + (phase ^= 1) * chunks;
+      BackwardSums* const part = sums + (phase ^= 1) * chunks;
       for (std::int64_t c = c0; c < c1; ++c) part[c] = backward_chunk_sums<decltype(wide)::value>(chunk_row(i, c));
       if (nt > 1) {  // not run(0, 1) in a caller's own parallel region: that barrier is theirs
 #pragma omp barrier
