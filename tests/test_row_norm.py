@@ -444,6 +444,7 @@ BACKWARD_CASES = [
     ((21, 2053), -1),
     ((40, 4096), -1),
     # rows of 512 KiB or more, fewer than 4 (the backward: fewer than 16): split across the threads
+    # (the backward with weight in groups of 16 rows; test_backward_of_many_long_rows_split: more)
     ((2, 131075), -1),
     ((7, 131075), -1),
 ]
@@ -785,6 +786,39 @@ def test_bitwise_identical_for_every_thread_count(cpu_target, num_threads, rng, 
         got = _all_results(norm, x, dy, weight, bias)
         for i, (a, b) in enumerate(zip(got, expected)):
             assert a.dtype == b.dtype and np.array_equal(a, b), f"output {i} differs with {n} threads"
+
+
+# With weight, up to 63 rows of 1 MiB or more are split too: 17 of them end a stage of 16 rows
+# in double partials and leave one row for a last stage.
+@pytest.mark.openmp
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (17, 262147)), (np.float64, (17, 131075))])
+def test_backward_of_many_long_rows_split(cpu_target, num_threads, rng, norm, dtype, shape):
+    x, dy, weight, bias = _backward_inputs(rng, shape, -1, dtype)
+    normlab.set_num_threads(1)
+    if norm == "layer":
+        _, mean, rstd = normlab.layer_norm(x, weight, bias, return_stats=True)
+        grads = lambda: normlab.layer_norm_backward(dy, x, mean, rstd, weight)  # noqa: E731
+        want = ref.layer_norm_backward(dy, x, mean, rstd, weight)
+        xhat = (x.astype(np.float64) - mean[:, None]) * rstd[:, None]
+        scales = [np.abs(dy * xhat).sum(axis=0), np.abs(dy.astype(np.float64)).sum(axis=0)]
+    else:
+        _, rstd = normlab.rms_norm(x, weight, return_stats=True)
+        grads = lambda: normlab.rms_norm_backward(dy, x, rstd, weight)  # noqa: E731
+        want = ref.rms_norm_backward(dy, x, rstd, weight)
+        scales = [np.abs(dy * (x.astype(np.float64) * rstd[:, None])).sum(axis=0)]
+    got = grads()
+    if dtype == np.float32:
+        _assert_dx32_close(got[0], want[0], rstd, dy.astype(np.float64) * weight, -1)
+        for g, w, scale in zip(got[1:], want[1:], scales):
+            assert np.all(np.abs(g - w) <= 1e-6 * scale)
+    else:
+        for g, w in zip(got, want):
+            _assert_grad_close(g, w, 1e-12, "gradient")
+    for n in (2, 3):
+        normlab.set_num_threads(n)
+        for a, b in zip(grads(), got):
+            assert np.array_equal(a, b), f"differs with {n} threads"
 
 
 # --------------------------------------------------------------------------------------------

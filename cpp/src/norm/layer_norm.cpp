@@ -209,7 +209,7 @@ void add_layer_norm_forward(const AddLayerNormForward<T>& a, int nthreads) {
 
 template <class T>
 void layer_norm_backward(const LayerNormBackward<T>& a, int nthreads) {
-  if (split_rows_backward_for<T>(a.rows, a.cols)) {
+  if (split_rows_backward_for<T>(a.rows, a.cols, a.weight != nullptr)) {
     if (a.weight)
       split_rows_backward<true, true>(a.dy, a.x, a.mean, a.rstd, a.weight, a.ds, a.dx, a.dweight, a.dbias, a.rows,
                                       a.cols, nthreads);

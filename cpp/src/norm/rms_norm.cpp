@@ -97,7 +97,7 @@ void add_rms_norm_forward(const AddRmsNormForward<T>& a, int nthreads) {
 template <class T>
 void rms_norm_backward(const RmsNormBackward<T>& a, int nthreads) {
   using C = compute_t<T>;
-  if (split_rows_backward_for<T>(a.rows, a.cols)) {
+  if (split_rows_backward_for<T>(a.rows, a.cols, a.weight != nullptr)) {
     const C* const none = nullptr;
     if (a.weight)
       split_rows_backward<false, true>(a.dy, a.x, none, a.rstd, a.weight, a.ds, a.dx, a.dweight,

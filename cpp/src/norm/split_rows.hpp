@@ -32,17 +32,23 @@ bool split_rows(std::int64_t rows, std::int64_t n) {
   return rows < kSplitMaxRows && n * std::int64_t(sizeof(T)) >= kSplitRowMinBytes;
 }
 
-// The backward splits rows in tensors of fewer than kSplitMaxRowsBackward: rows one per thread
-// gather their dweight and dbias in a stage and a double partial of the whole row per block
-// of rows, which rows of megabytes take from memory. Split, each thread keeps the stage of a
-// chunk in its cache (2 threads, AMD Zen 4 VM, in-process A/B): layer_norm_backward and
-// rms_norm_backward with weight of 1-3 rows of 2**22 took 0.24-0.53x the time (one thread
-// 0.37-0.51x), 4 rows 0.42-0.47x, 8 rows of 2**21 0.61-0.72x, 15 rows of 2**20 0.86-0.93x,
-// 8-15 rows of 2**17-2**19 0.71-1.04x; from 16 rows of 2**20 1.00-1.26x, 32-63 rows 0.91-1.88x.
+// The backward splits rows in tensors of fewer than kSplitMaxRowsBackward, and with weight of
+// fewer than kSplitMaxRowsWeighted rows of kSplitWeightedRowMinBytes or more: rows one per
+// thread gather their dweight and dbias in a stage and a double partial of the whole row per
+// block of rows, which rows of megabytes take from memory. Split, a thread's stage of a chunk
+// stays in its cache for a group of rows (split_backward_group). Against rows one per thread
+// (2 threads, AMD Zen 4 VM, in-process A/B, float32): layer_norm_backward with weight of 16-63
+// rows of 2**18-2**20 took 0.54-0.95x the time (rms_norm_backward 0.72-0.99x; one thread
+// 0.84-0.98x; float16, bfloat16, float64 0.69-0.91x), 96-256 rows of 2**18 0.96-1.11x (not
+// split); without weight 16-64 such rows took 0.84-1.13x, and are not split.
 constexpr std::int64_t kSplitMaxRowsBackward = 16;
+constexpr std::int64_t kSplitMaxRowsWeighted = 64;
+constexpr std::int64_t kSplitWeightedRowMinBytes = std::int64_t(1) << 20;
 template <class T>
-bool split_rows_backward_for(std::int64_t rows, std::int64_t n) {
-  return rows < kSplitMaxRowsBackward && n * std::int64_t(sizeof(T)) >= kSplitRowMinBytes;
+bool split_rows_backward_for(std::int64_t rows, std::int64_t n, bool has_weight) {
+  const std::int64_t bytes = n * std::int64_t(sizeof(T));
+  if (has_weight && rows < kSplitMaxRowsWeighted && bytes >= kSplitWeightedRowMinBytes) return true;
+  return rows < kSplitMaxRowsBackward && bytes >= kSplitRowMinBytes;
 }
 
 // run(t, nt) on each thread t of a team of nt, one region for the whole call; on the calling
@@ -277,11 +283,30 @@ BackwardSums backward_chunk_sums(const Row& r) {
   return out;
 }
 
+// Rows whose sums the split backward takes between two barriers. With weight, kStageRows:
+// each chunk's stage is loaded once per group, the rows' dy and x read again from memory
+// (against groups of one: 1-15 rows of 2**17-2**22 floats took 0.46-0.93x the time, 16-48
+// rows of 2**20 0.53-0.66x). Without weight, as many as fit with a thread's part of dy and x
+// in 512 KiB of L2, whence the dx pass reads them (groups of 16 took 1.40-1.48x the time for
+// 8-15 rows of 2**17-2**18). A power of two up to kStageRows, so that groups end where stages
+// do; results do not depend on it.
+inline std::int64_t split_backward_group(bool has_weight, std::int64_t n, std::int64_t bytes_per_element,
+                                         int nthreads) {
+  if (has_weight) return kStageRows;
+  const std::int64_t part = 2 * n * bytes_per_element / (nthreads > 1 ? nthreads : 1);
+  std::int64_t g = 1;
+  while (g < kStageRows && 2 * g * part <= (std::int64_t(512) << 10)) g *= 2;
+  return g;
+}
+
 // The backward of rows split across the threads (split_rows; as the forward): each thread sums
-// its chunks of a row, the chunks' sums are added in chunk order, and the thread writes dx for
-// the same chunks. Sums that overflow float lanes (or meet Inf/NaN) are taken again in double,
-// as RowBackward does. With weight, dweight (and dbias) of a chunk's columns are summed over
-// the rows in order, in a stage of the chunk on the thread that owns it.
+// its chunks of a group of rows (split_backward_group), the chunks' sums are added in chunk
+// order, and the thread writes dx for the same chunks, chunk by chunk, the group's rows in
+// order. Sums that overflow float lanes (or meet Inf/NaN) are taken again in double, as
+// RowBackward does. With weight, dweight (and dbias) of a chunk's columns are summed over the
+// rows in order, by the thread that owns the chunk: in dweight (and dbias) themselves, loaded
+// into a stage of the chunk for each group, and as in rows_with_column_sums into a double
+// partial every kStageRows rows where there are more rows than that.
 template <bool Centered, bool HasW, class T, class C = compute_t<T>>
 void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, const C* w, const T* ds, T* dx,
                          C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
@@ -289,18 +314,25 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
   const std::int64_t chunk = kSplitChunkBytes / std::int64_t(sizeof(T));
   const std::int64_t chunks = (n + chunk - 1) / chunk;
   if (nthreads > chunks) nthreads = int(chunks);  // no thread without a chunk
-  constexpr int kStageRows = HasW ? (Centered ? 2 : 1) : 0;  // dweight (and dbias)
-  const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kStageRows : 0),
+  constexpr int kSums = HasW ? (Centered ? 2 : 1) : 0;  // dweight (and dbias)
+  const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kSums : 0),
                                   rows * n * std::int64_t(sizeof(T)));
-  // The sums, then each thread's stage of a chunk, allocated here (an exception must not leave
-  // the region); scratch, not std::vector, whose members would be compiled once per target.
-  const std::size_t sums_bytes = (sizeof(BackwardSums) * std::size_t(2 * chunks) + 63) / 64 * 64;
-  ScratchBytes memory(sums_bytes + sizeof(C) * std::size_t(kStageRows * chunk * (nthreads > 1 ? nthreads : 1)));
-  BackwardSums* const sums = static_cast<BackwardSums*>(memory.data());
-  C* const stages = reinterpret_cast<C*>(static_cast<char*>(memory.data()) + sums_bytes);
+  const std::int64_t group = split_backward_group(HasW, n, std::int64_t(sizeof(T)), nthreads);
+  const bool partials = HasW && rows > kStageRows;
+  // The sums (two buffers of a group), each thread's stage of a chunk and the double partials,
+  // allocated here (an exception must not leave the region); scratch, not std::vector, whose
+  // members would be compiled once per target.
+  const std::size_t sums_bytes = (sizeof(BackwardSums) * std::size_t(2 * group * chunks) + 63) / 64 * 64;
+  const std::size_t stage_bytes = (sizeof(C) * std::size_t(kSums * chunk * (nthreads > 1 ? nthreads : 1)) + 63) / 64 * 64;
+  ScratchBytes memory(sums_bytes + stage_bytes + (partials ? sizeof(double) * std::size_t(kSums * n) : 0));
+  char* const base = static_cast<char*>(memory.data());
+  BackwardSums* const sums = reinterpret_cast<BackwardSums*>(base);
+  C* const stages = reinterpret_cast<C*>(base + sums_bytes);
+  double* const partial = partials ? reinterpret_cast<double*>(base + sums_bytes + stage_bytes) : nullptr;
+  C* const outs[2] = {dweight, dbias};
   auto run = [&](std::int64_t t, std::int64_t nt) {
     const std::int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
-    C* const st = stages + t * kStageRows * chunk;
+    C* const st = stages + t * kSums * chunk;
     int phase = 0;
     auto span = [&](std::int64_t c, std::int64_t& j0) {
       j0 = c * chunk;
@@ -312,54 +344,81 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
       return Row{dy + at, x + at, HasW ? w + j0 : nullptr, dx + at, len, Centered ? double(mean[i]) : 0.0,
                  double(rstd[i]), ds ? ds + at : nullptr, 0};
     };
-    // The row's sums, every chunk's added in chunk order (on every thread).
-    auto row_sums = [&](std::int64_t i, auto wide) {
-      BackwardSums* const part = sums + (phase ^= 1) * chunks;
-      for (std::int64_t c = c0; c < c1; ++c) part[c] = backward_chunk_sums<decltype(wide)::value>(chunk_row(i, c));
+    // The sums of rows i .. i + count - 1, every chunk's added in chunk order (on every thread).
+    auto row_sums = [&](std::int64_t i, std::int64_t count, auto wide, BackwardSums* total) {
+      BackwardSums* const part = sums + (phase ^= 1) * group * chunks;
+      for (std::int64_t b = 0; b < count; ++b)
+        for (std::int64_t c = c0; c < c1; ++c)
+          part[b * chunks + c] = backward_chunk_sums<decltype(wide)::value>(chunk_row(i + b, c));
       if (nt > 1) {  // not run(0, 1) in a caller's own parallel region: that barrier is theirs
 #pragma omp barrier
       }
-      BackwardSums total;
-      for (std::int64_t c = 0; c < chunks; ++c) {
-        total.g += part[c].g;
-        total.gx += part[c].gx;
+      for (std::int64_t b = 0; b < count; ++b) {
+        total[b] = BackwardSums();
+        for (std::int64_t c = 0; c < chunks; ++c) {
+          total[b].g += part[b * chunks + c].g;
+          total[b].gx += part[b * chunks + c].gx;
+        }
       }
-      return total;
     };
-    for (std::int64_t i = 0; i < rows; ++i) {
-      const double inv_n = 1.0 / double(n);
-      BackwardSums total = row_sums(i, std::false_type());
-      double k0 = Centered ? total.g * inv_n : 0.0, k1 = total.gx * inv_n;
-      if (!__builtin_isfinite(k0) || !__builtin_isfinite(k1)) {
-        total = row_sums(i, std::true_type());
-        k0 = Centered ? total.g * inv_n : 0.0;
-        k1 = total.gx * inv_n;
+    // Column sums of a chunk: the stage into the partial (0.0 + s at the first flush, as
+    // rows_with_column_sums), or at the last rows into the outputs.
+    auto flush = [&](std::int64_t c, bool first, bool last) {
+      std::int64_t j0;
+      const std::int64_t len = span(c, j0);
+      for (int k = 0; k < kSums; ++k) {
+        C* const out = outs[k] + j0;
+        double* const p = partial + k * n + j0;
+        for (std::int64_t j = 0; j < len; ++j) {
+          const double v = (first ? 0.0 : p[j]) + double(out[j]);
+          if (last) out[j] = C(v);
+          else {
+            p[j] = v;
+            out[j] = C(0);
+          }
+        }
       }
+    };
+    const double inv_n = 1.0 / double(n);
+    for (std::int64_t i = 0; i < rows; i += group) {
+      const std::int64_t count = rows - i < group ? rows - i : group;
+      BackwardSums total[kStageRows];
+      double k0[kStageRows], k1[kStageRows];
+      row_sums(i, count, std::false_type(), total);
+      for (std::int64_t b = 0; b < count; ++b) {
+        k0[b] = Centered ? total[b].g * inv_n : 0.0;
+        k1[b] = total[b].gx * inv_n;
+        if (!__builtin_isfinite(k0[b]) || !__builtin_isfinite(k1[b])) {
+          row_sums(i + b, 1, std::true_type(), total + b);
+          k0[b] = Centered ? total[b].g * inv_n : 0.0;
+          k1[b] = total[b].gx * inv_n;
+        }
+      }
+      const bool stage_ends = (i + count) % kStageRows == 0 || i + count == rows;
       for (std::int64_t c = c0; c < c1; ++c) {
         std::int64_t j0;
         const std::int64_t len = span(c, j0);
         if constexpr (HasW) {
-          for (std::int64_t j = 0; j < len; ++j) {
-            st[j] = i == 0 ? C(0) : dweight[j0 + j];
-            if constexpr (Centered) st[len + j] = i == 0 ? C(0) : dbias[j0 + j];
-          }
+          for (int k = 0; k < kSums; ++k)
+            for (std::int64_t j = 0; j < len; ++j) st[k * len + j] = i % kStageRows == 0 ? C(0) : outs[k][j0 + j];
         }
-        const Row row = chunk_row(i, c);
+        for (std::int64_t b = 0; b < count; ++b) {
+          const Row row = chunk_row(i + b, c);
 #if NL_VEC_BYTES
-        if constexpr (std::is_same<C, float>::value) {
-          const auto no_tick = [](std::int64_t) __attribute__((always_inline)) {};
-          if (stream) row.template dx_pass<true>(st, k0, k1, no_tick);
-          else row.template dx_pass<false>(st, k0, k1, no_tick);
-        } else
+          if constexpr (std::is_same<C, float>::value) {
+            const auto no_tick = [](std::int64_t) __attribute__((always_inline)) {};
+            if (stream) row.template dx_pass<true>(st, k0[b], k1[b], no_tick);
+            else row.template dx_pass<false>(st, k0[b], k1[b], no_tick);
+          } else
 #endif
-        {
-          row.dx_wide(st, k0, k1);
+          {
+            row.dx_wide(st, k0[b], k1[b]);
+          }
         }
         if constexpr (HasW) {
-          for (std::int64_t j = 0; j < len; ++j) {
-            dweight[j0 + j] = st[j];
-            if constexpr (Centered) dbias[j0 + j] = st[len + j];
-          }
+          for (int k = 0; k < kSums; ++k)
+            for (std::int64_t j = 0; j < len; ++j) outs[k][j0 + j] = st[k * len + j];
+          if (partials && stage_ends) flush(c, i < kStageRows, i + count == rows);
         }
       }
     }
