@@ -40,26 +40,42 @@ inline Moments moments_from_shifted(double shift, double s, double q, std::int64
   return {shift + m, var > 0 ? var : 0.0};
 }
 
-// Mean and biased variance of x[0..n) from double sums shifted by `shift`.
-template <class T>
-Moments shifted_moments(const T* x, std::int64_t n, double shift) {
+struct ShiftedSums {
+  double s = 0;  // sum of x - shift (Centered only)
+  double q = 0;  // sum of (x - shift)^2
+};
+
+// The sums of d = x - shift over x[0..n) (Centered; else of x^2 alone), in double.
+template <bool Centered, class T>
+ShiftedSums shifted_sums_wide(const T* x, std::int64_t n, double shift) {
   const vwide k = splat<vwide>(shift);
   vwide s0{}, s1{}, q0{}, q1{};
   std::int64_t j = 0;
   for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    const vwide a = load_wide(x + j) - k, b = load_wide(x + j + kWide) - k;
-    s0 += a;
-    s1 += b;
+    vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
+    if constexpr (Centered) {
+      a -= k;
+      b -= k;
+      s0 += a;
+      s1 += b;
+    }
     q0 = fmadd(a, a, q0);
     q1 = fmadd(b, b, q1);
   }
   double s = 0, q = 0;
   for (; j < n; ++j) {
-    const double d = double(to_c(x[j])) - shift;
+    const double d = double(to_c(x[j])) - (Centered ? shift : 0.0);
     s += d;
     q = fmadd(d, d, q);
   }
-  return moments_from_shifted(shift, s + lane_sum(s0 + s1), q + lane_sum(q0 + q1), n);
+  return {Centered ? s + lane_sum(s0 + s1) : 0.0, q + lane_sum(q0 + q1)};
+}
+
+// Mean and biased variance of x[0..n) from double sums shifted by `shift`.
+template <class T>
+Moments shifted_moments(const T* x, std::int64_t n, double shift) {
+  const ShiftedSums t = shifted_sums_wide<true>(x, n, shift);
+  return moments_from_shifted(shift, t.s, t.q, n);
 }
 
 // Shifted sums cancel when the shift lies far from the mean: q/n - m*m with m*m / var above
@@ -95,19 +111,7 @@ Moments row_moments_wide(const T* x, std::int64_t n) {
 // Mean of squares of x[0..n) in double.
 template <class T>
 double row_mean_square_wide(const T* x, std::int64_t n) {
-  vwide q0{}, q1{};
-  std::int64_t j = 0;
-  for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    const vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
-    q0 = fmadd(a, a, q0);
-    q1 = fmadd(b, b, q1);
-  }
-  double q = 0;
-  for (; j < n; ++j) {
-    const double v = double(to_c(x[j]));
-    q = fmadd(v, v, q);
-  }
-  return (q + lane_sum(q0 + q1)) * (1.0 / double(n));
+  return shifted_sums_wide<false>(x, n, 0.0).q * (1.0 / double(n));
 }
 
 // s[0..n) = x + r, elementwise in compute_t<T>, rounded to T (s may be x or r itself).
@@ -906,6 +910,11 @@ void rows_with_column_sums(std::int64_t rows, std::int64_t cols, int nsums, T* c
 // prefetches (RowBackward::run_f32).
 constexpr std::int64_t kFetchedSumsRowBytes = std::int64_t(8) << 10;
 
+struct BackwardSums {
+  double g = 0;   // sum of g = dy * w (dy without weight)
+  double gx = 0;  // sum of g * xhat
+};
+
 // The backward of one row of layer_norm (Centered) or rms_norm:
 //   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms),
@@ -927,8 +936,8 @@ struct RowBackward {
   // row's dx pass (prefetch_next_row); 0: none.
   std::int64_t ahead = 0;
 
-  // mean(g) (0 for rms) and mean(g * xhat), in double.
-  void sums(double& c0, double& c1) const {
+  // The sums of g and g * xhat over the row, in double.
+  BackwardSums wide_sums() const {
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
     vwide sg{}, sgx{};
     std::int64_t j = 0;
@@ -941,12 +950,15 @@ struct RowBackward {
       if constexpr (Centered) sg += gv;
       sgx = fmadd(gv, xh, sgx);
     }
-    finish_sums(j, lane_sum(sg), lane_sum(sgx), c0, c1);
+    return with_tail(j, lane_sum(sg), lane_sum(sgx));
   }
 
-  // c0 and c1 from the sums sg, sgx of g and g * xhat over elements [0, j), and the rest of
-  // the row added here in double.
-  void finish_sums(std::int64_t j, double sg, double sgx, double& c0, double& c1) const {
+  // mean(g) (0 for rms) and mean(g * xhat), in double.
+  void sums(double& c0, double& c1) const { means(wide_sums(), c0, c1); }
+
+  // The sums sg, sgx of g and g * xhat over elements [0, j), with the rest of the row's added
+  // in double.
+  BackwardSums with_tail(std::int64_t j, double sg, double sgx) const {
     double tg = 0, tgx = 0;
     for (; j < n; ++j) {
       const double xh = (double(to_c(x[j])) - mean) * rstd;
@@ -955,9 +967,20 @@ struct RowBackward {
       tg += gv;
       tgx = fmadd(gv, xh, tgx);
     }
+    return {sg + tg, sgx + tgx};
+  }
+
+  // c0 = mean(g) (0 for rms) and c1 = mean(g * xhat) from the row's sums.
+  void means(const BackwardSums& t, double& c0, double& c1) const {
     const double inv_n = 1.0 / double(n);
-    c0 = Centered ? (sg + tg) * inv_n : 0.0;
-    c1 = (sgx + tgx) * inv_n;
+    c0 = Centered ? t.g * inv_n : 0.0;
+    c1 = t.gx * inv_n;
+  }
+
+  // c0 and c1 from the sums sg, sgx of g and g * xhat over elements [0, j), and the rest of
+  // the row added here in double.
+  void finish_sums(std::int64_t j, double sg, double sgx, double& c0, double& c1) const {
+    means(with_tail(j, sg, sgx), c0, c1);
   }
 
   // The row in double.

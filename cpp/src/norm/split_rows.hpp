@@ -63,21 +63,16 @@ void on_threads(int nthreads, std::int64_t chunks, const Run& run) {
   run(omp_get_thread_num(), omp_get_num_threads());
 }
 
-struct ShiftedSums {
-  double s = 0;  // sum of x - shift (Centered only)
-  double q = 0;  // sum of (x - shift)^2
-};
-
 // The sums of x[0..n) - shift (Centered; else of squares of x) in double: of float partial sums
 // of at most kRowFlushEvery vectors per lane where the data is computed in float on a SIMD
 // target and not Wide (shift must then be a float), else of doubles. With Add, of
 // s = x + r instead, written to sum as it is read (rounded to T; sum may be x or r itself).
 template <bool Centered, bool Wide, bool Add = false, class T>
 ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift, const T* r = nullptr, T* sum = nullptr) {
-  std::int64_t j = 0;
-  ShiftedSums out;
 #if NL_VEC_BYTES
   if constexpr (!Wide && std::is_same<compute_t<T>, float>::value) {
+    std::int64_t j = 0;
+    ShiftedSums out;
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const RowReader<T, Add> row{x, r, sum};
@@ -113,27 +108,7 @@ ShiftedSums chunk_sums(const T* x, std::int64_t n, double shift, const T* r = nu
     add_row(x, r, sum, n);
     x = sum;
   }
-  {
-    const vwide k = splat<vwide>(Centered ? shift : 0.0);
-    vwide s0{}, s1{}, q0{}, q1{};
-    for (; j + 2 * kWide <= n; j += 2 * kWide) {
-      const vwide a = load_wide(x + j) - k, b = load_wide(x + j + kWide) - k;
-      if constexpr (Centered) {
-        s0 += a;
-        s1 += b;
-      }
-      q0 = fmadd(a, a, q0);
-      q1 = fmadd(b, b, q1);
-    }
-    out.s = lane_sum(s0 + s1);
-    out.q = lane_sum(q0 + q1);
-  }
-  for (; j < n; ++j) {
-    const double d = double(to_c(x[j])) - (Centered ? shift : 0.0);
-    out.s += d;
-    out.q = fmadd(d, d, out.q);
-  }
-  return out;
+  return shifted_sums_wide<Centered>(x, n, Centered ? shift : 0.0);
 }
 
 // The rows [0, rows) of n elements of x, split across nthreads (split_rows): their moments
@@ -235,52 +210,22 @@ void split_rows_forward(const T* x, const T* residual, T* sum, std::int64_t rows
   on_threads(nthreads, chunks, run);
 }
 
-struct BackwardSums {
-  double g = 0;   // sum of g = dy * w (dy without weight)
-  double gx = 0;  // sum of g * xhat
-};
-
 // The sums of a RowBackward's row (a chunk of a split row), with the arithmetic of its own
 // sums: float lanes flushed to double (SumsF32Of) where the data is computed in float on a SIMD
 // target and not Wide, else double.
 template <bool Wide, class Row>
 BackwardSums backward_chunk_sums(const Row& r) {
-  constexpr bool kCentered = Row::kCentered, kHasW = Row::kHasW;
-  BackwardSums out;
-  std::int64_t j = 0;
 #if NL_VEC_BYTES
   if constexpr (!Wide && std::is_same<typename Row::C, float>::value) {
     constexpr int L = kLanes<float>;
     typename Row::template SumsF32Of<true> sums(r);
+    std::int64_t j = 0;
     for (; j + L <= r.n; j += L) sums.add(j);
     if (sums.run != 0) sums.flush();
-    out.g = lane_sum(sums.dsg);
-    out.gx = lane_sum(sums.dsgx);
-  } else
+    return r.with_tail(j, lane_sum(sums.dsg), lane_sum(sums.dsgx));
+  }
 #endif
-  {
-    const vwide vm = splat<vwide>(r.mean), vr = splat<vwide>(r.rstd);
-    vwide sg{}, sgx{};
-    for (; j + kWide <= r.n; j += kWide) {
-      vwide xh = load_wide(r.x + j);
-      if constexpr (kCentered) xh -= vm;
-      xh *= vr;
-      vwide gv = load_wide(r.dy + j);
-      if constexpr (kHasW) gv *= load_wide(r.w + j);
-      if constexpr (kCentered) sg += gv;
-      sgx = fmadd(gv, xh, sgx);
-    }
-    out.g = lane_sum(sg);
-    out.gx = lane_sum(sgx);
-  }
-  for (; j < r.n; ++j) {
-    const double xh = (double(to_c(r.x[j])) - r.mean) * r.rstd;
-    double gv = double(to_c(r.dy[j]));
-    if constexpr (kHasW) gv *= double(r.w[j]);
-    out.g += gv;
-    out.gx = fmadd(gv, xh, out.gx);
-  }
-  return out;
+  return r.wide_sums();
 }
 
 // Rows whose sums the split backward takes between two barriers. With weight, kStageRows:
