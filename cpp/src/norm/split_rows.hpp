@@ -228,13 +228,12 @@ BackwardSums backward_chunk_sums(const Row& r) {
   return r.wide_sums();
 }
 
-// Rows whose sums the split backward takes between two barriers. With weight, kStageRows:
-// each chunk's stage is loaded once per group, the rows' dy and x read again from memory
+// Rows whose sums the split backward takes between two barriers. With weight, kStageRows: a
+// chunk's stage, a group's column sums, stays in cache, the rows' dy and x read again from memory
 // (against groups of one: 1-15 rows of 2**17-2**22 floats took 0.46-0.93x the time, 16-48
 // rows of 2**20 0.53-0.66x). Without weight, as many as fit with a thread's part of dy and x
 // in 512 KiB of L2, whence the dx pass reads them (groups of 16 took 1.40-1.48x the time for
-// 8-15 rows of 2**17-2**18). A power of two up to kStageRows, so that groups end where stages
-// do; results do not depend on it.
+// 8-15 rows of 2**17-2**18). Up to kStageRows; results do not depend on it.
 inline std::int64_t split_backward_group(bool has_weight, std::int64_t n, std::int64_t bytes_per_element,
                                          int nthreads) {
   if (has_weight) return kStageRows;
@@ -249,9 +248,8 @@ inline std::int64_t split_backward_group(bool has_weight, std::int64_t n, std::i
 // order, and the thread writes dx for the same chunks, chunk by chunk, the group's rows in
 // order. Sums that overflow float lanes (or meet Inf/NaN) are taken again in double, as
 // RowBackward does. With weight, dweight (and dbias) of a chunk's columns are summed over the
-// rows in order, by the thread that owns the chunk: in dweight (and dbias) themselves, loaded
-// into a stage of the chunk for each group, and as in rows_with_column_sums into a double
-// partial every kStageRows rows where there are more rows than that.
+// rows in order by the thread that owns the chunk, as in rows_with_column_sums: a group's
+// (kStageRows rows) in a stage of the chunk, then into a double partial where there are more.
 template <bool Centered, bool HasW, class T, class C = compute_t<T>>
 void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, const C* w, const T* ds, T* dx,
                          C* dweight, C* dbias, std::int64_t rows, std::int64_t n, int nthreads) {
@@ -263,7 +261,7 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
   const bool stream = stream_rows(row_traffic_bytes<T>(n, ds ? 4 : 3, HasW ? 1 + kSums : 0),
                                   rows * n * std::int64_t(sizeof(T)));
   const std::int64_t group = split_backward_group(HasW, n, std::int64_t(sizeof(T)), nthreads);
-  const bool partials = HasW && rows > kStageRows;
+  const bool partials = HasW && rows > group;
   // The sums (two buffers of a group), each thread's stage of a chunk and the double partials,
   // allocated here (an exception must not leave the region); scratch, not std::vector, whose
   // members would be compiled once per target.
@@ -306,21 +304,23 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
         }
       }
     };
-    // Column sums of a chunk: the stage into the partial (0.0 + s at the first flush, as
-    // rows_with_column_sums), or at the last rows into the outputs.
-    auto flush = [&](std::int64_t c, bool first, bool last) {
-      std::int64_t j0;
-      const std::int64_t len = span(c, j0);
+    // A chunk's stage (with weight a group is a stage of rows) into the double partial (0.0 + s
+    // at the first, as rows_with_column_sums) or, after the last rows, with it into the outputs.
+    [[maybe_unused]] auto flush = [&](std::int64_t j0, std::int64_t len, bool first, bool last) {
       for (int k = 0; k < kSums; ++k) {
+        const C* const s = st + k * len;
         C* const out = outs[k] + j0;
-        double* const p = partial + k * n + j0;
-        for (std::int64_t j = 0; j < len; ++j) {
-          const double v = (first ? 0.0 : p[j]) + double(out[j]);
-          if (last) out[j] = C(v);
-          else {
-            p[j] = v;
-            out[j] = C(0);
-          }
+        double* const p = partial ? partial + k * n + j0 : nullptr;
+        // Loops without branches, that the compiler vectorizes (a branch in one cost 10% on
+        // 3 rows of 2**17).
+        if (first && last) {
+          for (std::int64_t j = 0; j < len; ++j) out[j] = C(0.0 + double(s[j]));
+        } else if (first) {
+          for (std::int64_t j = 0; j < len; ++j) p[j] = 0.0 + double(s[j]);
+        } else if (last) {
+          for (std::int64_t j = 0; j < len; ++j) out[j] = C(p[j] + double(s[j]));
+        } else {
+          for (std::int64_t j = 0; j < len; ++j) p[j] += double(s[j]);
         }
       }
     };
@@ -339,14 +339,10 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
           k1[b] = total[b].gx * inv_n;
         }
       }
-      const bool stage_ends = (i + count) % kStageRows == 0 || i + count == rows;
       for (std::int64_t c = c0; c < c1; ++c) {
         std::int64_t j0;
         const std::int64_t len = span(c, j0);
-        if constexpr (HasW) {
-          for (int k = 0; k < kSums; ++k)
-            for (std::int64_t j = 0; j < len; ++j) st[k * len + j] = i % kStageRows == 0 ? C(0) : outs[k][j0 + j];
-        }
+        for (std::int64_t j = 0; j < kSums * len; ++j) st[j] = C(0);
         for (std::int64_t b = 0; b < count; ++b) {
           const Row row = chunk_row(i + b, c);
 #if NL_VEC_BYTES
@@ -360,11 +356,7 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
             row.dx_wide(st, k0[b], k1[b]);
           }
         }
-        if constexpr (HasW) {
-          for (int k = 0; k < kSums; ++k)
-            for (std::int64_t j = 0; j < len; ++j) outs[k][j0 + j] = st[k * len + j];
-          if (partials && stage_ends) flush(c, i < kStageRows, i + count == rows);
-        }
+        if constexpr (HasW) flush(j0, len, i == 0, i + count == rows);
       }
     }
     stream_fence();
