@@ -605,15 +605,18 @@ def test_rms_norm_backward_float32(cpu_target, rng, shape, axis, with_weight):
     assert np.all(np.abs(dweight - dweight_ref) <= 1e-6 * dw_scale)
 
 
-@pytest.mark.parametrize("cols", [16, 32, 48, 64, 128, 1000])
+# 20000 and 131075 (rows split across the threads, in one group with weight): rstd over 1.2,
+# where rstd * dy alone would overflow float
+@pytest.mark.parametrize("cols", [16, 32, 48, 64, 128, 1000, 20000, 131075])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_float32_backward_sums_that_overflow(cpu_target, rng, norm, cols):
     """A row whose float products dy * w * xhat overflow, though its dx is in range, is summed
-    again in double; the rows beside it, in the same block of narrow rows, are not disturbed."""
+    again in double, and its dx computed without an overflowing intermediate; the rows beside
+    it, in the same block of narrow rows (or group of split rows), are not disturbed."""
     x, dy, _, _ = _backward_inputs(rng, (11, cols), -1, np.float32)
     x[3] = 0.0
     x[3, 0] = 100.0  # xhat[0] near sqrt(cols)
-    dy[3, 0] = 1.5e38
+    dy[3, 0] = 3.0e38
     for w in (None, np.full(cols, 0.75, np.float32)):
         if norm == "layer":
             _, mean, rstd = normlab.layer_norm(x, w, return_stats=True)

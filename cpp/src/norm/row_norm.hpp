@@ -1117,14 +1117,15 @@ struct RowBackward {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const V vm = splat<V>(float(mean)), vr = splat<V>(float(rstd));
-    // dx = rstd * (g - c0) - (rstd * c1) * xhat
-    const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
+    // dx = rstd * ((g - c0) - c1 * xhat), as the double path: rstd * (g - c0) alone overflows
+    // float where g is near its limit and rstd over 1, though dx is in range.
+    const V vc0 = splat<V>(float(c0)), vnc1 = splat<V>(-float(c1));
     // Cached, dx goes from j = 0, where the stage (64-byte aligned) stays aligned; streamed, in
     // whole lines from its first line-aligned element, as map_row. Whole vectors are stored as
     // whole_vectors puts them (bfloat16: one subnormal test per four). Two instantiations: a
     // call to a streamed loop on the side slowed the cached one by 4-16%.
     auto value = [&](std::int64_t j) __attribute__((always_inline)) {
-      return dx_value<WithStage>(j, L, stage, vm, vr, vc0, vk1);
+      return dx_value<WithStage>(j, L, stage, vm, vr, vc0, vnc1);
     };
     if constexpr (Stream) {
       const std::int64_t head = stream_head(dx, n);
@@ -1133,7 +1134,7 @@ struct RowBackward {
             head, n,
             [&](std::int64_t i, int count) __attribute__((always_inline)) {
               tick(i);
-              dx_vector<kBesideStream, WithStage>(i, count, stage, vm, vr, vc0, vk1);
+              dx_vector<kBesideStream, WithStage>(i, count, stage, vm, vr, vc0, vnc1);
             },
             [&](std::int64_t j0, std::int64_t j1) __attribute__((always_inline)) {
               whole_vectors<T>(
@@ -1161,7 +1162,7 @@ struct RowBackward {
     if (whole < n) {
       tick(whole);
       prefetch_for_write(dx + whole);
-      dx_vector<kCached, WithStage>(whole, int(n - whole), stage, vm, vr, vc0, vk1);
+      dx_vector<kCached, WithStage>(whole, int(n - whole), stage, vm, vr, vc0, vnc1);
     }
   }
 
@@ -1174,7 +1175,7 @@ struct RowBackward {
   template <bool WithStage = true>
   __attribute__((always_inline)) vnative<float> dx_value(std::int64_t j, int count, float* stage, vnative<float> vm,
                                                          vnative<float> vr, vnative<float> vc0,
-                                                         vnative<float> vk1) const {
+                                                         vnative<float> vnc1) const {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     if (ahead) {
@@ -1188,7 +1189,7 @@ struct RowBackward {
     V gv = d;
     if constexpr (HasW) gv *= load_n(w + j, count);
     if constexpr (Centered) gv -= vc0;
-    V out = vr * gv - vk1 * xh;
+    V out = vr * fmadd(vnc1, xh, gv);
     if (ds) out += load_n(ds + j, count);
     if constexpr (HasW && WithStage) {
       if (count == L) {
@@ -1205,9 +1206,9 @@ struct RowBackward {
   // dx_value stored as Mode says.
   template <StoreMode Mode, bool WithStage = true>
   __attribute__((always_inline)) void dx_vector(std::int64_t j, int count, float* stage, vnative<float> vm,
-                                                vnative<float> vr, vnative<float> vc0, vnative<float> vk1) const {
+                                                vnative<float> vr, vnative<float> vc0, vnative<float> vnc1) const {
     constexpr int L = kLanes<float>;
-    const vnative<float> out = dx_value<WithStage>(j, count, stage, vm, vr, vc0, vk1);
+    const vnative<float> out = dx_value<WithStage>(j, count, stage, vm, vr, vc0, vnc1);
     if (count == L) store(dx + j, out);
     else if (Mode == kBesideStream) store_partial_unmasked(dx + j, out, count);
     else store_partial(dx + j, out, count);
@@ -1245,12 +1246,12 @@ struct RowBackward {
     double c0 = Centered ? (lane_sum_inline(dsg) + tg) * inv_n : 0.0;
     double c1 = (lane_sum_inline(dsgx) + tgx) * inv_n;
     if (!__builtin_isfinite(c0) || !__builtin_isfinite(c1)) sums(c0, c1);
-    const V vc0 = splat<V>(float(c0)), vk1 = splat<V>(float(c1 * rstd));
+    const V vc0 = splat<V>(float(c0)), vnc1 = splat<V>(-float(c1));
     V out[NV];
     for (int t = 0; t < NV; ++t) {
       V gv = g[t];
       if constexpr (Centered) gv -= vc0;
-      out[t] = vr * gv - vk1 * xh[t];
+      out[t] = vr * fmadd(vnc1, xh[t], gv);
       if (ds) out[t] += load<V>(ds + t * L);
       if constexpr (HasW) {
         s0[t] = fmadd(d[t], xh[t], s0[t]);
@@ -1315,13 +1316,13 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
   const T* const ds = first.ds;
   T* const dx = first.dx;
   const float* const w = first.w;
-  V vm[R], vr[R], vc0[R], vk1[R];
+  V vm[R], vr[R], vc0[R], vnc1[R];
 #pragma GCC unroll 8
   for (int b = 0; b < R; ++b) {
     vm[b] = splat<V>(Centered ? mean[b] : 0.0f);
     vr[b] = splat<V>(rstd[b]);
     vc0[b] = splat<V>(float(c0[b]));
-    vk1[b] = splat<V>(float(c1[b] * double(rstd[b])));
+    vnc1[b] = splat<V>(-float(c1[b]));
   }
   using yes = std::true_type;
   using no = std::false_type;
@@ -1370,7 +1371,7 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
       V gv = d;
       gv *= wv;
       if constexpr (Centered) gv -= vc0[b];
-      V out = vr[b] * gv - vk1[b] * xh;
+      V out = vr[b] * fmadd(vnc1[b], xh, gv);
       if constexpr (HasDs) out += dss[b];
       if constexpr (kTestedTogether) outs[b] = out;
       else if constexpr (kStreamed) store_stream(dx + o, out);
@@ -1644,11 +1645,9 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
     if constexpr (HasW) g *= wv[t];
   };
   vwide dsg[kRowBlock], dsgx[kRowBlock];
-  double row_rstd[kRowBlock];
 #pragma GCC unroll 8
   for (int b = 0; b < kRowBlock; ++b) {
     dsg[b] = dsgx[b] = vwide{};
-    row_rstd[b] = b < nb ? double(rstd[b]) : 0.0;
     if (b >= nb) continue;
     const V vm = splat<V>(Centered ? mean[b] : 0.0f), vr = splat<V>(rstd[b]);
     V sg{}, sgx{};
@@ -1671,7 +1670,7 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
   if constexpr (Centered) lane_sums_inline(dsg, sum_g);
   lane_sums_inline(dsgx, sum_gx);
   const vwide inv_n = splat<vwide>(1.0 / double(n));
-  float c0f[kRowBlock], k1f[kRowBlock];
+  float c0f[kRowBlock], nc1f[kRowBlock];
   double c0[kRowBlock], c1[kRowBlock];
   bool any_overflow = false;
   for (int p = 0; p < kSumVectors; ++p) {
@@ -1680,7 +1679,7 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
     store(c0 + p * kWide, g0);
     store(c1 + p * kWide, g1);
     store_narrow(c0f + p * kWide, g0);
-    store_narrow(k1f + p * kWide, g1 * load_wide(row_rstd + p * kWide));
+    store_narrow(nc1f + p * kWide, -g1);
     any_overflow |= any_lane(~((g0 - g0 == 0.0) & (g1 - g1 == 0.0)));  // Inf or NaN
   }
   if (any_overflow) {
@@ -1689,19 +1688,19 @@ __attribute__((always_inline)) inline void narrow_block_backward(const RowBackwa
       if (__builtin_isfinite(c0[b]) && __builtin_isfinite(c1[b])) continue;
       row(b).sums(c0[b], c1[b]);
       c0f[b] = float(c0[b]);
-      k1f[b] = float(c1[b] * row_rstd[b]);
+      nc1f[b] = -float(c1[b]);
     }
   }
   for (int b = 0; b < nb; ++b) {
     const RowBackward<Centered, HasW, T> r = row(b);
     const V vm = splat<V>(Centered ? mean[b] : 0.0f), vr = splat<V>(rstd[b]);
-    const V vc0 = splat<V>(c0f[b]), vk1 = splat<V>(k1f[b]);
+    const V vc0 = splat<V>(c0f[b]), vnc1 = splat<V>(nc1f[b]);
     V out[NV];
     for (int t = 0; t < NV; ++t) {
       V xh, d, g;
       load_xhat_g(b, t, vm, vr, xh, d, g);
       if constexpr (Centered) g -= vc0;
-      out[t] = vr * g - vk1 * xh;
+      out[t] = vr * fmadd(vnc1, xh, g);
       if (r.ds) out[t] += load<V>(r.ds + t * L);
       if constexpr (HasW) {
         s0[t] = fmadd(d, xh, s0[t]);
