@@ -915,6 +915,14 @@ struct BackwardSums {
   double gx = 0;  // sum of g * xhat
 };
 
+// c0 = mean(g) (0 for rms) and c1 = mean(g * xhat) of a row of n elements from its sums.
+template <bool Centered>
+void backward_means(const BackwardSums& t, std::int64_t n, double& c0, double& c1) {
+  const double inv_n = 1.0 / double(n);
+  c0 = Centered ? t.g * inv_n : 0.0;
+  c1 = t.gx * inv_n;
+}
+
 // The backward of one row of layer_norm (Centered) or rms_norm:
 //   xhat = (x - mean) * rstd (mean = 0 for rms), g = dy * w,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (no mean(g) term for rms),
@@ -954,7 +962,7 @@ struct RowBackward {
   }
 
   // mean(g) (0 for rms) and mean(g * xhat), in double.
-  void sums(double& c0, double& c1) const { means(wide_sums(), c0, c1); }
+  void sums(double& c0, double& c1) const { backward_means<Centered>(wide_sums(), n, c0, c1); }
 
   // The sums sg, sgx of g and g * xhat over elements [0, j), with the rest of the row's added
   // in double.
@@ -970,17 +978,10 @@ struct RowBackward {
     return {sg + tg, sgx + tgx};
   }
 
-  // c0 = mean(g) (0 for rms) and c1 = mean(g * xhat) from the row's sums.
-  void means(const BackwardSums& t, double& c0, double& c1) const {
-    const double inv_n = 1.0 / double(n);
-    c0 = Centered ? t.g * inv_n : 0.0;
-    c1 = t.gx * inv_n;
-  }
-
   // c0 and c1 from the sums sg, sgx of g and g * xhat over elements [0, j), and the rest of
   // the row added here in double.
   void finish_sums(std::int64_t j, double sg, double sgx, double& c0, double& c1) const {
-    means(with_tail(j, sg, sgx), c0, c1);
+    backward_means<Centered>(with_tail(j, sg, sgx), n, c0, c1);
   }
 
   // The row in double.

@@ -324,19 +324,16 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
         }
       }
     };
-    const double inv_n = 1.0 / double(n);
     for (std::int64_t i = 0; i < rows; i += group) {
       const std::int64_t count = rows - i < group ? rows - i : group;
       BackwardSums total[kStageRows];
       double k0[kStageRows], k1[kStageRows];
       row_sums(i, count, std::false_type(), total);
       for (std::int64_t b = 0; b < count; ++b) {
-        k0[b] = Centered ? total[b].g * inv_n : 0.0;
-        k1[b] = total[b].gx * inv_n;
+        backward_means<Centered>(total[b], n, k0[b], k1[b]);
         if (!__builtin_isfinite(k0[b]) || !__builtin_isfinite(k1[b])) {
           row_sums(i + b, 1, std::true_type(), total + b);
-          k0[b] = Centered ? total[b].g * inv_n : 0.0;
-          k1[b] = total[b].gx * inv_n;
+          backward_means<Centered>(total[b], n, k0[b], k1[b]);
         }
       }
       for (std::int64_t c = c0; c < c1; ++c) {
