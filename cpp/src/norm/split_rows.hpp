@@ -39,8 +39,9 @@ bool split_rows(std::int64_t rows, std::int64_t n) {
 // stays in its cache for a group of rows (split_backward_group). Against rows one per thread
 // (2 threads, AMD Zen 4 VM, in-process A/B, float32): layer_norm_backward with weight of 16-63
 // rows of 2**18-2**20 took 0.54-0.95x the time (rms_norm_backward 0.72-0.99x; one thread
-// 0.84-0.98x; float16, bfloat16, float64 0.69-0.91x), 96-256 rows of 2**18 0.96-1.11x (not
-// split); without weight 16-64 such rows took 0.84-1.13x, and are not split.
+// 0.84-0.98x; float16, bfloat16, float64 0.69-0.91x), 96-256 rows of 2**18-349525 0.96-1.11x
+// and 256 rows of 2**16 1.11-1.59x (not split); without weight 16-64 such rows took
+// 0.84-1.13x, and are not split.
 constexpr std::int64_t kSplitMaxRowsBackward = 16;
 constexpr std::int64_t kSplitMaxRowsWeighted = 64;
 constexpr std::int64_t kSplitWeightedRowMinBytes = std::int64_t(1) << 20;
