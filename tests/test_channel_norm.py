@@ -9,6 +9,7 @@ import pytest
 
 import channel_calls as calls
 import normlab
+import reference as ref
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -314,6 +315,48 @@ def test_backward_matches_reference(cpu_target, rng, kind, n, c, spatial, dtype,
     dx0, dw0, db0 = calls.backward(kind, dy, x, mean, rstd, None, cl, groups)
     assert dw0 is None and db0 is None
     assert np.abs(dx0 - ref_backward(dy, x, mean, rstd, kind, groups, None, cl)[0]).max() < tol * scale
+
+
+@pytest.mark.parametrize("rstd", [3.0, 0.3])
+@pytest.mark.parametrize(
+    "n, c, spatial",
+    [(2, 3, (32, 32)), (8, 8, (32, 32)), (1, 2, (256, 512)), (2, 160, (4, 4))],
+    ids=["two-pass", "fused", "big-planes", "wide-rows"],
+)
+@pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_backward_gradients_near_the_float_limit(cpu_target, rng, kind, cl, n, c, spatial, rstd):
+    """One set: x near 0 but one element far out (its xhat near sqrt(set size)), where dy is
+    3e38. Its dx is in range, though the float products dy * (x - mean) overflow (summed again in
+    double) and, with rstd over 1, so does rstd * dy (rstd multiplies last). Every other set's dx
+    keeps its bits. dweight/dbias match the reference, or are infinite where it exceeds float32."""
+    groups = 1 if kind == "group" else None
+    x = (rng.standard_normal(_shape(n, c, spatial, cl)) * 1e-3).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = np.full(c, 0.75, np.float32)
+    hit = np.zeros(x.shape, bool)
+    _to_cf(hit, cl)[0, 0] = True
+    set_size = {"batch": n, "instance": 1, "group": c}[kind] * int(np.prod(spatial))
+    _to_cf(x, cl)[(0, 0) + (0,) * len(spatial)] = np.sqrt(set_size) / rstd
+    y, mean, rstd_got = calls.forward(kind, x, w, None, cl, groups)
+    dx0 = calls.backward(kind, dy, x, mean, rstd_got, w, cl, groups)[0]
+    _to_cf(dy, cl)[(0, 0) + (0,) * len(spatial)] = 3e38
+    dx, dw, db = calls.backward(kind, dy, x, mean, rstd_got, w, cl, groups)
+    rdx, rdw, rdb, term = ref.channel_norm_backward(dy, x, mean, rstd_got, kind, groups, w,
+                                                    channel_axis=-1 if cl else 1)
+    assert np.all(np.isfinite(dx))
+    sets, back = ref.channel_sets(_to_cf(term, cl), kind, groups)
+    scale = _from_cf(back(np.broadcast_to(sets.max(1, keepdims=True), sets.shape)), cl)
+    err = np.abs(dx - rdx)
+    assert np.all(err <= 1e-6 * scale), f"worst {np.max(err / scale):.3e}"
+    in_set = _from_cf(back(np.broadcast_to(ref.channel_sets(_to_cf(hit, cl), kind, groups)[0].any(1, keepdims=True),
+                                           sets.shape)), cl)
+    assert in_set.sum() == set_size
+    assert np.array_equal(dx[~in_set], dx0[~in_set])
+    for got, want in ((dw, rdw), (db, rdb)):
+        finite = np.abs(want) <= np.finfo(np.float32).max
+        assert np.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-3)
+        assert np.array_equal(got[~finite], np.copysign(np.inf, want[~finite]).astype(np.float32))
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["NCS", "NSC"])

@@ -942,13 +942,14 @@ constexpr bool kFloatGradPartials = true;
 template <class T>
 constexpr bool kFloatGradSums = kFloatSums<T> && kFloatGradPartials && kLanes<float> >= 2 * kWide;
 
-// out[0] += sum(dy), out[1] += sum(dy * (x - mean)) over n elements.
-template <class T>
+// out[0] += sum(dy), out[1] += sum(dy * (x - mean)) over n elements; Wide: every element in
+// double (for a plane whose float partials overflowed).
+template <class T, bool Wide = false>
 inline void grad_sums(const T* dy, const T* x, std::int64_t n, double mean, double* out) {
   vwide a0{}, a1{}, b0{}, b1{};
   std::int64_t j = 0;
   double a = 0, b = 0;
-  if constexpr (kFloatGradSums<T>) {
+  if constexpr (kFloatGradSums<T> && !Wide) {
     using V = vnative<float>;
     constexpr int L = kLanes<float>;
     const float head = float(mean);
@@ -1055,33 +1056,59 @@ __attribute__((noinline)) void cl_float_grad_sums(const T* xb, const T* db, std:
 #endif
 }
 
-// dx = ka * dy - kc - (x - mean) * kb, evaluated in T as (a * dy - c) - (x - head) * b with
-// head = T(mean) and c = kc - (mean - head) * kb, so that x - head keeps its digits when
-// |mean| >> std (as the forward does).
-template <class T>
+// Planes whose float gradient partials overflowed (dy * (x - mean) past the float limit, while
+// the sums in double are finite; or NaN/Inf data) take their sums again with every element in
+// double: sum_wide(sums) writes every plane's, and the failed planes' are copied into psum. The
+// choice depends on each plane's data alone, so the other planes keep their bits.
+template <class SumWide>
+void resum_overflowed_planes(std::int64_t np, double* psum, const SumWide& sum_wide) {
+  auto failed = [&](std::int64_t p) { return !std::isfinite(psum[p]) || !std::isfinite(psum[np + p]); };
+  std::int64_t p = 0;
+  while (p < np && !failed(p)) ++p;
+  if (p == np) return;
+  std::vector<double> again(std::size_t(2 * np));
+  sum_wide(again.data());
+  for (; p < np; ++p)
+    if (failed(p)) {
+      psum[p] = again[std::size_t(p)];
+      psum[np + p] = again[std::size_t(np + p)];
+    }
+}
+
+// dx = rstd * (w * dy - c0 - (x - mean) * b1), with c0 = mean(g) and b1 = rstd * mean(g * xhat)
+// (both 0 without training), evaluated in C as r * ((w * dy + nc) + (head - x) * b) with head =
+// C(mean) and nc = (mean - head) * b1 - c0, so that x - head keeps its digits when |mean| >> std
+// (as the forward does). rstd multiplies last: an rstd over 1 cannot overflow a product whose dx
+// is in range (as in the row norms).
+template <class C>
 struct GradCoef {
-  T head, a, b, c;
+  C head, w, nc, b, r;
 };
 
-template <class T>
-inline GradCoef<T> grad_coef(double mean, double ka, double kb, double kc) {
-  const T head = T(mean);
-  return {head, T(ka), T(kb), T(kc - (mean - double(head)) * kb)};
+template <class C>
+inline GradCoef<C> grad_coef(double mean, double rstd, double w, double c0, double b1) {
+  const C head = C(mean);
+  return {head, C(w), C((mean - double(head)) * b1 - c0), C(b1), C(rstd)};
+}
+
+template <class V>
+__attribute__((always_inline)) inline V grad_value(V dy, V x, V head, V w, V nc, V b, V r) {
+  return r * fmadd(b, head - x, fmadd(w, dy, nc));
 }
 
 template <class T, class C = compute_t<T>>
-inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, double mean, double ka,
-                      double kb, double kc, bool stream) {
+inline void grad_span(const T* dy, const T* x, T* dx, std::int64_t n, const GradCoef<C>& k, bool stream) {
   using V = vnative<C>;
   constexpr int L = kLanes<C>;
-  const GradCoef<C> k = grad_coef<C>(mean, ka, kb, kc);
-  const V vh = splat<V>(k.head), va = splat<V>(k.a), vb = splat<V>(k.b), vc = splat<V>(k.c);
-  auto one = [&](std::int64_t j) { dx[j] = narrow<T>((k.a * to_c(dy[j]) - k.c) - (to_c(x[j]) - k.head) * k.b); };
+  const V vh = splat<V>(k.head), vw = splat<V>(k.w), vnc = splat<V>(k.nc), vb = splat<V>(k.b), vr = splat<V>(k.r);
+  auto one = [&](std::int64_t j) {
+    dx[j] = narrow<T>(grad_value(to_c(dy[j]), to_c(x[j]), k.head, k.w, k.nc, k.b, k.r));
+  };
   std::int64_t j = 0;
   for (const std::int64_t h = span_head(dx, n, stream); j < h; ++j) one(j);
   const std::int64_t whole_end = j + (n - j) / L * L;
-  store_out_vectors(dx, j, whole_end, stream, [&](std::int64_t k, int) __attribute__((always_inline)) {
-    return V((va * load<V>(dy + k) - vc) - (load<V>(x + k) - vh) * vb);
+  store_out_vectors(dx, j, whole_end, stream, [&](std::int64_t e, int) __attribute__((always_inline)) {
+    return grad_value(load<V>(dy + e), load<V>(x + e), vh, vw, vnc, vb, vr);
   });
   for (j = whole_end; j < n; ++j) one(j);
 }
@@ -1117,7 +1144,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
     mean[std::size_t(st)] = double(mean_in[st]);
     rstd[std::size_t(st)] = double(rstd_in[st]);
   }
-  std::vector<double> kb(std::size_t(q.nsets), 0.0), kc(std::size_t(q.nsets), 0.0);
+  std::vector<double> c0s(std::size_t(q.nsets), 0.0), b1s(std::size_t(q.nsets), 0.0);
   const bool need_sums = training || dweight || dbias || plane_sums_out;
   if (need_sums) {
     // Channels-last: each column's head, C(mean), over a period, as C and in double.
@@ -1127,116 +1154,125 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
     };
     const auto heads = plane_row_arrays<C>(q, q.W, q.W, fill_heads, nthreads);
     const auto wide_heads = plane_row_arrays<double>(q, q.W, q.W, fill_heads, nthreads);
-    std::vector<double> psum(std::size_t(2 * np));
-    plane_sums(
-        q, nthreads, psum.data(),
-        [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
-          const double m = mean[std::size_t(q.set_of(p / c, p % c))];
-          grad_sums(dy + p * q.s + j0, x + p * q.s + j0, j1 - j0, m, out);
-        },
-        [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
-          // Sums of dy * (x - head), head = T(mean) per column (exact differences near the
-          // mean), corrected to x - mean after folding.
-          const std::int64_t W = q.W;
-          std::vector<double> buf(std::size_t(2 * W), 0.0);
-          double* aa = buf.data();
-          double* ba = aa + W;
-          std::vector<C> own_heads;
-          std::vector<double> own_wide;
-          const C* hv = heads.row(i, own_heads);
-          const double* mv = wide_heads.row(i, own_wide);
-          cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
-            const T* xb = x + base;
-            const T* db = dy + base;
-            // Columns [j, len) of four rows, in double.
-            auto four_rows_scalar = [&](const T* xr, const T* dr, std::int64_t j) {
-              for (; j < len; ++j) {
-                double sa = 0, sb = 0;
-                for (int t = 0; t < 4; ++t) {
-                  const double d = double(to_c(dr[t * len + j]));
-                  sa += d;
-                  sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
-                }
-                aa[j] += sa;
-                ba[j] += sb;
-              }
-            };
-            if constexpr (kFloatGradSums<T>) {
-              cl_float_grad_sums(xb, db, nr, len, hv, aa, ba);
-              return;
-            }
-            if (len > 2 * kTile * kWide) {
-              // Wide rows: row-major, sums in L1.
-              std::int64_t r = 0;
-              for (; r + 4 <= nr; r += 4) {
-                const T* xr = xb + r * len;
-                const T* dr = db + r * len;
-                std::int64_t j = 0;
-                for (; j + kWide <= len; j += kWide) {
-                  const vwide m = load<vwide>(mv + j);
-                  const vwide d0 = load_wide(dr + j), d1 = load_wide(dr + len + j);
-                  const vwide d2 = load_wide(dr + 2 * len + j), d3 = load_wide(dr + 3 * len + j);
-                  const vwide x0 = load_wide(xr + j) - m, x1 = load_wide(xr + len + j) - m;
-                  const vwide x2 = load_wide(xr + 2 * len + j) - m, x3 = load_wide(xr + 3 * len + j) - m;
-                  store(aa + j, load<vwide>(aa + j) + ((d0 + d1) + (d2 + d3)));
-                  store(ba + j, load<vwide>(ba + j) + ((d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)));
-                }
-                four_rows_scalar(xr, dr, j);
-              }
-              for (; r < nr; ++r) {
-                const T* xr = xb + r * len;
-                const T* dr = db + r * len;
-                std::int64_t j = 0;
-                for (; j + kWide <= len; j += kWide) {
-                  const vwide d = load_wide(dr + j);
-                  store(aa + j, load<vwide>(aa + j) + d);
-                  store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
-                }
+    // wide: every element in double, also for float data on SIMD targets.
+    auto sum_planes = [&](bool wide, double* sums) {
+      plane_sums(
+          q, nthreads, sums,
+          [&](std::int64_t p, std::int64_t j0, std::int64_t j1, double* out) {
+            const double m = mean[std::size_t(q.set_of(p / c, p % c))];
+            const std::int64_t off = p * q.s + j0;
+            if (wide) grad_sums<T, true>(dy + off, x + off, j1 - j0, m, out);
+            else grad_sums(dy + off, x + off, j1 - j0, m, out);
+          },
+          [&](std::int64_t i, std::int64_t r0, std::int64_t r1, double* out) {
+            // Sums of dy * (x - head), head = T(mean) per column (exact differences near the
+            // mean), corrected to x - mean after folding.
+            const std::int64_t W = q.W;
+            std::vector<double> buf(std::size_t(2 * W), 0.0);
+            double* aa = buf.data();
+            double* ba = aa + W;
+            std::vector<C> own_heads;
+            std::vector<double> own_wide;
+            const C* hv = heads.row(i, own_heads);
+            const double* mv = wide_heads.row(i, own_wide);
+            cl_runs(q, i, r0, r1, [&](std::int64_t base, std::int64_t nr, std::int64_t len) {
+              const T* xb = x + base;
+              const T* db = dy + base;
+              // Columns [j, len) of four rows, in double.
+              auto four_rows_scalar = [&](const T* xr, const T* dr, std::int64_t j) {
                 for (; j < len; ++j) {
-                  const double d = double(to_c(dr[j]));
-                  aa[j] += d;
-                  ba[j] += d * (double(to_c(xr[j])) - mv[j]);
+                  double sa = 0, sb = 0;
+                  for (int t = 0; t < 4; ++t) {
+                    const double d = double(to_c(dr[t * len + j]));
+                    sa += d;
+                    sb += d * (double(to_c(xr[t * len + j])) - mv[j]);
+                  }
+                  aa[j] += sa;
+                  ba[j] += sb;
+                }
+              };
+              if constexpr (kFloatGradSums<T>) {
+                if (!wide) {
+                  cl_float_grad_sums(xb, db, nr, len, hv, aa, ba);
+                  return;
                 }
               }
-              return;
-            }
-            const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
-              constexpr int NV = decltype(nv)::value;
-              vwide m[NV], av[NV], bv[NV];
-              for (int t = 0; t < NV; ++t) {
-                m[t] = load<vwide>(mv + j0 + t * kWide);
-                av[t] = vwide{};
-                bv[t] = vwide{};
+              if (len > 2 * kTile * kWide) {
+                // Wide rows: row-major, sums in L1.
+                std::int64_t r = 0;
+                for (; r + 4 <= nr; r += 4) {
+                  const T* xr = xb + r * len;
+                  const T* dr = db + r * len;
+                  std::int64_t j = 0;
+                  for (; j + kWide <= len; j += kWide) {
+                    const vwide m = load<vwide>(mv + j);
+                    const vwide d0 = load_wide(dr + j), d1 = load_wide(dr + len + j);
+                    const vwide d2 = load_wide(dr + 2 * len + j), d3 = load_wide(dr + 3 * len + j);
+                    const vwide x0 = load_wide(xr + j) - m, x1 = load_wide(xr + len + j) - m;
+                    const vwide x2 = load_wide(xr + 2 * len + j) - m, x3 = load_wide(xr + 3 * len + j) - m;
+                    store(aa + j, load<vwide>(aa + j) + ((d0 + d1) + (d2 + d3)));
+                    store(ba + j, load<vwide>(ba + j) + ((d0 * x0 + d1 * x1) + (d2 * x2 + d3 * x3)));
+                  }
+                  four_rows_scalar(xr, dr, j);
+                }
+                for (; r < nr; ++r) {
+                  const T* xr = xb + r * len;
+                  const T* dr = db + r * len;
+                  std::int64_t j = 0;
+                  for (; j + kWide <= len; j += kWide) {
+                    const vwide d = load_wide(dr + j);
+                    store(aa + j, load<vwide>(aa + j) + d);
+                    store(ba + j, load<vwide>(ba + j) + d * (load_wide(xr + j) - load<vwide>(mv + j)));
+                  }
+                  for (; j < len; ++j) {
+                    const double d = double(to_c(dr[j]));
+                    aa[j] += d;
+                    ba[j] += d * (double(to_c(xr[j])) - mv[j]);
+                  }
+                }
+                return;
               }
-              for (std::int64_t r = 0; r < nr; ++r)
+              const std::int64_t j = for_tiles<2 * kTile, kWide>(len, [&](auto nv, std::int64_t j0) {
+                constexpr int NV = decltype(nv)::value;
+                vwide m[NV], av[NV], bv[NV];
                 for (int t = 0; t < NV; ++t) {
-                  const std::int64_t e = r * len + j0 + t * kWide;
-                  const vwide d = load_wide(db + e);
-                  av[t] += d;
-                  bv[t] += d * (load_wide(xb + e) - m[t]);
+                  m[t] = load<vwide>(mv + j0 + t * kWide);
+                  av[t] = vwide{};
+                  bv[t] = vwide{};
                 }
-              for (int t = 0; t < NV; ++t) {
-                store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + av[t]);
-                store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + bv[t]);
+                for (std::int64_t r = 0; r < nr; ++r)
+                  for (int t = 0; t < NV; ++t) {
+                    const std::int64_t e = r * len + j0 + t * kWide;
+                    const vwide d = load_wide(db + e);
+                    av[t] += d;
+                    bv[t] += d * (load_wide(xb + e) - m[t]);
+                  }
+                for (int t = 0; t < NV; ++t) {
+                  store(aa + j0 + t * kWide, load<vwide>(aa + j0 + t * kWide) + av[t]);
+                  store(ba + j0 + t * kWide, load<vwide>(ba + j0 + t * kWide) + bv[t]);
+                }
+              });
+              for (std::int64_t jj = j; jj < len; ++jj) {
+                const std::int64_t j = jj;
+                double av = 0, bv = 0;
+                for (std::int64_t r = 0; r < nr; ++r) {
+                  const double d = double(to_c(db[r * len + j]));
+                  av += d;
+                  bv += d * (double(to_c(xb[r * len + j])) - mv[j]);
+                }
+                aa[j] += av;
+                ba[j] += bv;
               }
-            });
-            for (std::int64_t jj = j; jj < len; ++jj) {
-              const std::int64_t j = jj;
-              double av = 0, bv = 0;
-              for (std::int64_t r = 0; r < nr; ++r) {
-                const double d = double(to_c(db[r * len + j]));
-                av += d;
-                bv += d * (double(to_c(xb[r * len + j])) - mv[j]);
-              }
-              aa[j] += av;
-              ba[j] += bv;
-            }
-          }, sum_run_rows(q));
-          fold_period(q, aa, out);
-          fold_period(q, ba, out + c);
-          for (std::int64_t ch = 0; ch < c; ++ch)
-            out[c + ch] -= (mean[std::size_t(q.set_of(i, ch))] - mv[ch]) * out[ch];
-        });
+            }, sum_run_rows(q));
+            fold_period(q, aa, out);
+            fold_period(q, ba, out + c);
+            for (std::int64_t ch = 0; ch < c; ++ch)
+              out[c + ch] -= (mean[std::size_t(q.set_of(i, ch))] - mv[ch]) * out[ch];
+          });
+    };
+    std::vector<double> psum(std::size_t(2 * np));
+    sum_planes(false, psum.data());
+    if (kFloatGradSums<T>) resum_overflowed_planes(np, psum.data(), [&](double* again) { sum_planes(true, again); });
     if (dweight || dbias) column_sums_from_planes(q, psum.data(), rstd_in, dweight, dbias);
     if (plane_sums_out) std::copy(psum.begin(), psum.end(), plane_sums_out);
     if (training) {
@@ -1254,56 +1290,43 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
           for (std::int64_t j = 0; j < q.cg; ++j) add(p0 + j, (st % q.g) * q.cg + j);
         }
         const double r = rstd[std::size_t(st)];
-        const double c0 = sg / q.count, c1 = r * sgx / q.count;
-        kc[std::size_t(st)] = r * c0;
-        kb[std::size_t(st)] = r * r * c1;
+        c0s[std::size_t(st)] = sg / q.count;
+        b1s[std::size_t(st)] = r * (r * sgx / q.count);
       }
     }
   }
-  auto coef = [&](std::int64_t i, std::int64_t ch, double& m, double& ka, double& kbv, double& kcv) {
+  auto coef = [&](std::int64_t i, std::int64_t ch) {
     const std::size_t st = std::size_t(q.set_of(i, ch));
-    m = mean[st];
-    ka = rstd[st] * (w ? double(w[ch]) : 1.0);
-    kbv = kb[st];
-    kcv = kc[st];
+    return grad_coef<C>(mean[st], rstd[st], w ? double(w[ch]) : 1.0, c0s[st], b1s[st]);
   };
   using V = vnative<C>;
   constexpr int L = kLanes<C>;
-  constexpr int TV = kTile;  // C vectors per register tile: four coefficients each
-  // Channels-last: the four coefficients of each column (grad_coef) over a period and a vector
+  constexpr int TV = kTile;  // C vectors per register tile: five coefficients each
+  // Channels-last: the five coefficients of each column (grad_coef) over a period and a vector
   // more (for shifted rows), one array after the other.
   const std::int64_t P = q.W + L;
   auto fill_coefs = [&](std::int64_t i, C* hv) {
-    C* av = hv + P;
-    C* bv = av + P;
-    C* cv = bv + P;
+    C* wv = hv + P;
+    C* ncv = wv + P;
+    C* bv = ncv + P;
+    C* rv = bv + P;
     for (std::int64_t j = 0; j < c; ++j) {
-      double m, ka, kbv, kcv;
-      coef(i, j, m, ka, kbv, kcv);
-      const GradCoef<C> k = grad_coef<C>(m, ka, kbv, kcv);
-      hv[j] = k.head, av[j] = k.a, bv[j] = k.b, cv[j] = k.c;
+      const GradCoef<C> k = coef(i, j);
+      hv[j] = k.head, wv[j] = k.w, ncv[j] = k.nc, bv[j] = k.b, rv[j] = k.r;
     }
-    periodic(hv, c, P);
-    periodic(av, c, P);
-    periodic(bv, c, P);
-    periodic(cv, c, P);
+    for (C* a : {hv, wv, ncv, bv, rv}) periodic(a, c, P);
   };
-  const auto coefs = plane_row_arrays<C>(q, 4 * P, P, fill_coefs, nthreads);
+  const auto coefs = plane_row_arrays<C>(q, 5 * P, P, fill_coefs, nthreads);
   pointwise(
       q, nthreads,
       [&](std::int64_t p, std::int64_t j0, std::int64_t j1) {
-        double m, ka, kbv, kcv;
-        coef(p / c, p % c, m, ka, kbv, kcv);
         const std::int64_t off = p * q.s + j0;
-        grad_span(dy + off, x + off, dx + off, j1 - j0, m, ka, kbv, kcv, stream);
+        grad_span(dy + off, x + off, dx + off, j1 - j0, coef(p / c, p % c), stream);
         if (stream) stream_fence();
       },
       [&](std::int64_t i, std::int64_t r0, std::int64_t r1) {
         std::vector<C> own;
         const C* hv = coefs.row(i, own);
-        const C* av = hv + P;
-        const C* bv = av + P;
-        const C* cv = bv + P;
         const std::int64_t shift = cl_shift(q, dx, i, r0, r1, stream);
         cl_out_runs(q, i, r0, r1, shift, [&](std::int64_t base, std::int64_t nr, std::int64_t len, std::int64_t k0) {
           const T* xb = x + base;
@@ -1311,9 +1334,13 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
           T* ob = dx + base;
           // Local copies: store() may alias anything, so captured pointers would be reloaded after it.
           const C* const hl = hv + k0;
-          const C* const al = av + k0;
-          const C* const bl = bv + k0;
-          const C* const cl = cv + k0;
+          const C* const wl = hl + P;
+          const C* const nl = wl + P;
+          const C* const bl = nl + P;
+          const C* const rl = bl + P;
+          auto one = [&](std::int64_t e, std::int64_t j) {
+            ob[e] = narrow<T>(grad_value(to_c(db[e]), to_c(xb[e]), hl[j], wl[j], nl[j], bl[j], rl[j]));
+          };
           if (len > 2 * TV * L) {
             // Wide rows: row by row, the coefficients reloaded from L1 for every vector (four rows
             // per coefficient load took 1.5x the time on Intel; strided tiles 1.2x).
@@ -1325,24 +1352,22 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
               store_out_vectors(outr, 0, whole_end, stream, [&](std::int64_t j, int) __attribute__((always_inline)) {
                 prefetch_ahead(dr + j);
                 prefetch_ahead(xr + j);
-                return V((load<V>(al + j) * load<V>(dr + j) - load<V>(cl + j)) -
-                         (load<V>(xr + j) - load<V>(hl + j)) * load<V>(bl + j));
+                return grad_value(load<V>(dr + j), load<V>(xr + j), load<V>(hl + j), load<V>(wl + j),
+                                  load<V>(nl + j), load<V>(bl + j), load<V>(rl + j));
               });
-              for (std::int64_t j = whole_end; j < len; ++j) {
-                const std::int64_t e = r * len + j;
-                ob[e] = narrow<T>((al[j] * to_c(db[e]) - cl[j]) - (to_c(xb[e]) - hl[j]) * bl[j]);
-              }
+              for (std::int64_t j = whole_end; j < len; ++j) one(r * len + j, j);
             }
             return;
           }
           const std::int64_t j = for_tiles<TV, L>(len, [&](auto nv, std::int64_t j0) {
             constexpr int NV = decltype(nv)::value;
-            V h[NV], a[NV], b[NV], cc[NV];
+            V h[NV], wt[NV], nc[NV], b[NV], rs[NV];
             for (int t = 0; t < NV; ++t) {
               h[t] = load<V>(hl + j0 + t * L);
-              a[t] = load<V>(al + j0 + t * L);
+              wt[t] = load<V>(wl + j0 + t * L);
+              nc[t] = load<V>(nl + j0 + t * L);
               b[t] = load<V>(bl + j0 + t * L);
-              cc[t] = load<V>(cl + j0 + t * L);
+              rs[t] = load<V>(rl + j0 + t * L);
             }
             for (std::int64_t r = 0; r < nr; ++r) {
               V out[NV];
@@ -1350,7 +1375,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
                 const std::int64_t e = r * len + j0 + t * L;
                 prefetch_ahead(db + e);
                 prefetch_ahead(xb + e);
-                out[t] = (a[t] * load<V>(db + e) - cc[t]) - (load<V>(xb + e) - h[t]) * b[t];
+                out[t] = grad_value(load<V>(db + e), load<V>(xb + e), h[t], wt[t], nc[t], b[t], rs[t]);
               }
               put_vectors<T>(out, [&](int t, V v, bool normal) __attribute__((always_inline)) {
                 store_out(ob + r * len + j0 + t * L, v, stream, normal);
@@ -1358,10 +1383,7 @@ void channel_backward_sums(const Geom& q, const T* dy, const T* x, const C* mean
             }
           });
           for (std::int64_t jj = j; jj < len; ++jj)
-            for (std::int64_t r = 0; r < nr; ++r) {
-              const std::int64_t e = r * len + jj;
-              ob[e] = narrow<T>((al[jj] * to_c(db[e]) - cl[jj]) - (to_c(xb[e]) - hl[jj]) * bl[jj]);
-            }
+            for (std::int64_t r = 0; r < nr; ++r) one(r * len + jj, jj);
         });
         if (stream) stream_fence();
       });
@@ -1447,6 +1469,10 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
       const std::int64_t p = set_plane(q, st, k);
       double part[2] = {0.0, 0.0};
       grad_sums(dy + p * s, x + p * s, s, mean, part);
+      if (kFloatGradSums<T> && !(std::isfinite(part[0]) && std::isfinite(part[1]))) {
+        part[0] = part[1] = 0.0;  // as resum_overflowed_planes()
+        grad_sums<T, true>(dy + p * s, x + p * s, s, mean, part);
+      }
       if (column_sums) {
         psum[std::size_t(p)] = part[0];
         psum[std::size_t(np + p)] = part[1];
@@ -1455,11 +1481,12 @@ void fused_backward(const Geom& q, const T* dy, const T* x, const C* mean_in, co
       sg += wc * part[0];
       sgx += wc * part[1];
     }
-    const double kc = training ? r * (sg / q.count) : 0.0, kb = training ? r * r * (r * sgx / q.count) : 0.0;
+    // as channel_backward_sums()
+    const double c0 = training ? sg / q.count : 0.0, b1 = training ? r * (r * sgx / q.count) : 0.0;
     for (std::int64_t k = 0; k < planes; ++k) {
       const std::int64_t p = set_plane(q, st, k);
-      const double ka = r * (w ? double(w[p % c]) : 1.0);
-      grad_span(dy + p * s, x + p * s, dx + p * s, s, mean, ka, kb, kc, stream);
+      grad_span(dy + p * s, x + p * s, dx + p * s, s, grad_coef<C>(mean, r, w ? double(w[p % c]) : 1.0, c0, b1),
+                stream);
     }
     if (stream) stream_fence();
   });

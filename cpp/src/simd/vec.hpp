@@ -3,6 +3,7 @@
 // here lives in normlab::NL_TARGET::<anonymous> so copies built for different CPUs never merge.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -143,30 +144,29 @@ __attribute__((always_inline)) inline bool any_lane(M m) {
 // every fused operation is this explicit one and results never depend on compiler choices).
 template <class V>
 inline V fmadd(V a, V b, V c) {
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2) || defined(NL_TARGET_NEON)
+  if constexpr (std::is_floating_point<V>::value) {
+    return std::fma(a, b, c);
+  } else {
 #if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
-  constexpr bool is_float = sizeof(a[0]) == 4;
-  if constexpr (sizeof(V) == 64 && is_float) return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
-  else if constexpr (sizeof(V) == 64) return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
-  else if constexpr (sizeof(V) == 32 && is_float) return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
-  else if constexpr (sizeof(V) == 32) return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
-  else if constexpr (sizeof(V) == 16 && is_float) return V(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
-  else if constexpr (sizeof(V) == 16) return V(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
-  else {
+    constexpr bool is_float = sizeof(a[0]) == 4;
+    if constexpr (sizeof(V) == 64 && is_float) return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+    else if constexpr (sizeof(V) == 64) return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
+    else if constexpr (sizeof(V) == 32 && is_float) return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+    else if constexpr (sizeof(V) == 32) return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
+    else if constexpr (sizeof(V) == 16 && is_float) return V(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
+    else if constexpr (sizeof(V) == 16) return V(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
+    else {
+      V r;
+      for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+      return r;
+    }
+#else
     V r;
     for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
     return r;
-  }
-#elif defined(NL_TARGET_NEON)
-  V r;
-  for (int i = 0; i < int(sizeof(V) / sizeof(a[0])); ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
-  return r;
-#else
-  return a * b + c;
 #endif
-}
-inline double fmadd(double a, double b, double c) {
-#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2) || defined(NL_TARGET_NEON)
-  return __builtin_fma(a, b, c);
+  }
 #else
   return a * b + c;
 #endif
