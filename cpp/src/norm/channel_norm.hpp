@@ -321,27 +321,13 @@ inline void fold_period(const Geom& q, const double* acc, double* out) {
 
 // ---- forward ------------------------------------------------------------------------------------
 
-// Shifted sums of x[0..n) in double: out[0] += sum(x - k), out[1] += sum((x - k)^2).
+// Shifted sums of x[0..n) in double: out[0] += sum(x - k), out[1] += sum((x - k)^2), as the
+// row norms sum them.
 template <class T>
 inline void shifted_sums_wide(const T* x, std::int64_t n, double k, double* out) {
-  const vwide vk = splat<vwide>(k);
-  vwide s0{}, s1{}, q0{}, q1{};
-  std::int64_t j = 0;
-  for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    const vwide a = load_wide(x + j) - vk, b = load_wide(x + j + kWide) - vk;
-    s0 += a;
-    s1 += b;
-    q0 += a * a;
-    q1 += b * b;
-  }
-  double s = 0, sq = 0;
-  for (; j < n; ++j) {
-    const double d = double(to_c(x[j])) - k;
-    s += d;
-    sq += d * d;
-  }
-  out[0] += s + lane_sum(s0 + s1);
-  out[1] += sq + lane_sum(q0 + q1);
+  const ShiftedSums t = shifted_sums_wide<true>(x, n, k);
+  out[0] += t.s;
+  out[1] += t.q;
 }
 
 // The same sums; float data (and half data, as floats) on SIMD targets take the differences and
