@@ -32,8 +32,10 @@ CASES = textwrap.dedent(
         # 8192 and 8200 floats: pipelined (the next row summed while one is normalized), the
         # fused sum recomputed; 8200: rows at alternating distances from a line, an odd last row;
         # (5, 16408): backward rows pipelined (the next pair's or row's sums stepped while dx is
-        # written), the last row alone
-        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192), (5, 8200), (5, 16408)]
+        # written), the last row alone; (3, 32771): rows of more than 128 KiB with weight pipelined
+        # one by one where they fit L2 (in pairs elsewhere)
+        shapes = [(7, 300), (3, 2053), (2, 4096), (5, 16, 33), (8, 4096), (3, 8192), (5, 8200), (5, 16408),
+                  (3, 32771)]
         dtypes = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
         for target in normlab.cpu_targets():
             normlab.set_cpu_target(target)

@@ -1737,6 +1737,20 @@ constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 constexpr int kStageSummedRows = 4;
 constexpr std::int64_t kPipelinedBackwardRowBytes = std::int64_t(64) << 10;
 
+// Pipelined float rows with weight of more than kOneByOneRowBytes go one by one, not in pairs,
+// where a row's x and dy, the next row's and the stage (nsums rows of floats) fit L2: the next
+// row's sums then read into L2 beside the row whose dx is written. Against pairs (Intel, 2 MiB
+// L2, 2 threads, in-process A/B): layer_norm_backward (256, 65536) took 0.85-0.89x the time,
+// (384, 43691) 0.72x; rms_norm 0.79-0.83x and 0.73x; bitwise the same results. Rows of 32768
+// took 1.03-1.06x one by one, and rows of 2**17 and more, whose two rows alone fill that L2,
+// 1.2-1.3x: they stay in pairs.
+constexpr std::int64_t kOneByOneRowBytes = std::int64_t(128) << 10;
+
+inline bool pipelined_one_by_one(bool pipeline, std::int64_t n, std::size_t elem_bytes, int nsums) {
+  return pipeline && n * std::int64_t(elem_bytes) > kOneByOneRowBytes &&
+         double(n) * double(4 * elem_bytes + std::size_t(nsums) * sizeof(float)) <= double(l2_cache_bytes());
+}
+
 // The backward of every row of a (rows, n) matrix, with the column sums dweight (and, for
 // layer_norm, dbias) when weight is given.
 template <bool Centered, class T, class C = compute_t<T>>
@@ -1783,8 +1797,9 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
           // Groups of 4 rows, or pairs for half rows and for float rows whose groups of 4 would
           // read more than kGroupPairBytes of x and dy: pairs took 0.85x the time of fours for
           // float32 (256, 65536) layer_norm_backward, 0.94-0.95x for bfloat16 rows of 4096 and
-          // 16384; float32 rows of 4096 the same, of 16384 1.13x.
-          if (n * std::int64_t(sizeof(T)) >= kGroupedRowBytes) {
+          // 16384; float32 rows of 4096 the same, of 16384 1.13x. Pipelined rows go one by one
+          // where two rows' x and dy and the stage fit L2 (pipelined_one_by_one).
+          if (n * std::int64_t(sizeof(T)) >= kGroupedRowBytes && !pipelined_one_by_one(pipeline, n, sizeof(T), nsums)) {
             if constexpr (kHalf<T>) {
               grouped_rows(std::integral_constant<int, 2>());
             } else {

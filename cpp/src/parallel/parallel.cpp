@@ -67,18 +67,19 @@ std::int64_t parse_cache_size(const std::string& text) {
   return bytes;
 }
 
-// The highest-level cache of cpu0 as sysfs lists it (what lscpu shows), or -1.
-std::int64_t sysfs_last_level_cache_bytes() {
+// The cache of cpu0 at `level` (0: the highest) as sysfs lists it (what lscpu shows), or -1.
+std::int64_t sysfs_cache_bytes(int level) {
   int best_level = 0;
   std::int64_t best = -1;
   for (int index = 0; index < 16; ++index) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level_file(dir + "level"), size_file(dir + "size");
-    int level = 0;
-    std::string size;
-    if (!(level_file >> level) || !(size_file >> size)) continue;
+    std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
+    int found_level = 0;
+    std::string size, type;
+    if (!(level_file >> found_level) || !(size_file >> size) || !(type_file >> type)) continue;
+    if (type == "Instruction" || (level > 0 && found_level != level)) continue;
     const std::int64_t bytes = parse_cache_size(size);
-    if (bytes > 0 && level > best_level) best_level = level, best = bytes;
+    if (bytes > 0 && found_level > best_level) best_level = found_level, best = bytes;
   }
   return best;
 }
@@ -88,11 +89,22 @@ std::int64_t sysfs_last_level_cache_bytes() {
 std::int64_t last_level_cache_bytes() {
   static const std::int64_t bytes = [] {
     // sysfs first: in a VM sysconf can report the host's L3 (320 MiB on the 32 MiB L3 here).
-    std::int64_t found = sysfs_last_level_cache_bytes();
+    std::int64_t found = sysfs_cache_bytes(0);
 #ifdef _SC_LEVEL3_CACHE_SIZE
     if (found <= 0) found = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
     return found > 0 ? found : std::int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+std::int64_t l2_cache_bytes() {
+  static const std::int64_t bytes = [] {
+    std::int64_t found = sysfs_cache_bytes(2);
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    if (found <= 0) found = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return found > 0 ? found : std::int64_t(1) << 20;
   }();
   return bytes;
 }

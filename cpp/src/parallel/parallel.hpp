@@ -15,6 +15,8 @@ int threads_for(std::int64_t bytes);
 
 // The last-level cache of cpu0 in bytes (sysfs, else sysconf, else 32 MiB).
 std::int64_t last_level_cache_bytes();
+// cpu0's L2 (per core on the machines measured) as sysfs lists it; else sysconf's; else 1 MiB.
+std::int64_t l2_cache_bytes();
 
 // The last-level cache counted as ours: at most kCachePerCpuBytes per CPU this process may use.
 // In a VM sysfs lists the whole host socket's L3, shared with other tenants (260 MiB for the
