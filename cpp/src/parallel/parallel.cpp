@@ -84,28 +84,32 @@ std::int64_t sysfs_cache_bytes(int level) {
   return best;
 }
 
+// The size of cpu0's cache at `level` (0: the highest) from sysfs, else from sysconf(name)
+// (name -1: none), else fallback.
+std::int64_t cache_bytes(int level, int sysconf_name, std::int64_t fallback) {
+  std::int64_t found = sysfs_cache_bytes(level);
+  if (found <= 0 && sysconf_name >= 0) found = sysconf(sysconf_name);
+  return found > 0 ? found : fallback;
+}
+
 }  // namespace
 
 std::int64_t last_level_cache_bytes() {
-  static const std::int64_t bytes = [] {
-    // sysfs first: in a VM sysconf can report the host's L3 (320 MiB on the 32 MiB L3 here).
-    std::int64_t found = sysfs_cache_bytes(0);
+  // sysfs first: in a VM sysconf can report the host's L3 (320 MiB on the 32 MiB L3 here).
 #ifdef _SC_LEVEL3_CACHE_SIZE
-    if (found <= 0) found = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  static const std::int64_t bytes = cache_bytes(0, _SC_LEVEL3_CACHE_SIZE, std::int64_t(32) << 20);
+#else
+  static const std::int64_t bytes = cache_bytes(0, -1, std::int64_t(32) << 20);
 #endif
-    return found > 0 ? found : std::int64_t(32) << 20;
-  }();
   return bytes;
 }
 
 std::int64_t l2_cache_bytes() {
-  static const std::int64_t bytes = [] {
-    std::int64_t found = sysfs_cache_bytes(2);
 #ifdef _SC_LEVEL2_CACHE_SIZE
-    if (found <= 0) found = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  static const std::int64_t bytes = cache_bytes(2, _SC_LEVEL2_CACHE_SIZE, std::int64_t(1) << 20);
+#else
+  static const std::int64_t bytes = cache_bytes(2, -1, std::int64_t(1) << 20);
 #endif
-    return found > 0 ? found : std::int64_t(1) << 20;
-  }();
   return bytes;
 }
 
