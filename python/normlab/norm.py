@@ -22,8 +22,9 @@ Data handling, common to every function here:
 * Statistics are accumulated in float64 with shifted sums, so float32 results stay accurate
   when |mean| >> std. Results are bitwise identical for every thread count.
 * Rows are shared out among the threads. Fewer than 4 rows of 512 KiB or more (fewer than 16
-  in the backward, and with weight fewer than 64 of 1 MiB or more; one image normalized over
-  all its axes, say) are each split across all of them instead.
+  in the backward, and with weight fewer than 64 of 1 MiB or more; where L2 holds 2 MiB or
+  more, also backwards of fewer than 256 rows of 0.5-2 MiB, 128 with weight; one image
+  normalized over all its axes, say) are each split across all of them instead.
 * The GIL is released while a kernel runs (for all but tiny calls).
 """
 
