@@ -1,6 +1,7 @@
 """normlab.show_config() reports the build and the runtime choices."""
 
 import os
+import pathlib
 
 import normlab
 
@@ -81,3 +82,23 @@ def test_show_config_reports_the_streaming_threshold(capsys):
     normlab.show_config()
     text = capsys.readouterr().out
     assert f"last-level cache {_core.last_level_cache_bytes() >> 20} MiB" in text
+
+
+def test_l2_cache_size_is_sysfs_l2(capsys):
+    """The L2 size that picks the split rows comes from sysfs where it lists an L2, and
+    show_config() reports it."""
+    from normlab import _core
+
+    sizes = set()
+    for index in pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level == "2" and kind != "Instruction":
+            sizes.add(int(size[:-1]) << {"K": 10, "M": 20}[size[-1]])
+    assert _core.l2_cache_bytes() > 0
+    if sizes:
+        assert _core.l2_cache_bytes() in sizes
+    normlab.show_config()
+    assert f"L2 cache:           {normlab.runtime._bytes(_core.l2_cache_bytes())}" in capsys.readouterr().out

@@ -80,6 +80,7 @@ void bind_runtime(py::module_& m) {
   m.attr("openmp") = kHaveOpenMP;
   m.def("last_level_cache_bytes", &last_level_cache_bytes);
   m.def("cache_counted_bytes", &cache_counted_bytes);
+  m.def("l2_cache_bytes", &l2_cache_bytes);
   m.def("stream_min_bytes", &stream_min_bytes);
 
   m.def(

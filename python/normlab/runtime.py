@@ -160,5 +160,6 @@ def show_config() -> None:
         f"  streamed outputs:   from {_bytes(_core.stream_min_bytes())}"
         f" (last-level cache {_bytes(_core.last_level_cache_bytes())},"
         f" counted {_bytes(_core.cache_counted_bytes())})",
+        f"  L2 cache:           {_bytes(_core.l2_cache_bytes())} (which long rows split across threads)",
     ]
     print("\n".join(lines))
