@@ -1740,8 +1740,9 @@ constexpr std::int64_t kPipelinedBackwardRowBytes = std::int64_t(64) << 10;
 // Pipelined float rows with weight of more than kOneByOneRowBytes go one by one, not in pairs,
 // where a row's x and dy, the next row's and the stage (nsums rows of floats) fit L2: the next
 // row's sums then read into L2 beside the row whose dx is written. Against pairs (Intel, 2 MiB
-// L2, 2 threads, in-process A/B): layer_norm_backward (256, 65536) took 0.85-0.89x the time,
-// (384, 43691) 0.72x; rms_norm 0.79-0.83x and 0.73x; bitwise the same results. Rows of 32768
+// L2, 2 threads, in-process A/B): layer_norm_backward (256, 65536) took 0.83-0.89x the time,
+// (384, 43691) 0.71-0.72x; rms_norm 0.77-0.83x and 0.71-0.73x; bitwise the same results; one
+// thread 0.86x and 0.71x (rms_norm 0.79x and 0.70x). Rows of 32768
 // took 1.03-1.06x one by one, and rows of 2**17 and more, whose two rows alone fill that L2,
 // 1.2-1.3x: they stay in pairs.
 constexpr std::int64_t kOneByOneRowBytes = std::int64_t(128) << 10;
