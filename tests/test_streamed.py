@@ -29,8 +29,8 @@ CASES = textwrap.dedent(
     def results():
         rng = np.random.default_rng(11)
         # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs; rows of
-        # 8192 and 8200 floats: pipelined (the next row summed while one is normalized), the
-        # fused sum recomputed; 8200: rows at alternating distances from a line, an odd last row;
+        # 8192 and 8200 elements: pipelined (the next row summed while one is normalized; half
+        # rows a chunk of vectors at a time), the fused float32 sum recomputed; 8200: rows at alternating distances from a line, an odd last row;
         # (5, 16408): backward rows pipelined (the next pair's or row's sums stepped while dx is
         # written), the last row alone; (3, 32771): rows of more than 128 KiB with weight pipelined
         # one by one where they fit L2 (in pairs elsewhere)
@@ -44,9 +44,10 @@ CASES = textwrap.dedent(
                 axis = -1 if len(shape) == 2 else (-2, -1)
                 cols = int(np.prod(shape[1:]))
                 x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
-                # Rows summed again: a first element far from the mean (the sums' shift), and
-                # in float32/64 squares past float range.
-                x.reshape(shape[0], -1)[0, 0] = 40
+                # Rows summed again: a first element far from the mean (the sums' shift; in
+                # every other row, pipelined ones among them), and in float32/64 squares past
+                # float range.
+                x.reshape(shape[0], -1)[::2, 0] = 40
                 if dtype in (np.float32, np.float64):
                     x[1] *= 1e17
                 r = rng.standard_normal(shape).astype(dtype)

@@ -74,7 +74,9 @@ void layer_norm_row_pair(const T* x0, const T* x1, const C* w, const C* b, T* y0
 // weight and bias for both: with weight and bias, float32 (64, 65536) took 0.90-0.93x the
 // time, (512, 8192) 0.95x, (2048, 8192) 0.96-0.97x, (256, 65536) 0.96-0.98x (bfloat16 0.96-0.99x).
 // Rows of 4096 floats, whose weight and bias fit L1 beside one row but not two, took 1.02x
-// (bfloat16 1.07x) in pairs.
+// (bfloat16 1.07x) in pairs. Pipelined half rows go one at a time (in pairs, each vector
+// normalized steps the sums of two next rows): float16 and bfloat16 (256, 65536) and
+// (1024, 16384) took 0.91-0.99x the time of unpipelined pairs, pipelined pairs 0.98-1.00x.
 constexpr std::int64_t kPairedRowParamBytes = std::int64_t(32) << 10;
 
 // Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual
@@ -106,7 +108,7 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   };
   if constexpr (NV == 0 && (HasW || HasB)) {
     if (!residual && n * std::int64_t(sizeof(compute_t<T>)) >= kPairedRowParamBytes &&
-        !rows_in_blocks<T>(n, data_bytes)) {
+        !rows_in_blocks<T>(n, data_bytes) && !(kHalf<T> && pass.pipeline)) {
       auto pair = [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1, auto* next0,
                       auto* next1) {
         T* const y0 = a.y + i * n;

@@ -213,42 +213,6 @@ inline std::int64_t read_ahead(std::int64_t n) {
   return kPrefetchFloats;
 }
 
-// Runs each(v, chain) on the whole float vectors of a half row as RowReader gives them, and
-// flush() after every Chunk of them and after the last: returns where the scalar tail starts.
-// They go in unrolled chunks, the sums in two chains (even and odd vectors; rms_norm of
-// in-cache float16 rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x). Float
-// rows go one vector at a time in one chain (FloatRowSums; chunked, rows from memory took
-// 1.04-1.07x as long).
-template <int Chunk, bool Add, class S, class Each, class Flush>
-__attribute__((always_inline)) inline std::int64_t half_row_vectors(const S* x, const S* r, S* sum, std::int64_t n,
-                                                                    const Each& each, const Flush& flush) {
-  static_assert(kHalf<S>, "float rows go through FloatRowSums");
-  constexpr int L = kLanes<float>;
-  const std::int64_t ahead = read_ahead<S, Add>(n);
-  std::int64_t j = 0;
-  const RowReader<S, Add, false> row{x, r, sum};
-  constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
-  for (; j + Chunk * L <= n; j += Chunk * L) {
-#pragma GCC unroll 8
-    for (int t = 0; t < Chunk; ++t) {
-      const std::int64_t e = j + std::int64_t(t) * L;
-      if ((std::int64_t(t) * L) % kLineElements == 0) {
-        __builtin_prefetch(x + e + ahead);
-        if constexpr (Add) {
-          __builtin_prefetch(r + e + ahead);
-          prefetch_for_write(sum + e);
-        }
-      }
-      each(row.vector(e), t & 1);
-    }
-    flush();
-  }
-  if (j + L > n) return j;
-  for (; j + L <= n; j += L) each(row.vector(j), 0);
-  flush();
-  return j;
-}
-
 // A vector v of a row into its float sums: Centered, s += v - k and q += (v - k)^2, else
 // q += v^2.
 template <bool Centered, class V>
@@ -325,39 +289,108 @@ struct FloatRowSums {
   }
 };
 
-// Mean and variance of a float row, as RowReader gives it.
+// The sums of a half row as RowReader gives it, as FloatRowSums: its float vectors go in
+// unrolled chunks of kRowFlushEvery, summed in two chains (a chunk's even and odd vectors; the
+// vectors after the last whole chunk in the first) and flushed into double after each chunk and
+// after the last vector (against one chain a vector at a time, rms_norm of in-cache float16
+// rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x; float rows, chunked,
+// took 1.04-1.07x as long from memory). finish() takes the rest of the row. step(), for
+// normalize_rows' pipelined rows, takes the next whole chunk at every kRowFlushEvery-th call,
+// out of line: a chunk's sums stay in registers (with a vector per call, layer_norm took
+// 1.03-1.45x the time of rows not pipelined), and the code of the four-vector groups of
+// bfloat16 stores stays small (inlined there, layer_norm with weight took 1.17-1.22x as long).
+// Either way the arithmetic is the same.
+template <class S, bool Centered, bool Add>
+struct HalfRowSums {
+  static_assert(kHalf<S>, "float rows go through FloatRowSums");
+  using V = vnative<float>;
+  static constexpr int L = kLanes<float>;
+  static constexpr int kChunk = kRowFlushEvery;
+  RowReader<S, Add, false> row;
+  std::int64_t n, ahead, j = 0;
+  int calls = 0;
+  float shift;  // not row_shift(): see there
+  vwide ds{}, dq{};
+
+  HalfRowSums(const S* x, const S* r, S* sum, std::int64_t n_)
+      : row{x, r, sum}, n(n_), ahead(read_ahead<S, Add>(n_)), shift(Centered ? row.peek(0) : 0.0f) {}
+  // The chunk of vectors at j into ds and dq, prefetching `ahead` once per line.
+  __attribute__((always_inline)) static void add_chunk(const RowReader<S, Add, false>& row, std::int64_t ahead,
+                                                       float shift, std::int64_t j, vwide& ds, vwide& dq) {
+    constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
+    const V k = splat<V>(shift);
+    V s[2] = {}, q[2] = {};
+#pragma GCC unroll 8
+    for (int t = 0; t < kChunk; ++t) {
+      const std::int64_t e = j + std::int64_t(t) * L;
+      if ((std::int64_t(t) * L) % kLineElements == 0) {
+        __builtin_prefetch(row.x + e + ahead);
+        if constexpr (Add) {
+          __builtin_prefetch(row.r + e + ahead);
+          prefetch_for_write(row.sum + e);
+        }
+      }
+      add_float_sums<Centered>(row.vector(e), k, s[t & 1], q[t & 1]);
+    }
+    if constexpr (Centered) ds += widen_sum(s[0] + s[1]);
+    dq += widen_sum(q[0] + q[1]);
+  }
+  __attribute__((always_inline)) void step() {
+    if (++calls < kChunk) return;
+    calls = 0;
+    next_chunk();
+  }
+  __attribute__((noinline)) void next_chunk() {
+    if (j + kChunk * L > n) return;
+    add_chunk(row, ahead, shift, j, ds, dq);
+    j += kChunk * L;
+  }
+  Moments finish() {
+    {  // the state in locals: stores into sum may alias this object
+      const RowReader<S, Add, false> row_ = row;
+      const std::int64_t n_ = n, ahead_ = ahead;
+      const float shift_ = shift;
+      vwide ds_ = ds, dq_ = dq;
+      std::int64_t j_ = j;
+      for (; j_ + kChunk * L <= n_; j_ += kChunk * L) add_chunk(row_, ahead_, shift_, j_, ds_, dq_);
+      if (j_ + L <= n_) {
+        const V k = splat<V>(shift_);
+        V s{}, q{};
+        for (; j_ + L <= n_; j_ += L) add_float_sums<Centered>(row_.vector(j_), k, s, q);
+        if constexpr (Centered) ds_ += widen_sum(s + V{});
+        dq_ += widen_sum(q + V{});
+      }
+      ds = ds_;
+      dq = dq_;
+      j = j_;
+    }
+    const RowReader<S, Add> row_ = {row.x, row.r, row.sum};
+    double ts = 0, tq = 0;
+    for (std::int64_t i = j; i < n; ++i) {
+      const double v = double(row_.scalar(i));
+      if constexpr (Centered) {
+        const double d = v - double(shift);
+        ts += d;
+        tq = fmadd(d, d, tq);
+      } else {
+        tq = fmadd(v, v, tq);
+      }
+    }
+    auto values = [&] { return row_.values(n); };
+    if constexpr (Centered) return finish_row_moments(values, n, double(shift), lane_sum(ds) + ts, lane_sum(dq) + tq);
+    return Moments{0.0, finish_mean_square(values, n, lane_sum(dq) + tq)};
+  }
+};
+
+// Mean and variance of a float or half row, as RowReader gives it.
 template <class S, bool Add>
 Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
   if constexpr (!kHalf<S>) {
     FloatRowSums<true, Add> sums(x, r, sum, n);
     return sums.finish();
   } else {
-    using V = vnative<float>;
-    const RowReader<S, Add> row{x, r, sum};
-    const float shift_f = row.peek(0);  // not row_shift(): see there
-    const V k = splat<V>(shift_f);
-    V s[2] = {}, q[2] = {};
-    vwide ds{}, dq{};
-    std::int64_t j = half_row_vectors<kRowFlushEvery, Add>(
-        x, r, sum, n,
-        [&](V v, int c) {
-          const V d = v - k;
-          s[c] += d;
-          q[c] = fmadd(d, d, q[c]);
-        },
-        [&] {
-          ds += widen_sum(s[0] + s[1]);
-          dq += widen_sum(q[0] + q[1]);
-          s[0] = s[1] = q[0] = q[1] = V{};
-        });
-    const double shift = double(shift_f);
-    double ts = 0, tq = 0;
-    for (; j < n; ++j) {
-      const double d = double(row.scalar(j)) - shift;
-      ts += d;
-      tq = fmadd(d, d, tq);
-    }
-    return finish_row_moments([&] { return row.values(n); }, n, shift, lane_sum(ds) + ts, lane_sum(dq) + tq);
+    HalfRowSums<S, true, Add> sums(x, r, sum, n);
+    return sums.finish();
   }
 }
 
@@ -367,22 +400,8 @@ double row_mean_square_f32(const S* x, std::int64_t n, const S* r = nullptr, S* 
     FloatRowSums<false, Add> sums(x, r, sum, n);
     return sums.finish().var;
   } else {
-    using V = vnative<float>;
-    const RowReader<S, Add> row{x, r, sum};
-    V q[2] = {};
-    vwide dq{};
-    std::int64_t j = half_row_vectors<kRowFlushEvery, Add>(
-        x, r, sum, n, [&](V v, int c) { q[c] = fmadd(v, v, q[c]); },
-        [&] {
-          dq += widen_sum(q[0] + q[1]);
-          q[0] = q[1] = V{};
-        });
-    double tq = 0;
-    for (; j < n; ++j) {
-      const float v = row.scalar(j);
-      tq = fmadd(double(v), double(v), tq);
-    }
-    return finish_mean_square([&] { return row.values(n); }, n, lane_sum(dq) + tq);
+    HalfRowSums<S, false, Add> sums(x, r, sum, n);
+    return sums.finish().var;
   }
 }
 
@@ -629,28 +648,31 @@ void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
   f(std::integral_constant<int, 0>());
 }
 
-// How normalize_rows takes float32 rows one at a time. pipeline: the sums of row i + 1 are
-// stepped (FloatRowSums) while row i is normalized, a vector of row i + 1 per vector of row i,
+// How normalize_rows takes float32 and half rows one at a time. pipeline: the sums of row i + 1
+// are stepped (FloatRowSums, HalfRowSums) while row i is normalized, once per vector of row i,
 // so that reading the next row from memory overlaps writing this one; alone, the sums of a row
 // streamed from memory run with memory idle, its reads done and no writes yet. recompute_sum
-// (the fused add and norm, pipelined rows only): s is not written as the sums read x +
-// residual (where a row is summed again it is, and then again, to the same values), and apply
-// writes it.
+// (the fused add and norm of float32, pipelined rows only): s is not written as the sums read
+// x + residual (where a row is summed again it is, and then again, to the same values), and
+// apply writes it.
 struct RowPass {
   bool pipeline = false;
   bool recompute_sum = false;
 };
 
-// Streamed float32 rows of this many bytes or more are pipelined, and their fused sums
+// Streamed rows of this many elements or more are pipelined, and their fused float32 sums
 // recomputed where recompute_sum() allows. Against rows one at a time (2 threads, Intel Xeon
-// VM, in alternating processes): add_layer_norm (256, 65536) took 0.79x the time, (512, 32768)
-// 0.87x, (2048, 8192) 0.84x; add_rms_norm 0.76x; add_layer_norm into the residual 0.82-0.97x;
-// rms_norm 0.94x; layer_norm 0.93-0.95x. Rows of 4096 gained nothing pipelined (0.97-1.02x),
-// and with their fused sums recomputed took 1.11-1.12x.
-constexpr std::int64_t kPipelinedRowBytes = std::int64_t(32) << 10;
+// VM): float32 add_layer_norm (256, 65536) took 0.79x the time, (512, 32768) 0.87x,
+// (2048, 8192) 0.84x; add_rms_norm 0.76x; add_layer_norm into the residual 0.82-0.97x; rms_norm
+// 0.94x; layer_norm 0.93-0.95x (in alternating processes). Float16 and bfloat16 rows of
+// 8192-65536 (in-process A/B): layer_norm without weight 0.78-0.98x, with weight and bias
+// 0.91-0.99x (one row at a time: in pairs 0.98-1.00x), rms_norm 0.85-0.99x, add_layer_norm
+// 0.80-0.89x. Rows of 4096 gained nothing (float32 0.97-1.02x, half rows of 1024-4096
+// 0.92-1.06x), and float32 ones with their fused sums recomputed took 1.11-1.12x.
+constexpr std::int64_t kPipelinedRowElements = 8192;
 template <class T>
 RowPass row_pass(const T* x, const T* residual, const T* sum, const T* y, std::int64_t n, bool stream) {
-  const bool pipeline = stream && n * std::int64_t(sizeof(T)) >= kPipelinedRowBytes;
+  const bool pipeline = stream && n >= kPipelinedRowElements;
   return RowPass{pipeline, pipeline && recompute_sum(x, residual, sum, y, stream)};
 }
 
@@ -728,10 +750,10 @@ void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::in
   }
   auto rstd_of = [&](const Moments& m) { return 1.0 / __builtin_sqrt(m.var + eps); };
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (std::is_same<T, float>::value || kHalf<T>) {
     auto pipelined = [&](auto add, auto keep) {
       constexpr bool kAdd = decltype(add)::value, kKeep = decltype(keep)::value;
-      using Sums = FloatRowSums<Centered, kAdd, kKeep>;
+      using Sums = std::conditional_t<kHalf<T>, HalfRowSums<T, Centered, kAdd>, FloatRowSums<Centered, kAdd, kKeep>>;
       auto sums_of = [&](std::int64_t k) {
         return kAdd ? Sums(x + k * n, residual + k * n, sum + k * n, n) : Sums(x + k * n, nullptr, nullptr, n);
       };
