@@ -1460,9 +1460,9 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
 }
 
 // Rows [i0, i1) of a stage with weight, in groups of R (grouped_dx_f32), the rows left one by
-// one; row_at(i) gives row i. Pipeline (float rows streamed): each group's dx pass steps the
-// sums of the group after it in the stage, a vector of each of its rows per column vector, so
-// that its reads from memory meet this group's writes; alone, a group's sums read memory with
+// one; row_at(i) gives row i. Pipeline (streamed rows, float32 or half): each group's dx pass
+// steps the sums of the group after it in the stage, a vector of each of its rows per column
+// vector, so that its reads from memory meet this group's writes; alone, a group's sums read memory with
 // no writes, and its dx pass writes with no reads. Else the next group's rows are prefetched
 // where both groups fit L2 (half rows, and streamed rows: float16 layer_norm_backward
 // (2048, 4096) 0.75x the time of no prefetch, float32 streamed 0.92-0.96x on Intel; cached
@@ -1612,8 +1612,8 @@ __attribute__((always_inline)) inline void stage_summed_rows_f32(const RowAt& ro
   for (; i < i1; ++i) row_at(i).template run<false>(stage);
 }
 
-// Streamed float rows [i0, i1) of a stage one by one, pipelined as grouped_rows_f32: each row's
-// dx pass steps the sums of the row after it, a vector per vector.
+// Streamed float32 or half rows [i0, i1) of a stage one by one, pipelined as grouped_rows_f32:
+// each row's dx pass steps the sums of the row after it, a vector per vector.
 template <class Row, class RowAt>
 __attribute__((always_inline)) inline void pipelined_rows_f32(const RowAt& row_at, std::int64_t i0, std::int64_t i1,
                                                               float* stage) {
@@ -1746,7 +1746,10 @@ constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 // taken alone (2 threads, AMD Zen 4 VM, in-process A/B): layer_norm_backward (256, 65536) took
 // 0.94x the time, (512, 32768) 0.92x; rms_norm 0.89-0.91x; without weight 0.89-0.97x. Groups of
 // four (rows of 4096 to 16384 floats) took 1.07-1.27x pipelined, rows of 8192 without weight
-// 1.06x, and the fused backward (ds, a third row read) 1.02-1.12x: those are not.
+// 1.06x, and the fused backward (ds, a third row read) 1.02-1.12x: those are not. Half rows are
+// pipelined from kPipelinedHalfBackwardRowBytes: float16 and bfloat16 layer_norm_backward and
+// rms_norm_backward of rows of 4096-65536 took 0.79-0.98x the time (2 threads, Intel Xeon VM,
+// in-process A/B; with weight in pairs, without one by one), rows of 512-2048 0.96-1.03x.
 // layer_norm_backward's float rows under kGroupedRowBytes with weight, in a tensor that fits the
 // cache (under stream_min_bytes()) and without ds, go in groups of kStageSummedRows
 // (stage_summed_rows_f32). Against rows one by one (2 threads, AMD Zen 4 VM, in-process A/B):
@@ -1758,6 +1761,7 @@ constexpr std::int64_t kFetchNextRowBytes = std::int64_t(4) << 20;
 // (0.95-1.29x).
 constexpr int kStageSummedRows = 4;
 constexpr std::int64_t kPipelinedBackwardRowBytes = std::int64_t(64) << 10;
+constexpr std::int64_t kPipelinedHalfBackwardRowBytes = std::int64_t(8) << 10;
 
 // Pipelined float rows with weight of more than kOneByOneRowBytes go one by one, not in pairs,
 // where a row's x and dy, the next row's and the stage (nsums rows of floats) fit L2: the next
@@ -1787,7 +1791,9 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
     const bool fetch_next =
         std::is_same<T, float>::value && 2 * rows * n * std::int64_t(sizeof(T)) > kFetchNextRowBytes;
     [[maybe_unused]] const bool pipeline =
-        stream && std::is_same<T, float>::value && !ds && n * std::int64_t(sizeof(T)) > kPipelinedBackwardRowBytes;
+        stream && !ds &&
+        (kHalf<T> ? n * std::int64_t(sizeof(T)) >= kPipelinedHalfBackwardRowBytes
+                  : std::is_same<T, float>::value && n * std::int64_t(sizeof(T)) > kPipelinedBackwardRowBytes);
     using Row = RowBackward<Centered, HasW, T>;
     auto row_at = [&](std::int64_t i) __attribute__((always_inline)) {
       return Row{dy + i * n,      x + i * n, w, dx + i * n, n, Centered ? double(mean[i]) : 0.0,
@@ -1840,7 +1846,7 @@ void row_norm_backward(const T* dy, const T* x, const C* mean, const C* rstd, co
             return;
           }
         }
-        if constexpr (std::is_same<T, float>::value) {
+        if constexpr (std::is_same<T, float>::value || kHalf<T>) {
           if (pipeline) {
             rows_with_column_sums<C>(rows, n, nsums, outs, nthreads, streamed_row,
                                      [&](std::int64_t i0, std::int64_t i1, C* stage) {
