@@ -1007,17 +1007,53 @@ struct RowBackward {
   }
 
   // The row in double.
-  void run_wide(C* stage) const {
+  void run_wide(C* stage, bool stream) const {
     double c0, c1;
     sums(c0, c1);
-    dx_wide(stage, c0, c1);
+    dx_wide(stage, c0, c1, stream);
   }
 
   // run_wide's second pass, given the row's c0 and c1: dx, and with weight the row's part of
-  // the stage.
-  void dx_wide(C* stage, double c0, double c1) const {
+  // the stage. Float64 rows on SIMD targets go through map_row (stream: dx written past the
+  // caches where the row is long enough) and fetch the next row into L2 (ahead), as run_f32.
+  void dx_wide(C* stage, double c0, double c1, bool stream) const {
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
     const vwide vc0 = splat<vwide>(c0), vc1 = splat<vwide>(c1);
+#if NL_VEC_BYTES
+    if constexpr (std::is_same<T, double>::value) {
+      map_row(dx, n, stream, [&](std::int64_t j, int count) __attribute__((always_inline)) {
+        if (ahead) {
+          prefetch_next_row(x + ahead + j);
+          prefetch_next_row(dy + ahead + j);
+        }
+        vwide xh = load_n(x + j, count);
+        if constexpr (Centered) xh -= vm;
+        xh *= vr;
+        const vwide d = load_n(dy + j, count);
+        vwide gv = d;
+        if constexpr (HasW) {
+          gv *= load_n(w + j, count);
+          // Both stage rows loaded before either is stored: they lie n elements apart, often a
+          // multiple of 4 KiB, where a load after the other's store would wait on it.
+          const vwide s0 = load_n(stage + j, count);
+          vwide s1{};
+          if constexpr (Centered) s1 = load_n(stage + n + j, count);
+          if (count == kWide) {
+            store(stage + j, fmadd(d, xh, s0));
+            if constexpr (Centered) store(stage + n + j, s1 + d);
+          } else {
+            store_partial(stage + j, fmadd(d, xh, s0), count);
+            if constexpr (Centered) store_partial(stage + n + j, s1 + d, count);
+          }
+        }
+        if constexpr (Centered) gv -= vc0;
+        vwide out = vr * (gv - xh * vc1);
+        if (ds) out += load_n(ds + j, count);
+        return out;
+      });
+      return;
+    }
+#endif
     std::int64_t j = 0;
     for (; j + kWide <= n; j += kWide) {
       vwide xh = load_wide(x + j);
@@ -1292,7 +1328,7 @@ struct RowBackward {
 #if NL_VEC_BYTES
     if constexpr (std::is_same<C, float>::value) return row.template run_f32<Stream>(stage);
 #endif
-    row.run_wide(stage);
+    row.run_wide(stage, Stream);
   }
 };
 

@@ -366,7 +366,7 @@ void split_rows_backward(const T* dy, const T* x, const C* mean, const C* rstd, 
           } else
 #endif
           {
-            row.dx_wide(st, k0[b], k1[b]);
+            row.dx_wide(st, k0[b], k1[b], stream);
           }
         }
         if constexpr (HasW) flush(j0, len, i == 0, i + count == rows);
