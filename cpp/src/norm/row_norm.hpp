@@ -660,9 +660,9 @@ struct RowPass {
   bool recompute_sum = false;
 };
 
-// Streamed rows of this many elements or more are pipelined, and their fused float32 sums
-// recomputed where recompute_sum() allows. Against rows one at a time (2 threads, Intel Xeon
-// VM): float32 add_layer_norm (256, 65536) took 0.79x the time, (512, 32768) 0.87x,
+// Streamed float32 and half rows of this many elements or more are pipelined, and fused float32
+// sums recomputed where recompute_sum() allows. Against rows one at a time (2 threads, Intel
+// Xeon VM): float32 add_layer_norm (256, 65536) took 0.79x the time, (512, 32768) 0.87x,
 // (2048, 8192) 0.84x; add_rms_norm 0.76x; add_layer_norm into the residual 0.82-0.97x; rms_norm
 // 0.94x; layer_norm 0.93-0.95x (in alternating processes). Float16 and bfloat16 rows of
 // 8192-65536 (in-process A/B): layer_norm without weight 0.78-0.98x, with weight and bias
@@ -1015,17 +1015,17 @@ struct RowBackward {
 
   // run_wide's second pass, given the row's c0 and c1: dx, and with weight the row's part of
   // the stage. Float64 rows on SIMD targets go through map_row (stream: dx written past the
-  // caches where the row is long enough) and fetch the next row into L2 (ahead), as run_f32.
+  // caches where the row is long enough): against stores through the caches, float64
+  // layer_norm_backward of rows of 4096-100000 took 0.56-0.71x the time (without weight
+  // 0.65-0.76x), rows of 768 0.80x, of 64-512 0.85-1.09x (2 threads, Intel Xeon VM, in-process
+  // A/B). They do not fetch the next row into L2 (ahead): on rows of 4096-65536 that took
+  // 0.64-0.81x against 0.59-0.70x without.
   void dx_wide(C* stage, double c0, double c1, bool stream) const {
     const vwide vm = splat<vwide>(mean), vr = splat<vwide>(rstd);
     const vwide vc0 = splat<vwide>(c0), vc1 = splat<vwide>(c1);
 #if NL_VEC_BYTES
     if constexpr (std::is_same<T, double>::value) {
       map_row(dx, n, stream, [&](std::int64_t j, int count) __attribute__((always_inline)) {
-        if (ahead) {
-          prefetch_next_row(x + ahead + j);
-          prefetch_next_row(dy + ahead + j);
-        }
         vwide xh = load_n(x + j, count);
         if constexpr (Centered) xh -= vm;
         xh *= vr;
@@ -1498,8 +1498,8 @@ __attribute__((always_inline)) inline void grouped_dx_f32(const RowBackward<Cent
 // Rows [i0, i1) of a stage with weight, in groups of R (grouped_dx_f32), the rows left one by
 // one; row_at(i) gives row i. Pipeline (streamed rows, float32 or half): each group's dx pass
 // steps the sums of the group after it in the stage, a vector of each of its rows per column
-// vector, so that its reads from memory meet this group's writes; alone, a group's sums read memory with
-// no writes, and its dx pass writes with no reads. Else the next group's rows are prefetched
+// vector, so that its reads from memory meet this group's writes; alone, a group's sums read
+// memory with no writes, and its dx pass writes with no reads. Else the next group's rows are prefetched
 // where both groups fit L2 (half rows, and streamed rows: float16 layer_norm_backward
 // (2048, 4096) 0.75x the time of no prefetch, float32 streamed 0.92-0.96x on Intel; cached
 // float rows 1.06-1.16x). Into L2 only (prefetch_next_row), as the rows one by one: rows of
