@@ -29,8 +29,9 @@ CASES = textwrap.dedent(
     def results():
         rng = np.random.default_rng(11)
         # (8, 4096): grouped rows in the backward; (3, 8192): layer_norm rows in pairs; rows of
-        # 8192 and 8200 elements: pipelined (the next row summed while one is normalized; half
-        # rows a chunk of vectors at a time), the fused float32 sum recomputed; 8200: rows at alternating distances from a line, an odd last row;
+        # 8192 and 8200 elements (float64 from 4096): pipelined (the next row summed while one is
+        # normalized; half and float64 rows a chunk of vectors at a time), the fused float32 sum
+        # recomputed; 8200: rows at alternating distances from a line, an odd last row;
         # (5, 16408), and half rows from 4096: backward rows pipelined (the next pair's or row's
         # sums stepped while dx is written), the last row alone; (3, 32771): rows of more than 128 KiB with weight pipelined
         # one by one where they fit L2 (in pairs elsewhere)

@@ -74,9 +74,10 @@ void layer_norm_row_pair(const T* x0, const T* x1, const C* w, const C* b, T* y0
 // weight and bias for both: with weight and bias, float32 (64, 65536) took 0.90-0.93x the
 // time, (512, 8192) 0.95x, (2048, 8192) 0.96-0.97x, (256, 65536) 0.96-0.98x (bfloat16 0.96-0.99x).
 // Rows of 4096 floats, whose weight and bias fit L1 beside one row but not two, took 1.02x
-// (bfloat16 1.07x) in pairs. Pipelined half rows go one at a time (in pairs, each vector
-// normalized steps the sums of two next rows): float16 and bfloat16 (256, 65536) and
-// (1024, 16384) took 0.91-0.99x the time of unpipelined pairs, pipelined pairs 0.98-1.00x.
+// (bfloat16 1.07x) in pairs. Pipelined half and float64 rows go one at a time (in pairs, each
+// vector normalized steps the sums of two next rows): float16 and bfloat16 (256, 65536) and
+// (1024, 16384) took 0.91-0.99x the time of unpipelined pairs, pipelined pairs 0.98-1.00x;
+// float64 rows of 4096-65536 0.84-0.86x, pipelined pairs 0.80-1.04x.
 constexpr std::int64_t kPairedRowParamBytes = std::int64_t(32) << 10;
 
 // Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual
@@ -108,7 +109,7 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   };
   if constexpr (NV == 0 && (HasW || HasB)) {
     if (!residual && n * std::int64_t(sizeof(compute_t<T>)) >= kPairedRowParamBytes &&
-        !rows_in_blocks<T>(n, data_bytes) && !(kHalf<T> && pass.pipeline)) {
+        !rows_in_blocks<T>(n, data_bytes) && !(!std::is_same<T, float>::value && pass.pipeline)) {
       auto pair = [&](std::int64_t i, double mean0, double rstd0, double mean1, double rstd1, auto* next0,
                       auto* next1) {
         T* const y0 = a.y + i * n;

@@ -45,23 +45,29 @@ struct ShiftedSums {
   double q = 0;  // sum of (x - shift)^2
 };
 
+// The two vectors at x + j into shifted_sums_wide's two chains (s0, q0 and s1, q1), shifted
+// by k.
+template <bool Centered, class T>
+__attribute__((always_inline)) inline void add_shifted_pair(const T* x, std::int64_t j, vwide k, vwide& s0,
+                                                            vwide& s1, vwide& q0, vwide& q1) {
+  vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
+  if constexpr (Centered) {
+    a -= k;
+    b -= k;
+    s0 += a;
+    s1 += b;
+  }
+  q0 = fmadd(a, a, q0);
+  q1 = fmadd(b, b, q1);
+}
+
 // The sums of d = x - shift over x[0..n) (Centered; else of x^2 alone), in double.
 template <bool Centered, class T>
 ShiftedSums shifted_sums_wide(const T* x, std::int64_t n, double shift) {
   const vwide k = splat<vwide>(shift);
   vwide s0{}, s1{}, q0{}, q1{};
   std::int64_t j = 0;
-  for (; j + 2 * kWide <= n; j += 2 * kWide) {
-    vwide a = load_wide(x + j), b = load_wide(x + j + kWide);
-    if constexpr (Centered) {
-      a -= k;
-      b -= k;
-      s0 += a;
-      s1 += b;
-    }
-    q0 = fmadd(a, a, q0);
-    q1 = fmadd(b, b, q1);
-  }
+  for (; j + 2 * kWide <= n; j += 2 * kWide) add_shifted_pair<Centered>(x, j, k, s0, s1, q0, q1);
   double s = 0, q = 0;
   for (; j < n; ++j) {
     const double d = double(to_c(x[j])) - (Centered ? shift : 0.0);
@@ -382,6 +388,65 @@ struct HalfRowSums {
   }
 };
 
+// The sums of a float64 row as row_moments_wide (Centered) and row_mean_square_wide take them
+// (shifted_sums_wide: two chains, a pair of vectors at a time), for normalize_rows' pipelined
+// rows: step() adds the next kPairs pairs at every 2 * kPairs-th call, out of line; finish()
+// the rest, then the moments (Centered: mean and variance, else mean 0 and the mean square as
+// var) as those functions give them, bitwise.
+template <bool Centered>
+struct WideRowSums {
+  static constexpr int kPairs = 4;
+  static constexpr std::int64_t kAhead = 1024;  // elements prefetched ahead
+  const double* x;
+  std::int64_t n, j = 0;
+  int calls = 0;
+  double shift;
+  vwide s0{}, s1{}, q0{}, q1{};
+
+  WideRowSums(const double* x_, const double*, double*, std::int64_t n_)
+      : x(x_), n(n_), shift(Centered ? row_shift(n_, [&](std::int64_t k) { return x_[k]; }) : 0.0) {}
+  __attribute__((always_inline)) void step() {
+    if (++calls < 2 * kPairs) return;
+    calls = 0;
+    next_pairs();
+  }
+  __attribute__((noinline)) void next_pairs() {
+    if (j + kPairs * 2 * kWide > n) return;
+    const double* const x_ = x;
+    const vwide k = splat<vwide>(shift);
+    vwide a0 = s0, a1 = s1, b0 = q0, b1 = q1;
+#pragma GCC unroll 4
+    for (int t = 0; t < kPairs; ++t) {
+      const std::int64_t e = j + std::int64_t(t) * 2 * kWide;
+      __builtin_prefetch(x_ + e + kAhead);
+      __builtin_prefetch(x_ + e + kWide + kAhead);
+      add_shifted_pair<Centered>(x_, e, k, a0, a1, b0, b1);
+    }
+    s0 = a0;
+    s1 = a1;
+    q0 = b0;
+    q1 = b1;
+    j += kPairs * 2 * kWide;
+  }
+  Moments finish() {
+    const vwide k = splat<vwide>(shift);
+    vwide a0 = s0, a1 = s1, b0 = q0, b1 = q1;
+    std::int64_t i = j;
+    for (; i + 2 * kWide <= n; i += 2 * kWide) add_shifted_pair<Centered>(x, i, k, a0, a1, b0, b1);
+    double ts = 0, tq = 0;
+    for (; i < n; ++i) {
+      const double d = x[i] - (Centered ? shift : 0.0);
+      ts += d;
+      tq = fmadd(d, d, tq);
+    }
+    const double q = tq + lane_sum(b0 + b1);
+    if constexpr (!Centered) return Moments{0.0, q * (1.0 / double(n))};
+    const Moments m = moments_from_shifted(shift, ts + lane_sum(a0 + a1), q, n);
+    const double d = m.mean - shift;
+    return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+  }
+};
+
 // Mean and variance of a float or half row, as RowReader gives it.
 template <class S, bool Add>
 Moments row_moments_f32(const S* x, std::int64_t n, const S* r = nullptr, S* sum = nullptr) {
@@ -648,8 +713,8 @@ void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
   f(std::integral_constant<int, 0>());
 }
 
-// How normalize_rows takes float32 and half rows one at a time. pipeline: the sums of row i + 1
-// are stepped (FloatRowSums, HalfRowSums) while row i is normalized, once per vector of row i,
+// How normalize_rows takes rows one at a time. pipeline: the sums of row i + 1 are stepped
+// (FloatRowSums, HalfRowSums, WideRowSums) while row i is normalized, once per vector of row i,
 // so that reading the next row from memory overlaps writing this one; alone, the sums of a row
 // streamed from memory run with memory idle, its reads done and no writes yet. recompute_sum
 // (the fused add and norm of float32, pipelined rows only): s is not written as the sums read
@@ -660,19 +725,22 @@ struct RowPass {
   bool recompute_sum = false;
 };
 
-// Streamed float32 and half rows of this many elements or more are pipelined, and fused float32
-// sums recomputed where recompute_sum() allows. Against rows one at a time (2 threads, Intel
+// Streamed rows whose values take this many bytes or more in their compute type (8192 float32
+// or half elements, 4096 float64) are pipelined, and fused float32 sums recomputed where
+// recompute_sum() allows. Against rows one at a time (2 threads, Intel
 // Xeon VM): float32 add_layer_norm (256, 65536) took 0.79x the time, (512, 32768) 0.87x,
 // (2048, 8192) 0.84x; add_rms_norm 0.76x; add_layer_norm into the residual 0.82-0.97x; rms_norm
 // 0.94x; layer_norm 0.93-0.95x (in alternating processes). Float16 and bfloat16 rows of
 // 8192-65536 (in-process A/B): layer_norm without weight 0.78-0.98x, with weight and bias
 // 0.91-0.99x (one row at a time: in pairs 0.98-1.00x), rms_norm 0.85-0.99x, add_layer_norm
 // 0.80-0.89x. Rows of 4096 gained nothing (float32 0.97-1.02x, half rows of 1024-4096
-// 0.92-1.06x), and float32 ones with their fused sums recomputed took 1.11-1.12x.
-constexpr std::int64_t kPipelinedRowElements = 8192;
+// 0.92-1.06x), and float32 ones with their fused sums recomputed took 1.11-1.12x. Float64 rows
+// of 4096-65536 (in-process A/B, one at a time): layer_norm with weight and bias 0.84-0.93x (in
+// pairs 0.80-1.04x), without 0.89-0.99x, rms_norm 0.89-0.99x; rows of 1024-2048 0.95-1.01x.
+constexpr std::int64_t kPipelinedRowBytes = std::int64_t(32) << 10;
 template <class T>
 RowPass row_pass(const T* x, const T* residual, const T* sum, const T* y, std::int64_t n, bool stream) {
-  const bool pipeline = stream && n >= kPipelinedRowElements;
+  const bool pipeline = stream && n * std::int64_t(sizeof(compute_t<T>)) >= kPipelinedRowBytes;
   return RowPass{pipeline, pipeline && recompute_sum(x, residual, sum, y, stream)};
 }
 
@@ -750,10 +818,12 @@ void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::in
   }
   auto rstd_of = [&](const Moments& m) { return 1.0 / __builtin_sqrt(m.var + eps); };
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<T, float>::value || kHalf<T>) {
+  if constexpr (std::is_same<T, float>::value || kHalf<T> || std::is_same<T, double>::value) {
     auto pipelined = [&](auto add, auto keep) {
       constexpr bool kAdd = decltype(add)::value, kKeep = decltype(keep)::value;
-      using Sums = std::conditional_t<kHalf<T>, HalfRowSums<T, Centered, kAdd>, FloatRowSums<Centered, kAdd, kKeep>>;
+      using Sums = std::conditional_t<
+          std::is_same<T, double>::value, WideRowSums<Centered>,
+          std::conditional_t<kHalf<T>, HalfRowSums<T, Centered, kAdd>, FloatRowSums<Centered, kAdd, kKeep>>>;
       auto sums_of = [&](std::int64_t k) {
         return kAdd ? Sums(x + k * n, residual + k * n, sum + k * n, n) : Sums(x + k * n, nullptr, nullptr, n);
       };
@@ -792,8 +862,10 @@ void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::in
     using No = std::false_type;
     if (pass.pipeline) {
       if (!residual) return pipelined(No(), Yes());
-      if (!pass.recompute_sum) return pipelined(Yes(), Yes());
-      if constexpr (!kPaired) return pipelined(Yes(), No());
+      if constexpr (!std::is_same<T, double>::value) {
+        if (!pass.recompute_sum) return pipelined(Yes(), Yes());
+        if constexpr (!kPaired) return pipelined(Yes(), No());
+      }
     }
   }
 #endif
