@@ -77,7 +77,7 @@ void layer_norm_row_pair(const T* x0, const T* x1, const C* w, const C* b, T* y0
 // (bfloat16 1.07x) in pairs. Pipelined half and float64 rows go one at a time (in pairs, each
 // vector normalized steps the sums of two next rows): float16 and bfloat16 (256, 65536) and
 // (1024, 16384) took 0.91-0.99x the time of unpipelined pairs, pipelined pairs 0.98-1.00x;
-// float64 rows of 4096-65536 0.84-0.86x, pipelined pairs 0.80-1.04x.
+// float64 rows of 4096-65536 0.84-0.93x, pipelined pairs 0.80-1.04x.
 constexpr std::int64_t kPairedRowParamBytes = std::int64_t(32) << 10;
 
 // Rows [r0, r1) of y = layer_norm(x), or with a residual of y = layer_norm(s), s = x + residual

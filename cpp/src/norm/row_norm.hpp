@@ -818,54 +818,52 @@ void normalize_rows(const T* x, const T* residual, T* sum, RowPass pass, std::in
   }
   auto rstd_of = [&](const Moments& m) { return 1.0 / __builtin_sqrt(m.var + eps); };
 #if NL_VEC_BYTES
-  if constexpr (std::is_same<T, float>::value || kHalf<T> || std::is_same<T, double>::value) {
-    auto pipelined = [&](auto add, auto keep) {
-      constexpr bool kAdd = decltype(add)::value, kKeep = decltype(keep)::value;
-      using Sums = std::conditional_t<
-          std::is_same<T, double>::value, WideRowSums<Centered>,
-          std::conditional_t<kHalf<T>, HalfRowSums<T, Centered, kAdd>, FloatRowSums<Centered, kAdd, kKeep>>>;
-      auto sums_of = [&](std::int64_t k) {
-        return kAdd ? Sums(x + k * n, residual + k * n, sum + k * n, n) : Sums(x + k * n, nullptr, nullptr, n);
-      };
-      std::int64_t i = r0;
-      Moments m0{}, m1{};
-      if (i < r1) m0 = sums_of(i).finish();
-      if constexpr (kPaired) {
-        if (i + 1 < r1) m1 = sums_of(i + 1).finish();
-        for (; i + 1 < r1; i += 2) {
-          if (i + 3 < r1) {
-            Sums next0 = sums_of(i + 2), next1 = sums_of(i + 3);
-            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, &next1);
-            m0 = next0.finish();
-            m1 = next1.finish();
-          } else if (i + 2 < r1) {
-            Sums next0 = sums_of(i + 2);
-            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, static_cast<Sums*>(nullptr));
-            m0 = next0.finish();
-          } else {
-            apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), static_cast<Sums*>(nullptr),
-                       static_cast<Sums*>(nullptr));
-          }
-        }
-      }
-      for (; i < r1; ++i) {
-        if (i + 1 < r1) {
-          Sums next = sums_of(i + 1);
-          apply(i, m0.mean, rstd_of(m0), &next);
-          m0 = next.finish();
-        } else {
-          apply(i, m0.mean, rstd_of(m0), static_cast<Sums*>(nullptr));
-        }
-      }
+  auto pipelined = [&](auto add, auto keep) {
+    constexpr bool kAdd = decltype(add)::value, kKeep = decltype(keep)::value;
+    using Sums = std::conditional_t<
+        std::is_same<T, double>::value, WideRowSums<Centered>,
+        std::conditional_t<kHalf<T>, HalfRowSums<T, Centered, kAdd>, FloatRowSums<Centered, kAdd, kKeep>>>;
+    auto sums_of = [&](std::int64_t k) {
+      return kAdd ? Sums(x + k * n, residual + k * n, sum + k * n, n) : Sums(x + k * n, nullptr, nullptr, n);
     };
-    using Yes = std::true_type;
-    using No = std::false_type;
-    if (pass.pipeline) {
-      if (!residual) return pipelined(No(), Yes());
-      if constexpr (!std::is_same<T, double>::value) {
-        if (!pass.recompute_sum) return pipelined(Yes(), Yes());
-        if constexpr (!kPaired) return pipelined(Yes(), No());
+    std::int64_t i = r0;
+    Moments m0{}, m1{};
+    if (i < r1) m0 = sums_of(i).finish();
+    if constexpr (kPaired) {
+      if (i + 1 < r1) m1 = sums_of(i + 1).finish();
+      for (; i + 1 < r1; i += 2) {
+        if (i + 3 < r1) {
+          Sums next0 = sums_of(i + 2), next1 = sums_of(i + 3);
+          apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, &next1);
+          m0 = next0.finish();
+          m1 = next1.finish();
+        } else if (i + 2 < r1) {
+          Sums next0 = sums_of(i + 2);
+          apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), &next0, static_cast<Sums*>(nullptr));
+          m0 = next0.finish();
+        } else {
+          apply_pair(i, m0.mean, rstd_of(m0), m1.mean, rstd_of(m1), static_cast<Sums*>(nullptr),
+                     static_cast<Sums*>(nullptr));
+        }
       }
+    }
+    for (; i < r1; ++i) {
+      if (i + 1 < r1) {
+        Sums next = sums_of(i + 1);
+        apply(i, m0.mean, rstd_of(m0), &next);
+        m0 = next.finish();
+      } else {
+        apply(i, m0.mean, rstd_of(m0), static_cast<Sums*>(nullptr));
+      }
+    }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (pass.pipeline) {
+    if (!residual) return pipelined(No(), Yes());
+    if constexpr (!std::is_same<T, double>::value) {
+      if (!pass.recompute_sum) return pipelined(Yes(), Yes());
+      if constexpr (!kPaired) return pipelined(Yes(), No());
     }
   }
 #endif
