@@ -232,6 +232,23 @@ __attribute__((always_inline)) inline void add_float_sums(V v, V k, V& s, V& q) 
   }
 }
 
+// The end of a float or half row's sums ds, dq (FloatRowSums, HalfRowSums): its elements from j
+// on one at a time (scalar(i), shifted by shift where Centered), then its moments (Centered:
+// finish_row_moments, else mean 0 and finish_mean_square as var).
+template <bool Centered, class Scalar, class Values>
+__attribute__((always_inline)) inline Moments finish_row_sums(const Scalar& scalar, const Values& values,
+                                                              std::int64_t j, std::int64_t n, float shift,
+                                                              const vwide& ds, const vwide& dq) {
+  double ts = 0, tq = 0;
+  for (; j < n; ++j) {
+    const double d = double(scalar(j)) - double(Centered ? shift : 0.0f);
+    ts += d;
+    tq = fmadd(d, d, tq);
+  }
+  if constexpr (Centered) return finish_row_moments(values, n, double(shift), lane_sum(ds) + ts, lane_sum(dq) + tq);
+  return Moments{0.0, finish_mean_square(values, n, lane_sum(dq) + tq)};
+}
+
 // The sums of a float32 row as RowReader gives it (Centered: shifted sums and squares, else
 // squares), a vector at a time: step() adds the row's next whole vector (none once all are in),
 // finish() the rest and gives the row's moments (Centered: mean and variance, else mean 0 and
@@ -283,15 +300,8 @@ struct FloatRowSums {
       dq = dq_;
       j = j_;
     }
-    double ts = 0, tq = 0;
-    for (std::int64_t j = this->j; j < n; ++j) {
-      const double d = double(row.scalar(j)) - double(shift);
-      ts += d;
-      tq = fmadd(d, d, tq);
-    }
-    auto values = [&] { return row.values(n); };
-    if constexpr (Centered) return finish_row_moments(values, n, double(shift), lane_sum(ds) + ts, lane_sum(dq) + tq);
-    return Moments{0.0, finish_mean_square(values, n, lane_sum(dq) + tq)};
+    return finish_row_sums<Centered>([&](std::int64_t i) { return row.scalar(i); }, [&] { return row.values(n); },
+                                     j, n, shift, ds, dq);
   }
 };
 
@@ -371,20 +381,8 @@ struct HalfRowSums {
       j = j_;
     }
     const RowReader<S, Add> row_ = {row.x, row.r, row.sum};
-    double ts = 0, tq = 0;
-    for (std::int64_t i = j; i < n; ++i) {
-      const double v = double(row_.scalar(i));
-      if constexpr (Centered) {
-        const double d = v - double(shift);
-        ts += d;
-        tq = fmadd(d, d, tq);
-      } else {
-        tq = fmadd(v, v, tq);
-      }
-    }
-    auto values = [&] { return row_.values(n); };
-    if constexpr (Centered) return finish_row_moments(values, n, double(shift), lane_sum(ds) + ts, lane_sum(dq) + tq);
-    return Moments{0.0, finish_mean_square(values, n, lane_sum(dq) + tq)};
+    return finish_row_sums<Centered>([&](std::int64_t i) { return row_.scalar(i); }, [&] { return row_.values(n); },
+                                     j, n, shift, ds, dq);
   }
 };
 
