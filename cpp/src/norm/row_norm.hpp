@@ -336,6 +336,22 @@ struct HalfRowSums {
     constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
     const V k = splat<V>(shift);
     V s[2] = {}, q[2] = {};
+#if defined(NL_HAVE_BF16_PAIRS)
+    if constexpr (std::is_same<S, bfloat16>::value && !Add) {
+#pragma GCC unroll 4
+      for (int t = 0; t < kChunk; t += 2) {
+        const std::int64_t e = j + std::int64_t(t) * L;
+        if ((std::int64_t(t) * L) % kLineElements == 0) __builtin_prefetch(row.x + e + ahead);
+        V even, odd;
+        widen_bf16_pairs(row.x + e, even, odd);
+        add_float_sums<Centered>(even, k, s[0], q[0]);
+        add_float_sums<Centered>(odd, k, s[1], q[1]);
+      }
+      if constexpr (Centered) ds += widen_sum(s[0] + s[1]);
+      dq += widen_sum(q[0] + q[1]);
+      return;
+    }
+#endif
 #pragma GCC unroll 8
     for (int t = 0; t < kChunk; ++t) {
       const std::int64_t e = j + std::int64_t(t) * L;

@@ -404,6 +404,27 @@ __attribute__((always_inline)) inline void store(S* p, vfloat v, bool normal = f
   std::memcpy(p, &h, sizeof h);
 }
 
+#if defined(NL_TARGET_AVX512) || defined(NL_TARGET_AVX2)
+// The 2 * lanes bfloat16 at p as two float vectors: even gets elements 0, 2, 4, .., odd
+// elements 1, 3, 5, .. (a shift and a mask, against a widening and a shift per vector): for
+// sums, where the order of the elements does not matter (HalfRowSums). Against widening each
+// vector (2 threads, Intel Xeon VM, in-process A/B), bfloat16 layer_norm of (8192, 768) to
+// (256, 65536) took 0.92-0.97x the time, without weight 0.85-0.97x, rms_norm 0.91-1.02x; in
+// cache on one thread 0.95-1.00x.
+inline void widen_bf16_pairs(const bfloat16* p, vfloat& even, vfloat& odd) {
+#if defined(NL_TARGET_AVX512)
+  const __m512i h = _mm512_loadu_si512(p);
+  even = vfloat(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+  odd = vfloat(_mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(int(0xffff0000u)))));
+#else
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = vfloat(_mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+  odd = vfloat(_mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(int(0xffff0000u)))));
+#endif
+}
+#define NL_HAVE_BF16_PAIRS 1
+#endif
+
 // kWide halves at p, widened to double.
 template <class S, class = std::enable_if_t<kHalf<S>>>
 inline vwide load_wide(const S* p) {
