@@ -61,12 +61,12 @@ __attribute__((always_inline)) inline void add_shifted_pair(const T* x, std::int
   q1 = fmadd(b, b, q1);
 }
 
-// The sums of d = x - shift over x[0..n) (Centered; else of x^2 alone), in double.
+// The sums of d = x - shift over x[j..n) (Centered; else of x^2 alone), in double, added to
+// the two chains s0, q0 and s1, q1 of x[0..j).
 template <bool Centered, class T>
-ShiftedSums shifted_sums_wide(const T* x, std::int64_t n, double shift) {
+ShiftedSums shifted_sums_from(const T* x, std::int64_t j, std::int64_t n, double shift, vwide s0, vwide s1,
+                              vwide q0, vwide q1) {
   const vwide k = splat<vwide>(shift);
-  vwide s0{}, s1{}, q0{}, q1{};
-  std::int64_t j = 0;
   for (; j + 2 * kWide <= n; j += 2 * kWide) add_shifted_pair<Centered>(x, j, k, s0, s1, q0, q1);
   double s = 0, q = 0;
   for (; j < n; ++j) {
@@ -75,6 +75,12 @@ ShiftedSums shifted_sums_wide(const T* x, std::int64_t n, double shift) {
     q = fmadd(d, d, q);
   }
   return {Centered ? s + lane_sum(s0 + s1) : 0.0, q + lane_sum(q0 + q1)};
+}
+
+// The sums of d = x - shift over x[0..n) (Centered; else of x^2 alone), in double.
+template <bool Centered, class T>
+ShiftedSums shifted_sums_wide(const T* x, std::int64_t n, double shift) {
+  return shifted_sums_from<Centered>(x, 0, n, shift, vwide{}, vwide{}, vwide{}, vwide{});
 }
 
 // Mean and biased variance of x[0..n) from double sums shifted by `shift`.
@@ -87,6 +93,15 @@ Moments shifted_moments(const T* x, std::int64_t n, double shift) {
 // Shifted sums cancel when the shift lies far from the mean: q/n - m*m with m*m / var above
 // this ratio is summed again about the mean (the row is in cache by then).
 constexpr double kRecenterRatio = 4.0;
+
+// m, the moments of a row of n from sums shifted by shift; where the shift lay that far from
+// the mean, the row's (values()) summed again about m.mean.
+template <class Values>
+__attribute__((always_inline)) inline Moments recentered(const Values& values, std::int64_t n, double shift,
+                                                         const Moments& m) {
+  const double d = m.mean - shift;
+  return d * d > kRecenterRatio * m.var ? shifted_moments(values(), n, m.mean) : m;
+}
 
 // The shift of a row's sums, given value(j) of its elements: the median of the first three, an
 // element of the row (constant rows stay exact). It lies far enough from the mean for the row to
@@ -109,9 +124,7 @@ __attribute__((always_inline)) inline auto row_shift(std::int64_t n, const F& va
 template <class T>
 Moments row_moments_wide(const T* x, std::int64_t n) {
   const double shift = row_shift(n, [&](std::int64_t j) { return double(to_c(x[j])); });
-  const Moments m = shifted_moments(x, n, shift);
-  const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+  return recentered([&] { return x; }, n, shift, shifted_moments(x, n, shift));
 }
 
 // Mean of squares of x[0..n) in double.
@@ -196,9 +209,7 @@ __attribute__((always_inline)) inline Moments finish_row_moments(const Values& v
                                                                  double sum_s, double sum_q) {
   const double mean_square = sum_q / double(n);
   if (!(mean_square >= kFloatSquaresMin && mean_square <= kFloatSquaresMax)) return row_moments_wide(values(), n);
-  const Moments m = moments_from_shifted(shift, sum_s, sum_q, n);
-  const double d = m.mean - shift;
-  return d * d > kRecenterRatio * m.var ? shifted_moments(values(), n, m.mean) : m;
+  return recentered(values, n, shift, moments_from_shifted(shift, sum_s, sum_q, n));
 }
 
 // The mean square of a row of n values from its sum of squares, likewise.
@@ -444,21 +455,9 @@ struct WideRowSums {
     j += kPairs * 2 * kWide;
   }
   Moments finish() {
-    const vwide k = splat<vwide>(shift);
-    vwide a0 = s0, a1 = s1, b0 = q0, b1 = q1;
-    std::int64_t i = j;
-    for (; i + 2 * kWide <= n; i += 2 * kWide) add_shifted_pair<Centered>(x, i, k, a0, a1, b0, b1);
-    double ts = 0, tq = 0;
-    for (; i < n; ++i) {
-      const double d = x[i] - (Centered ? shift : 0.0);
-      ts += d;
-      tq = fmadd(d, d, tq);
-    }
-    const double q = tq + lane_sum(b0 + b1);
-    if constexpr (!Centered) return Moments{0.0, q * (1.0 / double(n))};
-    const Moments m = moments_from_shifted(shift, ts + lane_sum(a0 + a1), q, n);
-    const double d = m.mean - shift;
-    return d * d > kRecenterRatio * m.var ? shifted_moments(x, n, m.mean) : m;
+    const ShiftedSums t = shifted_sums_from<Centered>(x, j, n, shift, s0, s1, q0, q1);
+    if constexpr (!Centered) return Moments{0.0, t.q * (1.0 / double(n))};
+    return recentered([&] { return x; }, n, shift, moments_from_shifted(shift, t.s, t.q, n));
   }
 };
 
