@@ -126,7 +126,7 @@ def _malloc_bytes_in_use():
     buffers, large Python objects); None where the C library has no mallinfo2."""
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
     mallinfo2.restype = _Mallinfo2
     info = mallinfo2()
