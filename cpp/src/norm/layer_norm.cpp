@@ -22,10 +22,14 @@ struct LayerNormMap {
     rstd = splat<V>(C(r));
   }
   __attribute__((always_inline)) V operator()(V v, const C* w, const C* b, std::int64_t j, int count) const {
+    return (*this)(v, HasW ? load_n(w + j, count) : V{}, HasB ? load_n(b + j, count) : V{});
+  }
+  // The same with the weight and bias vectors given (ignored without weight or bias).
+  __attribute__((always_inline)) V operator()(V v, V wv, V bv) const {
     const V d = (v - head) - tail;
     V scale = rstd;
-    if constexpr (HasW) scale *= load_n(w + j, count);
-    if constexpr (HasB) return fmadd(d, scale, load_n(b + j, count));
+    if constexpr (HasW) scale *= wv;
+    if constexpr (HasB) return fmadd(d, scale, bv);
     return V(d * scale);
   }
 };
@@ -94,8 +98,21 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
     if (a.rstd) a.rstd[i] = compute_t<T>(rstd);
   };
   const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
+  using C = compute_t<T>;
+  using V = vnative<C>;
+  constexpr bool kHeld = held_param_vectors<T>(NV, NV * (int(HasW) + int(HasB)));
+  V wv[kHeld ? NV : 1]{}, bv[kHeld ? NV : 1]{};
+  if constexpr (kHeld) load_param_vectors<NV>(a.weight, a.bias, wv, bv);
   auto apply = [&](std::int64_t i, double mean, double rstd, auto* next) {
     stats(i, mean, rstd);
+    if constexpr (kHeld) {
+      const LayerNormMap<HasW, HasB, C> norm(mean, rstd);
+      const T* const x = rows + i * n;
+      map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) __attribute__((always_inline)) {
+        return norm(load_n(x + j, count), wv[j / kLanes<C>], bv[j / kLanes<C>]);
+      });
+      return;
+    }
     const std::int64_t after = next_row(i, a.rows) * n;
     const auto tick = next_row_tick(next, stream, n, a.x + after, residual ? residual + after : nullptr);
     if constexpr (NV == 0) {

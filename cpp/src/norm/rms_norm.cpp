@@ -19,6 +19,9 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
   const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
+  constexpr bool kHeld = held_param_vectors<T>(NV, NV * int(HasW));
+  V wv[kHeld ? NV : 1]{}, unused[kHeld ? NV : 1]{};
+  if constexpr (kHeld) load_param_vectors<NV>(a.weight, static_cast<const C*>(nullptr), wv, unused);
   normalize_rows<false, NV>(
       a.x, residual, sum, pass, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
       [&](std::int64_t i, double, double rstd, auto* next) {
@@ -29,7 +32,8 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
         auto scaled = [&](V v, std::int64_t j, int count) {
           tick(j);
           V scale = vr;
-          if constexpr (HasW) scale *= load_n(a.weight + j, count);
+          if constexpr (kHeld) scale *= wv[j / kLanes<C>];
+          else if constexpr (HasW) scale *= load_n(a.weight + j, count);
           return V(v * scale);
         };
         if constexpr (NV == 0) {
