@@ -105,7 +105,7 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   if constexpr (kHeld) load_param_vectors<NV>(a.weight, a.bias, wv, bv);
   auto apply = [&](std::int64_t i, double mean, double rstd, auto* next) {
     stats(i, mean, rstd);
-    if constexpr (kHeld) {
+    if constexpr (kHeld) {  // no tick: rows this narrow are neither pipelined nor prefetched
       const LayerNormMap<HasW, HasB, C> norm(mean, rstd);
       const T* const x = rows + i * n;
       map_row<NV>(a.y + i * n, n, stream, [&](std::int64_t j, int count) __attribute__((always_inline)) {
