@@ -100,9 +100,12 @@ void layer_norm_rows(const LayerNormForward<T>& a, const T* residual, T* sum, st
   const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
   using C = compute_t<T>;
   using V = vnative<C>;
-  constexpr bool kHeld = held_param_vectors<T>(NV, NV * (int(HasW) + int(HasB)));
+  constexpr bool kHeld = held_param_vectors<T>(NV, HasW || HasB);
   V wv[kHeld ? NV : 1]{}, bv[kHeld ? NV : 1]{};
-  if constexpr (kHeld) load_param_vectors<NV>(a.weight, a.bias, wv, bv);
+  if constexpr (kHeld) {
+    load_vectors(a.weight, wv);
+    load_vectors(a.bias, bv);
+  }
   auto apply = [&](std::int64_t i, double mean, double rstd, auto* next) {
     stats(i, mean, rstd);
     if constexpr (kHeld) {  // no tick: rows this narrow are neither pipelined nor prefetched

@@ -19,9 +19,9 @@ void rms_norm_rows(const RmsNormForward<T>& a, const T* residual, T* sum, std::i
   const std::int64_t n = a.cols;
   const T* rows = residual ? sum : a.x;  // what is normalized
   const RowPass pass = row_pass(a.x, residual, sum, a.y, n, stream);
-  constexpr bool kHeld = held_param_vectors<T>(NV, NV * int(HasW));
-  V wv[kHeld ? NV : 1]{}, unused[kHeld ? NV : 1]{};
-  if constexpr (kHeld) load_param_vectors<NV>(a.weight, static_cast<const C*>(nullptr), wv, unused);
+  constexpr bool kHeld = held_param_vectors<T>(NV, HasW);
+  V wv[kHeld ? NV : 1]{};
+  if constexpr (kHeld) load_vectors(a.weight, wv);
   normalize_rows<false, NV>(
       a.x, residual, sum, pass, r0, r1, n, a.rows * n * std::int64_t(sizeof(T)), a.eps,
       [&](std::int64_t i, double, double rstd, auto* next) {

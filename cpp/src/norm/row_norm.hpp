@@ -727,26 +727,24 @@ void with_narrow_rows(std::int64_t n, bool allowed, const F& f) {
   f(std::integral_constant<int, 0>());
 }
 
-// Whether narrow rows of NV vectors of T, whose weight and bias take `vectors` float vectors,
-// keep those in registers from row to row (load_param_vectors) instead of loading them again
-// for each row: with AVX-512 (32 registers), float rows of up to 8 vectors and half rows of 4.
+// Whether narrow rows of NV vectors of T, with a weight or bias (has_params), keep those vectors
+// in registers from row to row (load_vectors) instead of loading them again for each row: with
+// AVX-512 (32 registers), float rows of up to 8 vectors and half rows of 4.
 // Against loads (1 thread, AMD Zen 4 VM, in-process A/B, in cache), float32 layer_norm of
 // (4096, 64) and (4096, 128) took 0.89-0.91x the time, rms_norm 0.93x, add_layer_norm
 // 0.92-0.95x, add_rms_norm 0.92x; float16 (4096, 64) 0.87-0.92x. Float rows of 16 vectors
 // (rms_norm (2048, 256)) took 1.07-1.16x, float16 rows of 8 1.02-1.03x; AVX2's 16 registers
 // gained nothing clear on rows of 32 floats (0.94-1.08x).
 template <class T>
-constexpr bool held_param_vectors(int nv, int vectors) {
-  return NL_VEC_BYTES == 64 && vectors > 0 && ((std::is_same<T, float>::value && nv <= 8) || (kHalf<T> && nv <= 4));
+constexpr bool held_param_vectors(int nv, bool has_params) {
+  return NL_VEC_BYTES == 64 && has_params && nv > 0 && ((std::is_same<T, float>::value && nv <= 8) || (kHalf<T> && nv <= 4));
 }
 
-// wv[t] and bv[t], the vectors t < NV of w and b (left as they are where w or b is null).
+// v[t], the vectors t < NV of p (left as they are where p is null).
 template <int NV, class C, class V>
-void load_param_vectors(const C* w, const C* b, V (&wv)[NV], V (&bv)[NV]) {
-  for (int t = 0; t < NV; ++t) {
-    if (w) wv[t] = load_n(w + t * kLanes<C>, kLanes<C>);
-    if (b) bv[t] = load_n(b + t * kLanes<C>, kLanes<C>);
-  }
+void load_vectors(const C* p, V (&v)[NV]) {
+  if (!p) return;
+  for (int t = 0; t < NV; ++t) v[t] = load_n(p + t * kLanes<C>, kLanes<C>);
 }
 
 // How normalize_rows takes rows one at a time. pipeline: the sums of row i + 1 are stepped
