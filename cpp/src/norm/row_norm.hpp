@@ -235,7 +235,7 @@ inline std::int64_t read_ahead(std::int64_t n) {
 template <bool Centered, class V>
 __attribute__((always_inline)) inline void add_float_sums(V v, V k, V& s, V& q) {
   if constexpr (Centered) {
-    const V d = v - k;
+    const V d = minus_on_fma(v, k);
     s += d;
     q = fmadd(d, d, q);
   } else {
