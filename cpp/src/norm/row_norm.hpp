@@ -147,8 +147,8 @@ void add_row(const T* x, const T* r, T* s, std::int64_t n) {
 // float data on SIMD targets: elementwise math in float (twice the lanes of double), sums kept
 // in float for at most kFlushEvery vectors per lane, or kRowFlushEvery for a row's moments or
 // mean square (at 4, widening both took as long as the sums; 8 made layer_norm of in-cache half
-// rows 8-13% faster, with the same float32 error, 5-8e-7 of the 2e-6 allowed), then added
-// into double accumulators.
+// rows 8-13% faster, with the same float32 error, 5-8e-7 of the 2e-6 allowed; half rows take
+// twice that in four chains, HalfRowSums), then added into double accumulators.
 constexpr int kFlushEvery = 4;
 constexpr int kRowFlushEvery = 8;
 // Mean squares outside this range may have overflowed, or lost digits to underflow, as float
@@ -317,23 +317,25 @@ struct FloatRowSums {
 };
 
 // The sums of a half row as RowReader gives it, as FloatRowSums: its float vectors go in
-// unrolled chunks of kRowFlushEvery, summed in two chains (a chunk's even and odd vectors, or
-// for bfloat16 rows without a residual its even and odd elements, widen_bf16_pairs; the
-// vectors after the last whole chunk in the first) and flushed into double after each chunk and
-// after the last vector (against one chain a vector at a time, rms_norm of in-cache float16
-// rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x; float rows, chunked,
+// unrolled chunks of 2 * kRowFlushEvery, summed in four chains (a chunk's vectors in turn, or
+// for bfloat16 rows without a residual its even and odd elements, widen_bf16_pairs, by turns;
+// the vectors after the last whole chunk in one chain; four vectors a chain and lane, as two
+// chains of half a chunk) and flushed into double after each chunk and after the last vector. Against chunks of kRowFlushEvery, whose flushes into double cost as much as a
+// third of the sums, float16 and bfloat16 layer_norm of in-cache rows of 768-4096 took
+// 0.94-0.97x the time; against one chain a vector at a time, rms_norm of in-cache float16
+// rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x (float rows, chunked,
 // took 1.04-1.07x as long from memory). finish() takes the rest of the row. step(), for
-// normalize_rows' pipelined rows, takes the next whole chunk at every kRowFlushEvery-th call,
-// out of line: a chunk's sums stay in registers (with a vector per call, layer_norm took
-// 1.03-1.45x the time of rows not pipelined), and the code of the four-vector groups of
-// bfloat16 stores stays small (inlined there, layer_norm with weight took 1.17-1.22x as long).
-// Either way the arithmetic is the same.
+// normalize_rows' pipelined rows, takes the next whole chunk at every kChunk-th call, out of
+// line: a chunk's sums stay in registers (with a vector per call, layer_norm took 1.03-1.45x
+// the time of rows not pipelined), and the code of the four-vector groups of bfloat16 stores
+// stays small (inlined there, layer_norm with weight took 1.17-1.22x as long). Either way the
+// arithmetic is the same.
 template <class S, bool Centered, bool Add>
 struct HalfRowSums {
   static_assert(kHalf<S>, "float rows go through FloatRowSums");
   using V = vnative<float>;
   static constexpr int L = kLanes<float>;
-  static constexpr int kChunk = kRowFlushEvery;
+  static constexpr int kChunk = 2 * kRowFlushEvery;
   RowReader<S, Add, false> row;
   std::int64_t n, ahead, j = 0;
   int calls = 0;
@@ -347,24 +349,24 @@ struct HalfRowSums {
                                                        float shift, std::int64_t j, vwide& ds, vwide& dq) {
     constexpr std::int64_t kLineElements = 64 / std::int64_t(sizeof(S));
     const V k = splat<V>(shift);
-    V s[2] = {}, q[2] = {};
+    V s[4] = {}, q[4] = {};
 #if defined(NL_HAVE_BF16_PAIRS)
     if constexpr (std::is_same<S, bfloat16>::value && !Add) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < kChunk; t += 2) {
         const std::int64_t e = j + std::int64_t(t) * L;
         if ((std::int64_t(t) * L) % kLineElements == 0) __builtin_prefetch(row.x + e + ahead);
         V even, odd;
         widen_bf16_pairs(row.x + e, even, odd);
-        add_float_sums<Centered>(even, k, s[0], q[0]);
-        add_float_sums<Centered>(odd, k, s[1], q[1]);
+        add_float_sums<Centered>(even, k, s[t & 2], q[t & 2]);
+        add_float_sums<Centered>(odd, k, s[(t & 2) + 1], q[(t & 2) + 1]);
       }
-      if constexpr (Centered) ds += widen_sum(s[0] + s[1]);
-      dq += widen_sum(q[0] + q[1]);
+      if constexpr (Centered) ds += widen_sum((s[0] + s[1]) + (s[2] + s[3]));
+      dq += widen_sum((q[0] + q[1]) + (q[2] + q[3]));
       return;
     }
 #endif
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int t = 0; t < kChunk; ++t) {
       const std::int64_t e = j + std::int64_t(t) * L;
       if ((std::int64_t(t) * L) % kLineElements == 0) {
@@ -374,10 +376,10 @@ struct HalfRowSums {
           prefetch_for_write(row.sum + e);
         }
       }
-      add_float_sums<Centered>(row.vector(e), k, s[t & 1], q[t & 1]);
+      add_float_sums<Centered>(row.vector(e), k, s[t & 3], q[t & 3]);
     }
-    if constexpr (Centered) ds += widen_sum(s[0] + s[1]);
-    dq += widen_sum(q[0] + q[1]);
+    if constexpr (Centered) ds += widen_sum((s[0] + s[1]) + (s[2] + s[3]));
+    dq += widen_sum((q[0] + q[1]) + (q[2] + q[3]));
   }
   __attribute__((always_inline)) void step() {
     if (++calls < kChunk) return;
