@@ -318,13 +318,14 @@ struct FloatRowSums {
 
 // The sums of a half row as RowReader gives it, as FloatRowSums: its float vectors go in
 // unrolled chunks of 2 * kRowFlushEvery, summed in four chains (a chunk's vectors in turn, or
-// for bfloat16 rows without a residual its even and odd elements, widen_bf16_pairs, by turns;
-// the vectors after the last whole chunk in one chain; four vectors a chain and lane, as two
-// chains of half a chunk) and flushed into double after each chunk and after the last vector. Against chunks of kRowFlushEvery, whose flushes into double cost as much as a
-// third of the sums, float16 and bfloat16 layer_norm of in-cache rows of 768-4096 took
-// 0.94-0.97x the time; against one chain a vector at a time, rms_norm of in-cache float16
-// rows took 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x (float rows, chunked,
-// took 1.04-1.07x as long from memory). finish() takes the rest of the row. step(), for
+// for bfloat16 rows without a residual its even and odd elements, widen_bf16_pairs, two chains
+// a pair; the vectors after the last whole chunk in one chain), so four vectors a chain and
+// lane, and flushed into double after each chunk and after the last vector. Against chunks of
+// kRowFlushEvery in two chains, whose flushes cost up to a third of the sums, float16 and
+// bfloat16 layer_norm of in-cache rows of 768-4096 took 0.94-0.97x the time, rms_norm
+// 0.93-0.97x; against one chain a vector at a time, rms_norm of in-cache float16 rows took
+// 0.83-0.87x the time, bfloat16 layer_norm (2048, 4096) 0.92x (float rows, chunked, took
+// 1.04-1.07x as long from memory). finish() takes the rest of the row. step(), for
 // normalize_rows' pipelined rows, takes the next whole chunk at every kChunk-th call, out of
 // line: a chunk's sums stay in registers (with a vector per call, layer_norm took 1.03-1.45x
 // the time of rows not pipelined), and the code of the four-vector groups of bfloat16 stores

@@ -174,9 +174,10 @@ inline V fmadd(V a, V b, V c) {
 
 // v - k for vectors v and k, as fmadd(v, 1, -k) on AVX-512: one rounding, so the same bits,
 // but on the FMA pipes. On AMD Zen 4, where adds and FMAs take separate pipes, a row's shifted
-// sums (d = x - k, s += d, q += d * d) then split 2:1 between them, else 2 adds to 1 FMA: half
-// layer_norm rows took 0.94-0.98x the time, float rows 0.96-1.0x. AVX2 keeps the subtraction:
-// float32 layer_norm (512, 768) without weight took 1.14x as long there.
+// sums (d = x - k, s += d, q += d * d) then take two FMAs and one add instead of two adds and
+// one FMA: in-cache half layer_norm rows took 0.94-0.97x the time, float rows 0.96-1.00x (the
+// same bits). AVX2 keeps the subtraction: float32 layer_norm (512, 768) without weight took
+// 1.14x as long there.
 template <class V>
 __attribute__((always_inline)) inline V minus_on_fma(V v, V k) {
 #if defined(NL_TARGET_AVX512)
