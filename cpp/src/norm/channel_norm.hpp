@@ -348,7 +348,7 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
     std::int64_t j = 0;
     int run = 0;
     for (; j + 2 * L <= n; j += 2 * L) {
-      const V a = load<V>(x + j) - vk, b = load<V>(x + j + L) - vk;
+      const V a = minus_on_fma(load<V>(x + j), vk), b = minus_on_fma(load<V>(x + j + L), vk);
       s0 += a;
       s1 += b;
       q0 = fmadd(a, a, q0);
@@ -361,7 +361,7 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
       }
     }
     if (j + L <= n) {  // one more vector: planes like 28 x 28 leave 16 of 784
-      const V a = load<V>(x + j) - vk;
+      const V a = minus_on_fma(load<V>(x + j), vk);
       s0 += a;
       q0 = fmadd(a, a, q0);
       j += L;
@@ -457,13 +457,13 @@ __attribute__((noinline)) void cl_float_sums_tile(const T* xb, std::int64_t nr, 
     constexpr int NV = decltype(nv)::value;
     for (int t = 0; t < NV; ++t) {
       prefetch_ahead(xb + e0 + t * L);
-      sv[t] = load<V>(xb + e0 + t * L) - kv[t];
+      sv[t] = minus_on_fma(load<V>(xb + e0 + t * L), kv[t]);
       qv[t] = sv[t] * sv[t];
     }
     for (int u = 1; u < rows; ++u)
       for (int t = 0; t < NV; ++t) {
         prefetch_ahead(xb + e0 + u * len + t * L);
-        const V d = load<V>(xb + e0 + u * len + t * L) - kv[t];
+        const V d = minus_on_fma(load<V>(xb + e0 + u * len + t * L), kv[t]);
         sv[t] += d;
         qv[t] = fmadd(d, d, qv[t]);
       }
@@ -509,11 +509,11 @@ __attribute__((noinline)) bool cl_float_sums(const T* xb, std::int64_t nr, std::
       for (; j + L <= len; j += L) {
         const V k = load<V>(kf + j);
         __builtin_prefetch(xr + kFloatRows * len + j);
-        V sv = load<V>(xr + j) - k;
+        V sv = minus_on_fma(load<V>(xr + j), k);
         V qv = sv * sv;
         for (int t = 1; t < rows; ++t) {
           __builtin_prefetch(xr + (t + kFloatRows) * len + j);
-          const V d = load<V>(xr + t * len + j) - k;
+          const V d = minus_on_fma(load<V>(xr + t * len + j), k);
           sv += d;
           qv = fmadd(d, d, qv);
         }
