@@ -331,8 +331,9 @@ inline void shifted_sums_wide(const T* x, std::int64_t n, double k, double* out)
 }
 
 // The same sums; float data (and half data, as floats) on SIMD targets take the differences and
-// squares in float lanes, kRowFlushEvery vectors per lane at most (two chains of half as many),
-// before adding them into double (as row_moments_f32). k is set_shift(), so float(k) is exact.
+// squares in float lanes, kRowFlushEvery vectors per lane at most (two chains of half as many;
+// half data twice that in four chains, as HalfRowSums), before adding them into double (as
+// row_moments_f32). k is set_shift(), so float(k) is exact.
 // The float squares lose digits when k lies far from the mean, or overflow:
 // float_sums_trusted() tells, from the result, when a set must be summed again in double
 // about its mean.
@@ -347,6 +348,27 @@ inline void shifted_sums(const T* x, std::int64_t n, double k, double* out) {
     vwide ds{}, dq{};
     std::int64_t j = 0;
     int run = 0;
+    if constexpr (kHalf<T>) {  // four chains, flushed every 2 * kRowFlushEvery vectors (HalfRowSums)
+      while (j + 4 * L <= n) {
+        V s2{}, s3{}, q2{}, q3{};
+#pragma GCC unroll 4
+        for (int t = 0; t < kRowFlushEvery / 2 && j + 4 * L <= n; ++t, j += 4 * L) {
+          const V d0 = minus_on_fma(load<V>(x + j), vk), d1 = minus_on_fma(load<V>(x + j + L), vk);
+          const V d2 = minus_on_fma(load<V>(x + j + 2 * L), vk), d3 = minus_on_fma(load<V>(x + j + 3 * L), vk);
+          s0 += d0;
+          s1 += d1;
+          s2 += d2;
+          s3 += d3;
+          q0 = fmadd(d0, d0, q0);
+          q1 = fmadd(d1, d1, q1);
+          q2 = fmadd(d2, d2, q2);
+          q3 = fmadd(d3, d3, q3);
+        }
+        ds += widen_sum((s0 + s1) + (s2 + s3));
+        dq += widen_sum((q0 + q1) + (q2 + q3));
+        s0 = s1 = q0 = q1 = V{};
+      }
+    }
     for (; j + 2 * L <= n; j += 2 * L) {
       const V a = minus_on_fma(load<V>(x + j), vk), b = minus_on_fma(load<V>(x + j + L), vk);
       s0 += a;
