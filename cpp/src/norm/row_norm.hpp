@@ -150,7 +150,7 @@ void add_row(const T* x, const T* r, T* s, std::int64_t n) {
 // rows 8-13% faster, with the same float32 error, 5-8e-7 of the 2e-6 allowed; half rows take
 // twice that in four chains, HalfRowSums), then added into double accumulators. A backward's
 // sums flush every kBackwardFlushEvery vectors: at 8 rather than 4, float16/bfloat16 backwards
-// took 0.94-0.96x the time, float32 0.98-1.01x, with the same error in dx.
+// took 0.94-0.96x the time, float32 0.96-1.03x, with the same error in dx.
 constexpr int kFlushEvery = 4;
 constexpr int kRowFlushEvery = 8;
 constexpr int kBackwardFlushEvery = 8;
